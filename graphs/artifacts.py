@@ -1,0 +1,82 @@
+"""Build directories: staged atomically, described by a manifest.
+
+A build writes into a hidden sibling directory and renames it into place only when every
+step succeeded, so a failed or interrupted build leaves nothing half-written. An existing
+output directory is only ever replaced when it holds a previous build of this tool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from graphs.onnx_io import sha256
+
+MANIFEST = "manifest.json"
+TOOL = "neodragon-npu"
+
+
+class OutputDirError(ValueError):
+    pass
+
+
+def _is_our_build(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("tool") == TOOL
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Refuse an output directory that holds anything but a previous build of this tool."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"output path {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not _is_our_build(path):
+        raise OutputDirError(
+            f"output directory {path} is not empty and holds no {TOOL} build; "
+            "choose an empty or new directory"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh staging directory; on success it replaces ``path`` atomically."""
+    path = check_output_dir(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.rename(path, old)
+    os.rename(stage, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def file_entries(root: Path) -> list[dict]:
+    """Every file under ``root`` (but the manifest) with its size and SHA-256."""
+    entries = []
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+        entries.append(
+            {"path": str(file.relative_to(root)), "bytes": file.stat().st_size, "sha256": sha256(file)}
+        )
+    return entries
+
+
+def write_manifest(root: Path, manifest: dict) -> Path:
+    manifest = {"tool": TOOL, **manifest, "files": file_entries(root)}
+    out = root / MANIFEST
+    out.write_text(json.dumps(manifest, indent=2) + "\n")
+    return out

@@ -1,0 +1,136 @@
+"""onnxruntime sessions: float CPU reference, the QNN HTP compiler and the x86 HTP simulator.
+
+onnxruntime-qnn is a plugin execution provider: its library is registered once per process
+and attached to a session through an EP device. Every HTP session here disables the CPU
+fallback, so a graph either runs entirely through the HTP path or fails loudly.
+
+A context binary is written by creating a session with ``ep.context_enable=1``: the QNN EP
+prepares (compiles) the graph for the target's HTP arch and SoC and writes
+``<name>_ctx.onnx`` (one EPContext node) plus ``<name>_ctx_qnn.bin``. Loading that
+EPContext model back on the simulator needs the same ``htp_arch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from graphs.targets import Target
+
+_QNN_EP = "QNNExecutionProvider"
+_registered = False
+
+
+def _qnn_devices():
+    global _registered
+    import onnxruntime_qnn
+
+    if not _registered:
+        try:
+            ort.register_execution_provider_library(_QNN_EP, onnxruntime_qnn.get_library_path())
+        except Exception as exc:  # already registered by someone else in this process
+            if "already registered" not in str(exc).lower():
+                raise
+        _registered = True
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == _QNN_EP]
+    if not devices:
+        raise RuntimeError("onnxruntime-qnn is installed but exposes no QNN EP device")
+    return devices
+
+
+def qnn_provider_options(target: Target) -> dict[str, str]:
+    import onnxruntime_qnn
+
+    return {
+        "backend_path": onnxruntime_qnn.get_qnn_htp_path(),
+        "htp_arch": str(target.htp_arch),
+        "soc_model": str(target.soc_model),
+        "htp_graph_finalization_optimization_mode": "3",
+    }
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced():
+    """The QNN libraries print a banner on the process's stdout when a backend loads."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # warnings from the EP about Windows-only features are noise here
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def cpu_session(path: str | Path, *, threads: int | None = None) -> ort.InferenceSession:
+    """Float reference session on the CPU EP."""
+    return ort.InferenceSession(str(path), sess_options=_session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def htp_session(path: str | Path, target: Target) -> ort.InferenceSession:
+    """Session on the HTP (the x86 simulator here) with CPU fallback disabled."""
+    so = _session_options()
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    so.add_provider_for_devices(_qnn_devices(), qnn_provider_options(target))
+    with _native_stdout_silenced():
+        return ort.InferenceSession(str(path), sess_options=so)
+
+
+@dataclass(frozen=True)
+class ContextBinary:
+    epcontext_model: Path  # the ONNX file with the EPContext node
+    binary: Path  # the QNN context binary it points at
+
+
+def compile_context_binary(qdq_path: str | Path, ctx_path: str | Path, target: Target) -> ContextBinary:
+    """Prepare a QDQ model for ``target`` and write the EPContext model + context binary."""
+    ctx_path = Path(ctx_path)
+    ctx_path.parent.mkdir(parents=True, exist_ok=True)
+    so = _session_options()
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    so.add_session_config_entry("ep.context_enable", "1")
+    so.add_session_config_entry("ep.context_embed_mode", "0")
+    so.add_session_config_entry("ep.context_file_path", str(ctx_path))
+    so.add_provider_for_devices(_qnn_devices(), qnn_provider_options(target))
+    with _native_stdout_silenced():
+        session = ort.InferenceSession(str(qdq_path), sess_options=so)
+    del session
+    binaries = sorted(ctx_path.parent.glob(ctx_path.stem + "*.bin"))
+    if not ctx_path.is_file() or not binaries:
+        raise RuntimeError(f"QNN EP did not write a context binary next to {ctx_path}")
+    return ContextBinary(ctx_path, binaries[-1])
+
+
+def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    missing = set(names) - set(feeds)
+    if missing:
+        raise ValueError(f"missing inputs: {sorted(missing)}")
+    return session.run(None, {n: np.ascontiguousarray(feeds[n], dtype=np.float32) for n in names})
+
+
+def io_signature(session: ort.InferenceSession) -> dict[str, list[dict]]:
+    """Input/output names, shapes and dtypes as the runtime sees them."""
+
+    def describe(args) -> list[dict]:
+        return [{"name": a.name, "shape": list(a.shape), "dtype": a.type} for a in args]
+
+    return {"inputs": describe(session.get_inputs()), "outputs": describe(session.get_outputs())}
+

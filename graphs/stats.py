@@ -1,0 +1,233 @@
+"""Graph statistics: op counts, weight bytes, op-output bytes, largest tensor, peak liveness.
+
+On the Hexagon NPU the denoiser is bandwidth-bound: stage latencies tracked the bytes ops
+write, not MACs (shared/neodragon-facts.md section 4, item 12). So the figures that matter
+for a rewrite are bytes: the total written by all ops per call, the largest single tensor
+(what must be tiled) and the peak of live activations over a topological order (what must
+fit in memory at once).
+
+FX graphs and ONNX models are first reduced to a :class:`TensorGraph` (nodes with named
+input/output tensors and a byte size per activation tensor), and one function computes the
+statistics for both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+import numpy as np
+import onnx_ir as ir
+import torch
+import torch.fx as fx
+
+from graphs import fx as fx_utils
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass
+class TensorGraph:
+    nodes: list[NodeRecord]  # in a topological order
+    sizes: dict[str, int]  # bytes of every activation tensor whose shape is known
+    shapes: dict[str, tuple[int, ...]]
+    inputs: list[str]  # activation inputs of the graph (no weights)
+    outputs: list[str]
+    weight_bytes: int
+
+
+@dataclass
+class GraphStats:
+    node_count: int
+    op_counts: Counter
+    weight_bytes: int
+    op_output_bytes: int  # sum over every op output (what the ops write per call)
+    largest_tensor: tuple[str, int, tuple[int, ...]]  # name, bytes, shape
+    peak_live_bytes: int  # max over the node order of the bytes alive at once
+    peak_live_at: str  # node at which the peak occurs
+    unknown_shapes: int  # op outputs whose size could not be determined
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        name, nbytes, shape = self.largest_tensor
+        return {
+            "node_count": self.node_count,
+            "op_counts": dict(sorted(self.op_counts.items())),
+            "weight_bytes": self.weight_bytes,
+            "op_output_bytes": self.op_output_bytes,
+            "largest_tensor": {"name": name, "bytes": nbytes, "shape": list(shape)},
+            "peak_live_bytes": self.peak_live_bytes,
+            "peak_live_at": self.peak_live_at,
+            "unknown_shapes": self.unknown_shapes,
+            **self.extra,
+        }
+
+
+def compute_stats(tg: TensorGraph) -> GraphStats:
+    """Statistics of a TensorGraph; liveness over the given node order."""
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(tg.nodes):
+        for t in node.inputs:
+            last_use[t] = i
+    end = len(tg.nodes)
+    for t in tg.outputs:
+        last_use[t] = end  # graph outputs stay alive to the end
+
+    live = {t: tg.sizes.get(t, 0) for t in tg.inputs}
+    live_bytes = sum(live.values())
+    peak, peak_at = live_bytes, "<inputs>"
+    op_output_bytes, unknown = 0, 0
+    for i, node in enumerate(tg.nodes):
+        for t in node.outputs:
+            if not t:
+                continue
+            if t not in tg.sizes:
+                unknown += 1
+                continue
+            op_output_bytes += tg.sizes[t]
+            live[t] = tg.sizes[t]
+            live_bytes += tg.sizes[t]
+        if live_bytes > peak:
+            peak, peak_at = live_bytes, node.name
+        # Free inputs whose last use was this node, and outputs nobody reads.
+        for t in set(node.inputs) | set(node.outputs):
+            if t in live and last_use.get(t, -1) <= i:
+                live_bytes -= live.pop(t)
+
+    if tg.sizes:
+        name = max(tg.sizes, key=lambda t: tg.sizes[t])
+        largest = (name, tg.sizes[name], tg.shapes.get(name, ()))
+    else:
+        largest = ("", 0, ())
+    return GraphStats(
+        node_count=len(tg.nodes),
+        op_counts=Counter(n.op for n in tg.nodes),
+        weight_bytes=tg.weight_bytes,
+        op_output_bytes=op_output_bytes,
+        largest_tensor=largest,
+        peak_live_bytes=peak,
+        peak_live_at=peak_at,
+        unknown_shapes=unknown,
+    )
+
+
+def _activation_bytes(numel: int, itemsize: int, is_float: bool, activation_bytes: int | None) -> int:
+    """Bytes of an activation; ``activation_bytes`` re-prices float tensors (e.g. 2 for A16)."""
+    if activation_bytes is not None and is_float:
+        return numel * activation_bytes
+    return int(math.ceil(numel * itemsize))
+
+
+def onnx_tensor_graph(model: ir.Model, *, activation_bytes: int | None = None) -> TensorGraph:
+    """Reduce an onnx_ir model (shapes inferred) to a TensorGraph. Constants count as weights."""
+    graph = model.graph
+    weights = {name for name in graph.initializers}
+    weight_total = sum(
+        init.const_value.nbytes for init in graph.initializers.values() if init.const_value is not None
+    )
+    nodes, sizes, shapes = [], {}, {}
+
+    def record(value: ir.Value) -> None:
+        if value.shape is None or value.dtype is None or not value.shape.is_static():
+            return
+        dims = tuple(int(d) for d in value.shape)
+        numel = int(np.prod(dims)) if dims else 1
+        sizes[value.name] = _activation_bytes(
+            numel, value.dtype.itemsize, value.dtype.is_floating_point(), activation_bytes
+        )
+        shapes[value.name] = dims
+
+    for node in graph:
+        if node.op_type == "Constant":
+            weights.update(o.name for o in node.outputs)
+            attr = node.attributes.get("value")
+            if attr is not None and attr.value is not None:
+                weight_total += attr.value.nbytes
+            continue
+        ins = tuple(v.name for v in node.inputs if v is not None and v.name not in weights)
+        outs = tuple(v.name for v in node.outputs)
+        for v in node.outputs:
+            record(v)
+        nodes.append(NodeRecord(node.name or f"{node.op_type}_{len(nodes)}", node.op_type, ins, outs))
+    inputs = [v.name for v in graph.inputs if v.name not in weights]
+    for v in graph.inputs:
+        record(v)
+    return TensorGraph(nodes, sizes, shapes, inputs, [v.name for v in graph.outputs], weight_total)
+
+
+def fx_tensor_graph(gm: fx.GraphModule, *, activation_bytes: int | None = None) -> TensorGraph:
+    """Reduce a shape-propagated GraphModule to a TensorGraph (get_attr/params are weights)."""
+    nodes, sizes, shapes, inputs, outputs = [], {}, {}, [], []
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if node.op == "get_attr" or meta is None and node.op != "output":
+            continue
+        if node.op == "output":
+            outputs = [a.name for a in node.all_input_nodes]
+            continue
+        if hasattr(meta, "shape"):
+            dims = tuple(meta.shape)
+            numel = int(np.prod(dims)) if dims else 1
+            itemsize = torch.empty((), dtype=meta.dtype).element_size()
+            sizes[node.name] = _activation_bytes(numel, itemsize, meta.dtype.is_floating_point, activation_bytes)
+            shapes[node.name] = dims
+        else:  # tuple-valued (chunk, split): its getitem users carry the tensors
+            sizes[node.name] = 0
+        if node.op == "placeholder":
+            inputs.append(node.name)
+            continue
+        ins = tuple(a.name for a in node.all_input_nodes if a.name in sizes)
+        nodes.append(NodeRecord(node.name, fx_utils.op_key(node, gm), ins, (node.name,)))
+    weight_total = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+    return TensorGraph(nodes, sizes, shapes, inputs, outputs, weight_total)
+
+
+def ensure_shapes(model: ir.Model) -> ir.Model:
+    """Run ONNX shape inference when some node output has no shape (in place)."""
+    if any(v.shape is None or not v.shape.is_static() for node in model.graph for v in node.outputs):
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        ShapeInferencePass()(model)
+    return model
+
+
+def onnx_stats(model: ir.Model, *, activation_bytes: int | None = None) -> GraphStats:
+    return compute_stats(onnx_tensor_graph(ensure_shapes(model), activation_bytes=activation_bytes))
+
+
+def fx_stats(gm: fx.GraphModule, *, activation_bytes: int | None = None) -> GraphStats:
+    return compute_stats(fx_tensor_graph(gm, activation_bytes=activation_bytes))
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GB"
+
+
+def format_stats(stats: GraphStats, title: str = "", top_ops: int = 8) -> str:
+    name, nbytes, shape = stats.largest_tensor
+    ops = ", ".join(f"{op} {n}" for op, n in stats.op_counts.most_common(top_ops))
+    lines = [
+        title,
+        f"  nodes                 {stats.node_count}",
+        f"  ops                   {ops}",
+        f"  weights               {format_bytes(stats.weight_bytes)}",
+        f"  op-output bytes/call  {format_bytes(stats.op_output_bytes)}",
+        f"  largest tensor        {format_bytes(nbytes)} {list(shape)} ({name})",
+        f"  peak live activations {format_bytes(stats.peak_live_bytes)} (at {stats.peak_live_at})",
+    ]
+    if stats.unknown_shapes:
+        lines.append(f"  unknown shapes        {stats.unknown_shapes} op outputs")
+    for key, value in stats.extra.items():
+        lines.append(f"  {key:<21} {value}")
+    return "\n".join(line for line in lines if line)
+

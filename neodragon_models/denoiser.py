@@ -1,0 +1,186 @@
+"""Building the denoiser (transformer + ContextAdapter) and its static stage graphs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kernels.rope import INTERLEAVED
+from neodragon_models import pyramid
+from neodragon_models.configs import ContextAdapterConfig, DenoiserConfig, MMDiTConfig
+from neodragon_models.context_adapter import ContextAdapter
+from neodragon_models.mmdit import PyramidMMDiT
+from neodragon_models.weights import (
+    CheckpointError,
+    load_state_dict_strict,
+    read_config,
+    read_state_dict,
+    save_checkpoint,
+    synthetic_init_,
+)
+
+TRANSFORMER_FOLDER = "diffusion_transformer_320p"
+ADAPTER_FOLDER = "context_adapter"
+
+# Released config.json values our implementation supports; anything else is refused.
+_REQUIRED_MMDIT_OPTIONS = {
+    "qk_norm": "rms_norm",
+    "pos_embed_type": "sincos",
+    "temp_pos_embed_type": "rope",
+    "use_temporal_causal": True,
+    "add_temp_pos_embed": True,
+    "interp_condition_pos": True,
+}
+
+
+def mmdit_config_to_json(config: MMDiTConfig) -> dict:
+    out = {"_class_name": "PyramidMMDiT"}
+    out.update(dataclasses.asdict(config))
+    out.update(_REQUIRED_MMDIT_OPTIONS)
+    return out
+
+
+def mmdit_config_from_json(raw: dict, source: str) -> MMDiTConfig:
+    for key, value in _REQUIRED_MMDIT_OPTIONS.items():
+        if key in raw and raw[key] != value:
+            raise CheckpointError(f"{source}: {key}={raw[key]!r} is not supported (need {value!r})")
+    fields = {f.name for f in dataclasses.fields(MMDiTConfig)}
+    config = MMDiTConfig(**{k: v for k, v in raw.items() if k in fields})
+    if config.caption_projection_dim != config.inner_dim:
+        raise CheckpointError(
+            f"{source}: caption_projection_dim {config.caption_projection_dim} != "
+            f"heads*head_dim {config.inner_dim}"
+        )
+    return config
+
+
+def adapter_config_to_json(config: ContextAdapterConfig) -> dict:
+    out = {"_class_name": "ContextAdapter"}
+    out.update({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()})
+    return out
+
+
+def adapter_config_from_json(raw: dict) -> ContextAdapterConfig:
+    fields = {f.name for f in dataclasses.fields(ContextAdapterConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
+    return ContextAdapterConfig(**values)
+
+
+@dataclass
+class Denoiser:
+    """The two PyTorch modules that go into every stage graph, plus the config they match."""
+
+    config: DenoiserConfig
+    transformer: PyramidMMDiT
+    context_adapter: ContextAdapter
+
+    def stage_module(self, stage: int) -> "DenoiserStage":
+        return DenoiserStage(self, stage)
+
+
+def build_denoiser(
+    config: DenoiserConfig,
+    *,
+    checkpoint: str | Path | None = None,
+    seed: int = 0,
+    rope_layout: str = INTERLEAVED,
+    attention: str = "sdpa",
+) -> Denoiser:
+    """Synthetic (seeded) weights, or the released folders under ``checkpoint``.
+
+    ``checkpoint`` is the root holding ``diffusion_transformer_320p/`` and
+    ``context_adapter/``; their config.json files override the architecture of ``config``
+    (the pyramid geometry is kept).
+    """
+    mm_cfg, ad_cfg = config.mmdit, config.context_adapter
+    states = None
+    if checkpoint is not None:
+        root = Path(checkpoint)
+        t_dir, a_dir = root / TRANSFORMER_FOLDER, root / ADAPTER_FOLDER
+        mm_cfg = mmdit_config_from_json(read_config(t_dir), str(t_dir))
+        ad_cfg = adapter_config_from_json(read_config(a_dir))
+        states = (read_state_dict(t_dir), read_state_dict(a_dir), str(t_dir), str(a_dir))
+        config = config.replace(mmdit=mm_cfg, context_adapter=ad_cfg)
+
+    with torch.device("meta"):
+        transformer = PyramidMMDiT(mm_cfg, rope_layout=rope_layout, attention=attention)
+        adapter = ContextAdapter(ad_cfg)
+    if states is not None:
+        t_state, a_state, t_src, a_src = states
+        load_state_dict_strict(transformer, t_state, t_src)
+        load_state_dict_strict(adapter, a_state, a_src)
+    else:
+        transformer.to_empty(device="cpu")
+        adapter.to_empty(device="cpu")
+        synthetic_init_(transformer, seed)
+        synthetic_init_(adapter, seed + 1)
+        transformer.pos_embed.reset_pos_embed()
+    transformer.requires_grad_(False)
+    adapter.requires_grad_(False)
+    return Denoiser(config, transformer.eval(), adapter.eval())
+
+
+def save_denoiser(denoiser: Denoiser, root: str | Path) -> Path:
+    """Write the two released-style folders under ``root``."""
+    root = Path(root)
+    save_checkpoint(
+        denoiser.transformer, root / TRANSFORMER_FOLDER, mmdit_config_to_json(denoiser.config.mmdit)
+    )
+    save_checkpoint(
+        denoiser.context_adapter,
+        root / ADAPTER_FOLDER,
+        adapter_config_to_json(denoiser.config.context_adapter),
+    )
+    return root
+
+
+def count_parameters(config: MMDiTConfig | ContextAdapterConfig) -> int:
+    """Parameter count from shapes only (meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        module = PyramidMMDiT(config) if isinstance(config, MMDiTConfig) else ContextAdapter(config)
+    return sum(p.numel() for p in module.parameters())
+
+
+class DenoiserStage(nn.Module):
+    """One pyramid stage at its static envelope: ContextAdapter + transformer.
+
+    Inputs are :data:`neodragon_models.pyramid.STAGE_INPUT_NAMES`; the output is the
+    predicted flow of the frame being generated, ``[1, n_out, p*p*C]``.
+    """
+
+    def __init__(self, denoiser: Denoiser, stage: int) -> None:
+        super().__init__()
+        geometry, patch = denoiser.config.geometry, denoiser.config.mmdit.patch_size
+        geometry.stage_latent_hw(stage)  # validates the stage
+        self.stage = stage
+        self.context_adapter = denoiser.context_adapter
+        self.transformer = denoiser.transformer
+        self.output_tokens = pyramid.output_token_count(geometry, patch, stage)
+
+    def forward(
+        self,
+        latent_tokens: torch.Tensor,
+        pos_embed: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep_proj: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        attn_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        context = self.context_adapter(prompt_embeds)  # [1, L, D]
+        return self.transformer(
+            latent_tokens,
+            pos_embed,
+            context,
+            pooled_projections,
+            timestep_proj,
+            rope_cos,
+            rope_sin,
+            attn_bias,
+            output_tokens=self.output_tokens,
+        )

@@ -1,0 +1,171 @@
+"""W8A16 post-training quantization with aimet-onnx."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from graphs.samples import load_samples
+from passes.base import Pass, PassResult, PreconditionError
+
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def aimet_config_file(htp_arch: int) -> str:
+    """aimet's HTP config with per-channel Linear weights for ``htp_arch`` (or the closest older)."""
+    import aimet_onnx
+
+    folder = Path(aimet_onnx.__file__).parent / "common" / "quantsim_config"
+    available = sorted(
+        int(p.name.split("_v")[1].split("_")[0])
+        for p in folder.glob("htp_quantsim_config_v*_per_channel_linear.json")
+    )
+    usable = [a for a in available if a <= htp_arch] or available[:1]
+    return str(folder / f"htp_quantsim_config_v{usable[-1]}_per_channel_linear.json")
+
+
+def is_quantized(model: ir.Model) -> bool:
+    return any(node.op_type in _QDQ_OPS for node in model.graph)
+
+
+class QuantizeW8A16Pass(Pass):
+    """Quantize to W8A16 QDQ: per-channel symmetric int8 weights, uint16 activations.
+
+    aimet-onnx's QuantSim inserts a quantizer on every weight and activation, calibrates
+    the activation ranges on ``calibration`` (a list of feeds or an .npz sample file: they
+    must come from the real pipeline, not N(0, 1)), and the result is exported as a QDQ
+    model (opset 21) that the QNN EP compiles::
+
+        before: x -> MatMul(x, W) -> y
+        after:  x -> Q/DQ(u16) -> MatMul(., DQ(Q_i8(W))) -> Q/DQ(u16) -> y
+
+    ``range_margin`` widens every calibrated activation range (about zero) by that factor.
+    Prompt-level tensors (the conditioning vector and the adaLN modulations derived from it)
+    get one value per prompt, so a calibration set sees few independent values and unseen
+    prompts land outside the calibrated range; clipping them cost 10-20 dB on held-out
+    prompts here. An int16 grid has ~96 dB of range, so a 2x margin costs 6 dB of
+    resolution that the int8 weights never let us use anyway.
+
+    ``encodings_dir`` also receives the AIMET ``.encodings`` JSON (the format AI Hub and
+    QAIRT tools read). A model that already holds Q/DQ nodes is left unchanged.
+    """
+
+    IR = "onnx"
+    IN_PLACE = False
+    NAME = "quantize_w8a16"
+
+    def __init__(
+        self,
+        *,
+        calibration: Sequence[Mapping[str, np.ndarray]] | str | Path,
+        htp_arch: int = 79,
+        quant_scheme: str = "min_max",
+        encodings_dir: str | Path | None = None,
+        encodings_prefix: str = "model",
+        range_margin: float = 2.0,
+    ) -> None:
+        if range_margin < 1.0:
+            raise ValueError(f"quantize_w8a16: range_margin must be >= 1, got {range_margin}")
+        self.calibration = calibration
+        self.range_margin = range_margin
+        self.htp_arch = htp_arch
+        self.quant_scheme = quant_scheme
+        self.encodings_dir = encodings_dir
+        self.encodings_prefix = encodings_prefix
+
+    def _samples(self) -> list[dict[str, np.ndarray]]:
+        if isinstance(self.calibration, (str, Path)):
+            return load_samples(self.calibration)
+        return [dict(s) for s in self.calibration]
+
+    def requires(self, model: ir.Model) -> None:
+        if is_quantized(model):
+            return
+        samples = self._samples()
+        if not samples:
+            raise PreconditionError("quantize_w8a16: no calibration samples")
+        names = {v.name for v in model.graph.inputs if v.name not in model.graph.initializers}
+        missing = names - set(samples[0])
+        if missing:
+            raise PreconditionError(f"quantize_w8a16: calibration samples lack inputs {sorted(missing)}")
+
+    def call(self, model: ir.Model) -> PassResult:
+        if is_quantized(model):
+            return PassResult(model, False)
+        samples = self._samples()
+        proto = ir.serde.serialize_model(model)
+        # aimet prints a banner, progress and an optional-dependency notice on import.
+        with contextlib.redirect_stdout(io.StringIO()), _quiet("Quant", "Utils"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            from aimet_onnx.quantsim import QuantizationSimModel
+
+            sim = QuantizationSimModel(
+                proto,
+                param_type="int8",
+                activation_type="int16",
+                quant_scheme=self.quant_scheme,
+                config_file=aimet_config_file(self.htp_arch),
+                providers=["CPUExecutionProvider"],
+            )
+            input_names = [i.name for i in sim.session.get_inputs()]
+            sim.compute_encodings([{n: s[n] for n in input_names} for s in samples])
+            if self.range_margin != 1.0:
+                widen_activation_ranges(sim, self.range_margin)
+            if self.encodings_dir is not None:
+                Path(self.encodings_dir).mkdir(parents=True, exist_ok=True)
+                sim.export(str(self.encodings_dir), self.encodings_prefix, export_model=False)
+            qdq = sim.to_onnx_qdq()
+        del sim, proto
+        gc.collect()
+        return PassResult(ir.serde.deserialize_model(qdq), True)
+
+
+def widen_activation_ranges(sim, margin: float) -> int:
+    """Scale every calibrated activation range [lo, hi] to [lo*m, hi*m] (signs kept, zero
+    stays exact); quantizers with fixed ranges (softmax, sigmoid) are left alone."""
+    from aimet_onnx.common import libpymo
+
+    widened = 0
+    for name in sim.activation_names:
+        quantizer = sim.qc_quantize_op_dict.get(name)
+        if quantizer is None or not quantizer.enabled or getattr(quantizer, "_encoding_min_max_fixed_vals", None):
+            continue
+        encodings = quantizer.get_encodings()
+        if not encodings:
+            continue
+        new = []
+        for enc in encodings:
+            lo = enc.min * margin if enc.min < 0 else enc.min
+            hi = enc.max * margin if enc.max > 0 else enc.max
+            levels = 2**enc.bw - 1
+            out = libpymo.TfEncoding()
+            out.bw = enc.bw
+            out.delta = (hi - lo) / levels
+            out.offset = round(lo / out.delta)
+            out.min = out.offset * out.delta
+            out.max = out.min + out.delta * levels
+            new.append(out)
+        quantizer.load_encodings(new)
+        widened += 1
+    return widened
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -1,0 +1,60 @@
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from graphs import onnx_io
+from tests.helpers import onnx_model, run_onnx
+
+
+def _model(n=64):
+    w = np.arange(n * n, dtype=np.float32).reshape(n, n) / (n * n)
+    return onnx_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+
+
+def test_round_trip_inline(tmp_path):
+    path = onnx_io.save(_model(), tmp_path / "m.onnx")
+    assert not onnx_io.data_path(path).exists()
+    x = {"x": np.ones((1, 64), np.float32)}
+    assert np.allclose(run_onnx(onnx_io.load(path), x)[0], run_onnx(_model(), x)[0])
+
+
+def test_large_models_keep_weights_in_one_data_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_io, "INLINE_LIMIT_BYTES", 1024)
+    path = onnx_io.save(_model(), tmp_path / "m.onnx")
+    assert onnx_io.data_path(path).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    x = {"x": np.ones((1, 64), np.float32)}
+    assert np.allclose(run_onnx(onnx_io.load(path), x)[0], run_onnx(_model(), x)[0])
+    # saving the loaded model elsewhere streams the weights into a new single data file
+    copy = onnx_io.save(onnx_io.load(path), tmp_path / "copy.onnx")
+    assert onnx_io.data_path(copy).stat().st_size == onnx_io.data_path(path).stat().st_size
+
+
+def test_missing_truncated_and_corrupt_files_are_reported(tmp_path, monkeypatch):
+    with pytest.raises(onnx_io.ModelFileError, match="no such ONNX file"):
+        onnx_io.load(tmp_path / "none.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(onnx_io.ModelFileError, match="not a readable ONNX model|empty"):
+        onnx_io.load(bad)
+    monkeypatch.setattr(onnx_io, "INLINE_LIMIT_BYTES", 1024)
+    path = onnx_io.save(_model(), tmp_path / "m.onnx")
+    data = onnx_io.data_path(path)
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(onnx_io.ModelFileError, match="truncated"):
+        onnx_io.load(path)
+    data.unlink()
+    with pytest.raises(onnx_io.ModelFileError, match="is missing"):
+        onnx_io.load(path)
+
+
+def test_sha256_of_a_file(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"abc")
+    assert onnx_io.sha256(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

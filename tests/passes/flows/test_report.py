@@ -1,0 +1,27 @@
+from collections import Counter
+
+from graphs.progress import StepRecord
+from graphs.stats import GraphStats
+from passes.flows.report import render_report
+
+
+def _stats(nodes, out_bytes):
+    return GraphStats(nodes, Counter({"MatMul": nodes}), 10, out_bytes, ("t", 4, (1,)), 8, "n", 0)
+
+
+def test_report_shows_steps_stats_and_passes():
+    text = render_report(
+        {
+            "title": "denoiser tiny stage 2",
+            "steps": [StepRecord("export", 1.25, 2 * 10**9)],
+            "onnx_before": _stats(10, 2048),
+            "onnx_after": _stats(8, 1024),
+            "onnx_passes": [{"pass": "fold_constants", "modified": True, "seconds": 0.1}],
+            "compile_seconds": 3.0,
+        }
+    )
+    assert text.startswith("denoiser tiny stage 2\n=====")
+    assert "export" in text and "1.2 s" in text and "peak RSS 2.00 GB" in text
+    assert "2.00 KB -> 1.00 KB" in text
+    assert "fold_constants               modified" in text
+    assert "HTP context binary built in 3.0 s" in text

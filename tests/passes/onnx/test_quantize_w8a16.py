@@ -1,0 +1,91 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from graphs import onnx_io
+from graphs.export import export_onnx
+from graphs.samples import save_samples
+from graphs.verify import sqnr_db
+from passes.base import PreconditionError
+from passes.onnx.quantize_w8a16 import QuantizeW8A16Pass, aimet_config_file, is_quantized
+from tests.helpers import run_onnx
+
+# A W8A16 MLP block must stay this close to fp32 on held-out inputs.
+MIN_SQNR_DB = 35.0
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.LayerNorm(32, elementwise_affine=False)
+        self.up = torch.nn.Linear(32, 64)
+        self.down = torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x)), approximate="tanh"))
+
+
+def _feeds(n, seed):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, 16, 32)).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("q") / "block.onnx"
+    export_onnx(Block().eval(), [torch.zeros(1, 16, 32)], path, input_names=["x"], output_names=["y"])
+    return path
+
+
+def test_w8a16_is_close_to_fp32_on_held_out_inputs(float_model, tmp_path):
+    model = onnx_io.load(float_model)
+    result = QuantizeW8A16Pass(calibration=_feeds(8, 0), encodings_dir=tmp_path, encodings_prefix="blk")(model)
+    assert result.modified and is_quantized(result.model)
+    ops = {n.op_type for n in result.model.graph}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    for feed in _feeds(4, 1):
+        ref = run_onnx(model, feed)[0]
+        assert sqnr_db(ref, run_onnx(result.model, feed)[0]) >= MIN_SQNR_DB
+    enc = json.loads((tmp_path / "blk.encodings").read_text())
+    bitwidths = {e["bw"] for e in enc["activation_encodings"]}
+    assert bitwidths == {16}
+    linear_weights = [e for e in enc["param_encodings"] if "MatMul" in e["name"]]
+    assert len(linear_weights) == 2
+    assert all((e["bw"], e["enc_type"], e["is_sym"]) == (8, "PER_CHANNEL", True) for e in linear_weights)
+
+
+def test_quantized_model_is_left_unchanged(float_model, tmp_path):
+    samples = save_samples(tmp_path / "cal.npz", _feeds(4, 0))  # samples from a file work too
+    once = QuantizeW8A16Pass(calibration=samples)(onnx_io.load(float_model)).model
+    again = QuantizeW8A16Pass(calibration=samples)(once)
+    assert not again.modified and again.model is once
+
+
+def test_range_margin_widens_activation_ranges(float_model, tmp_path):
+    def ranges(margin, folder):
+        QuantizeW8A16Pass(
+            calibration=_feeds(4, 0), range_margin=margin, encodings_dir=folder, encodings_prefix="m"
+        )(onnx_io.load(float_model))
+        enc = json.loads((folder / "m.encodings").read_text())
+        return {e["name"]: e["scale"][0] for e in enc["activation_encodings"]}
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    narrow, wide = ranges(1.0, tmp_path / "a"), ranges(2.0, tmp_path / "b")
+    ratios = [wide[k] / narrow[k] for k in narrow]
+    assert max(ratios) == pytest.approx(2.0, rel=1e-3) and min(ratios) >= 1.0 - 1e-6
+
+
+def test_calibration_must_cover_the_inputs(float_model):
+    with pytest.raises(PreconditionError, match=r"lack inputs \['x'\]"):
+        QuantizeW8A16Pass(calibration=[{"other": np.zeros(1, np.float32)}])(onnx_io.load(float_model))
+    with pytest.raises(ValueError, match="range_margin must be >= 1"):
+        QuantizeW8A16Pass(calibration=[], range_margin=0.5)
+
+
+def test_config_file_matches_the_arch():
+    assert aimet_config_file(79).endswith("htp_quantsim_config_v79_per_channel_linear.json")
+    assert aimet_config_file(77).endswith("v75_per_channel_linear.json")

@@ -1,0 +1,48 @@
+import pytest
+
+from tools.cli import EXIT_ERROR, build_parser, main
+
+
+def test_passes_and_targets_are_listed(capsys):
+    assert main(["passes", "--options"]) == 0
+    out = capsys.readouterr().out
+    assert "specialize_shapes" in out and "[onnx]" in out and "--calibration (required)" in out
+    assert main(["targets"]) == 0
+    assert "soc_model 69" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["build", "denoiser", "--config", "nope", "--out", "x"], "unknown denoiser config 'nope'"),
+        (["build", "denoiser", "--target", "sm1", "--out", "x"], "unknown target 'sm1'"),
+        (["build", "denoiser", "--stage", "7", "--out", "x"], "stage 7 is out of range"),
+        (["build", "vae", "--out", "x"], "unknown pipeline 'vae'"),
+        (["stats", "missing.onnx"], "missing.onnx: no such ONNX file"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("neodragon-npu: error:")
+    assert not (tmp_path / "x").exists()
+
+
+def test_apply_stats_and_diff_end_to_end(tmp_path, capsys):
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('[[passes]]\nname = "specialize_shapes"\n[[passes]]\nname = "fold_constants"\n')
+    assert main(["-q", "apply", str(pipeline), "denoiser:tiny:0", "--out", str(tmp_path / "a.onnx")]) == 0
+    cleanup = tmp_path / "c.toml"
+    cleanup.write_text('[[passes]]\nname = "remove_unused_nodes"\n')
+    assert main(["-q", "apply", str(cleanup), str(tmp_path / "a.onnx"), "--out", str(tmp_path / "b.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["stats", str(tmp_path / "b.onnx"), "--activation-bytes", "2"]) == 0
+    assert "peak live activations" in capsys.readouterr().out
+    assert main(["diff", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")]) == 0
+    assert "Totals:" in capsys.readouterr().out
+
+
+def test_build_requires_an_output_directory():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["build", "denoiser"])

@@ -1,0 +1,193 @@
+"""``neodragon-npu``: build, transform, inspect and compare NPU graphs.
+
+Only this module configures logging. Every user error ends as one line on stderr and a
+non-zero exit status; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from graphs.targets import DEFAULT_TARGET, TARGETS
+
+EXIT_ERROR = 2
+EXIT_CHECK_FAILED = 3
+
+_NOISY_LOGGERS = ("onnxscript", "onnx_ir", "Quant", "Utils", "aimet_onnx", "torch.onnx")
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ours = logging.getLogger("neodragon_npu")
+    ours.handlers[:] = [handler]
+    ours.setLevel(level)
+    ours.propagate = False
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if verbosity <= 0 else logging.INFO)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from passes.flows.denoiser import BuildCheckError, DenoiserBuildOptions, build_denoiser_stage
+
+    if args.pipeline != "denoiser":
+        raise ValueError(f"unknown pipeline {args.pipeline!r}; available: denoiser")
+    opts = DenoiserBuildOptions(
+        config=args.config,
+        stage=args.stage,
+        target=args.target,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        seed=args.seed,
+        calibration_prompts=args.calibration_prompts,
+        check_prompts=args.check_prompts,
+        exporter=args.exporter,
+        until=args.until,
+        verify_each_pass=args.verify_each_pass,
+        dump_dir=Path(args.dump_dir) if args.dump_dir else None,
+    )
+    try:
+        result = build_denoiser_stage(opts, args.out)
+    except BuildCheckError as exc:
+        print(f"neodragon-npu: check failed: {exc}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    print((Path(args.out) / "report.txt").read_text(), end="")
+    print(f"build written to {args.out}")
+    if result.sqnr_db is not None:
+        print(f"HTP simulator vs fp32: {result.sqnr_db:.2f} dB SQNR")
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from passes.registry import load_pipeline_file
+    from passes.runner import apply_pipeline
+
+    passes = load_pipeline_file(args.pipeline_file)
+    result = apply_pipeline(
+        passes,
+        args.model,
+        args.out,
+        verify_each_pass=args.verify_each_pass,
+        dump_dir=args.dump_dir,
+    )
+    for r in result.records:
+        print(f"{r.name:<28} {'modified' if r.modified else 'no change':<10} {r.seconds:7.2f} s")
+    print(f"wrote {result.output}")
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from graphs import onnx_io
+    from graphs.diff import diff_onnx, format_diff
+
+    print(format_diff(diff_onnx(onnx_io.load(args.a), onnx_io.load(args.b)), limit=args.limit))
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from graphs import onnx_io
+    from graphs.stats import format_stats, onnx_stats
+
+    for path in args.models:
+        stats = onnx_stats(onnx_io.load(path), activation_bytes=args.activation_bytes)
+        print(format_stats(stats, f"{path}:", top_ops=args.top_ops))
+    return 0
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    import inspect
+
+    from passes.registry import PASSES, pass_options
+
+    for name, cls in PASSES.items():
+        print(f"{name:<28} [{cls.IR:<4}] {cls.summary()}")
+        if args.verbose_options:
+            for opt, default in pass_options(cls).items():
+                shown = "required" if default is inspect.Parameter.empty else f"default {default!r}"
+                print(f"{'':<36}--{opt} ({shown})")
+    return 0
+
+
+def _cmd_targets(_args: argparse.Namespace) -> int:
+    for t in TARGETS.values():
+        print(f"{t.name:<10} {t.description:<56} soc_model {t.soc_model:<3} htp v{t.htp_arch}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neodragon-npu",
+        description="Compile Neodragon PyTorch modules into verified Hexagon NPU binaries.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build a named pipeline into an output directory")
+    b.add_argument("pipeline", help="pipeline name (denoiser)")
+    b.add_argument("--config", default="tiny", help="model config: tiny, neodragon, baseline")
+    b.add_argument("--stage", type=int, default=2, help="pyramid stage (0, 1, 2)")
+    b.add_argument("--target", default=DEFAULT_TARGET, help=f"target SoC ({', '.join(TARGETS)})")
+    b.add_argument("--out", required=True, help="output directory (new, empty, or a previous build)")
+    b.add_argument("--checkpoint", help="folder holding diffusion_transformer_320p/ and context_adapter/")
+    b.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
+    b.add_argument("--calibration-prompts", type=int, default=8, help="prompts for calibration")
+    b.add_argument("--check-prompts", type=int, default=2, help="held-out prompts for the check")
+    b.add_argument("--until", default="verify", choices=("export", "quantize", "compile", "verify"))
+    b.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"))
+    b.add_argument("--verify-each-pass", action="store_true", help="verify the graph after every pass")
+    b.add_argument("--dump-dir", help="write the graph after every pass here")
+    b.set_defaults(func=_cmd_build)
+
+    a = sub.add_parser("apply", help="run a pipeline file (ordered passes) on a model")
+    a.add_argument("pipeline_file", help="TOML or JSON file with [[passes]] name/options")
+    a.add_argument("model", help="an .onnx file or denoiser:<config>:<stage>")
+    a.add_argument("--out", required=True, help="output .onnx file")
+    a.add_argument("--verify-each-pass", action="store_true")
+    a.add_argument("--dump-dir")
+    a.set_defaults(func=_cmd_apply)
+
+    d = sub.add_parser("diff", help="compare two ONNX graphs")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.add_argument("--limit", type=int, default=20, help="rows shown per list")
+    d.set_defaults(func=_cmd_diff)
+
+    s = sub.add_parser("stats", help="graph statistics of ONNX models")
+    s.add_argument("models", nargs="+")
+    s.add_argument("--activation-bytes", type=int, help="price float activations at N bytes (2 for A16)")
+    s.add_argument("--top-ops", type=int, default=8)
+    s.set_defaults(func=_cmd_stats)
+
+    p = sub.add_parser("passes", help="list passes")
+    p.add_argument("--options", dest="verbose_options", action="store_true", help="show options")
+    p.set_defaults(func=_cmd_passes)
+
+    t = sub.add_parser("targets", help="list targets")
+    t.set_defaults(func=_cmd_targets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(-1 if args.quiet else args.verbose)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("neodragon-npu: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; --debug for the traceback
+        if args.debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"neodragon-npu: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
