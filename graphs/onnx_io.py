@@ -114,6 +114,26 @@ def save_proto(proto: onnx.ModelProto, path: str | Path) -> Path:
     return save(ir.serde.deserialize_model(proto), path)
 
 
+def io_signature(model: ir.Model) -> dict[str, list[dict]]:
+    """Graph input/output names, shapes and dtypes (in the runtime's ``tensor(float)`` style)."""
+
+    def describe(values) -> list[dict]:
+        return [
+            {
+                "name": v.name,
+                "shape": [int(d) if isinstance(d, int) else str(d) for d in v.shape] if v.shape else None,
+                "dtype": f"tensor({v.dtype.name.lower()})",  # onnxruntime's spelling
+            }
+            for v in values
+        ]
+
+    inits = model.graph.initializers
+    return {
+        "inputs": describe(v for v in model.graph.inputs if v.name not in inits),
+        "outputs": describe(model.graph.outputs),
+    }
+
+
 def model_files(path: str | Path) -> list[Path]:
     """The .onnx file and its external-data file if it has one."""
     path = Path(path)

@@ -75,10 +75,11 @@ class BuildResult:
 
 
 def _run_passes(model, passes, check, opts: DenoiserBuildOptions, dump) -> list[dict]:
+    ir_name = passes[0].IR if passes else "none"
     manager = PassManager(
         passes,
         check=check if opts.verify_each_pass else None,
-        dump_dir=opts.dump_dir,
+        dump_dir=opts.dump_dir / ir_name if opts.dump_dir else None,
         dump=dump,
     )
     result = manager(model)
@@ -230,9 +231,7 @@ def build_denoiser_stage(opts: DenoiserBuildOptions, out_dir: str | Path) -> Bui
         if opts.until in ("compile", "verify"):
             graph_entry.update({"epcontext_model": ctx.epcontext_model.name, "binary": ctx.binary.name})
         else:
-            session = qnn.cpu_session(float_path)
-            graph_entry.update(qnn.io_signature(session))
-            del session
+            graph_entry.update(onnx_io.io_signature(onnx_io.load(float_path)))
         manifest["graphs"] = [graph_entry]
         manifest["steps"] = steps.as_list()
         report["steps"] = steps.records

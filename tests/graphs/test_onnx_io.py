@@ -58,3 +58,11 @@ def test_sha256_of_a_file(tmp_path):
     p = tmp_path / "f"
     p.write_bytes(b"abc")
     assert onnx_io.sha256(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_io_signature_lists_activation_inputs_only():
+    sig = onnx_io.io_signature(_model())
+    assert sig == {
+        "inputs": [{"name": "x", "shape": [1, 64], "dtype": "tensor(float)"}],
+        "outputs": [{"name": "y", "shape": [1, 64], "dtype": "tensor(float)"}],
+    }

@@ -46,3 +46,16 @@ def test_apply_stats_and_diff_end_to_end(tmp_path, capsys):
 def test_build_requires_an_output_directory():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["build", "denoiser"])
+
+
+def test_corrupt_model_and_unknown_pass_in_a_pipeline_file(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model at all")
+    assert main(["stats", str(bad)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "bad.onnx" in err and ("not a readable ONNX model" in err or "empty" in err)
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('[[passes]]\nname = "make_it_fast"\n')
+    assert main(["apply", str(pipeline), "denoiser:tiny:0", "--out", str(tmp_path / "o.onnx")]) == EXIT_ERROR
+    assert "unknown pass 'make_it_fast'" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
