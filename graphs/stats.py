@@ -188,6 +188,29 @@ def fx_tensor_graph(gm: fx.GraphModule, *, activation_bytes: int | None = None) 
     return TensorGraph(nodes, sizes, shapes, inputs, outputs, weight_total)
 
 
+_SCORE_CHAIN_OPS = {"Add", "Sub", "Mul", "Div", "Where"}
+
+
+def attention_score_tensors(model: ir.Model) -> set[str]:
+    """Tensors on a QK^T -> (scale, mask) -> softmax path: each Softmax's input and output,
+    and the elementwise chain from its input back to the producing MatMul."""
+    names: set[str] = set()
+    for node in model.graph:
+        if node.op_type != "Softmax":
+            continue
+        names.update(v.name for v in node.outputs)
+        value = node.inputs[0]
+        while value is not None:
+            names.add(value.name)
+            producer = value.producer()
+            if producer is None or producer.op_type == "MatMul" or producer.op_type not in _SCORE_CHAIN_OPS:
+                break
+            # follow the operand that is itself on the chain (the larger one)
+            candidates = [v for v in producer.inputs if v is not None and v.shape is not None]
+            value = max(candidates, key=lambda v: int(np.prod([int(d) for d in v.shape])) if v.shape.is_static() else 0, default=None)
+    return names
+
+
 def ensure_shapes(model: ir.Model) -> ir.Model:
     """Run ONNX shape inference when some node output has no shape (in place)."""
     if any(v.shape is None or not v.shape.is_static() for node in model.graph for v in node.outputs):
@@ -198,7 +221,13 @@ def ensure_shapes(model: ir.Model) -> ir.Model:
 
 
 def onnx_stats(model: ir.Model, *, activation_bytes: int | None = None) -> GraphStats:
-    return compute_stats(onnx_tensor_graph(ensure_shapes(model), activation_bytes=activation_bytes))
+    tg = onnx_tensor_graph(ensure_shapes(model), activation_bytes=activation_bytes)
+    stats = compute_stats(tg)
+    scores = [(tg.sizes[n], n) for n in attention_score_tensors(model) if n in tg.sizes]
+    if scores:
+        nbytes, name = max(scores)
+        stats.extra["largest_score_tensor"] = {"name": name, "bytes": nbytes, "shape": list(tg.shapes[name])}
+    return stats
 
 
 def fx_stats(gm: fx.GraphModule, *, activation_bytes: int | None = None) -> GraphStats:
@@ -227,7 +256,8 @@ def format_stats(stats: GraphStats, title: str = "", top_ops: int = 8) -> str:
     ]
     if stats.unknown_shapes:
         lines.append(f"  unknown shapes        {stats.unknown_shapes} op outputs")
-    for key, value in stats.extra.items():
-        lines.append(f"  {key:<21} {value}")
+    if "largest_score_tensor" in stats.extra:
+        score = stats.extra["largest_score_tensor"]
+        lines.append(f"  largest score tensor  {format_bytes(score['bytes'])} {score['shape']} ({score['name']})")
     return "\n".join(line for line in lines if line)
 

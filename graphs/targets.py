@@ -24,6 +24,12 @@ class Target:
     max_context_bytes: int = 4 * GIB
     hub_device: str = ""  # qai-hub device name for cloud compile/profile jobs
 
+    @property
+    def score_tile_bytes(self) -> int:
+        """Budget for one attention score tile: a quarter of VTCM, leaving room for the
+        tile's softmax, its Q/K/V operands and the next tile's prefetch."""
+        return self.vtcm_bytes // 4
+
 
 TARGETS: dict[str, Target] = {
     t.name: t

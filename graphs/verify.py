@@ -17,9 +17,10 @@ class GraphInvariantError(ValueError):
     pass
 
 
-def verify_onnx(model: ir.Model, *, static_shapes: bool = False) -> None:
+def verify_onnx(model: ir.Model, *, static_shapes: bool = False, max_rank: int | None = None) -> None:
     """Every input of every node is defined before use (graph inputs, initializers or an
-    earlier node), names are unique, outputs are produced; optionally all shapes static."""
+    earlier node), names are unique, outputs are produced; optionally all shapes static
+    and no tensor above ``max_rank`` (tiling rank-6 tensors made one NPU compile take a day)."""
     graph = model.graph
     defined = {v.name for v in graph.inputs} | set(graph.initializers)
     seen_nodes: set[str] = set()
@@ -39,6 +40,10 @@ def verify_onnx(model: ir.Model, *, static_shapes: bool = False) -> None:
             defined.add(value.name)
             if static_shapes and value.shape is not None and not value.shape.is_static():
                 raise GraphInvariantError(f"{value.name!r} ({node.op_type}) has a dynamic shape {value.shape}")
+            if max_rank is not None and value.shape is not None and len(value.shape) > max_rank:
+                raise GraphInvariantError(
+                    f"{value.name!r} ({node.op_type}) has rank {len(value.shape)} > {max_rank}"
+                )
     for value in graph.outputs:
         if value.name not in defined:
             raise GraphInvariantError(f"graph output {value.name!r} is never produced")

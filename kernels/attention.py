@@ -42,3 +42,94 @@ def attention_explicit(
 
 
 ATTENTION_KERNELS = {"sdpa": attention_sdpa, "explicit": attention_explicit}
+
+
+# With a folded bias row, the bias enters the scores as one extra dimension of Q and K:
+# q' = [q, FOLD_SCALE], k' = [k, bias_row / FOLD_SCALE], so q'.k' = q.k + bias_row. The
+# split of the magnitude keeps both extra entries near the range of q and k (|bias| <= 100).
+FOLD_SCALE = 10.0
+
+
+def attention_split(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    chunks: tuple[tuple[int, int, int, int], ...],
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Per-head, query-chunked attention; each chunk computes only the keys it can see.
+
+    ``chunks`` is ``((q0, q1, key_end, bias_row), ...)`` covering the queries in order:
+    queries ``q0:q1`` attend to keys ``:key_end`` (the mask hides the rest from them), and
+    when ``bias_row >= 0`` every row of the chunk has the bias of row ``bias_row``, which
+    is then folded into QK^T instead of added to the scores (one score-sized write less).
+    Use when the [H, S, S] score tensor does not fit on chip; equal to
+    :func:`attention_sdpa` whenever the mask honours the chunks' contract.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if scale != 1.0:
+        q = q * scale
+    sizes = [q1 - q0 for q0, q1, _, _ in chunks]
+    folded = {}
+    for q0, q1, key_end, row in chunks:
+        if row >= 0 and (key_end, row) not in folded:
+            folded[key_end, row] = bias[:, :, row : row + 1, :key_end] / FOLD_SCALE  # [B,1,1,ke]
+    heads = []
+    for qh, kh, vh in zip(q.split(1, dim=1), k.split(1, dim=1), v.split(1, dim=1)):  # [B,1,S,D]
+        kt = kh.transpose(-1, -2)  # [B, 1, D, Sk]
+        keys, values, outs = {}, {}, []
+        for q_c, (q0, q1, key_end, row) in zip(qh.split(sizes, dim=2), chunks):
+            if key_end not in keys:
+                keys[key_end], values[key_end] = kt[..., :key_end], vh[:, :, :key_end]
+            if row >= 0:
+                if (key_end, row) not in keys:
+                    keys[key_end, row] = torch.cat([keys[key_end], folded[key_end, row]], dim=-2)
+                ones = torch.full((*q_c.shape[:-1], 1), FOLD_SCALE, dtype=q_c.dtype)
+                scores = torch.cat([q_c, ones], dim=-1) @ keys[key_end, row]  # [B,1,c,ke]
+            else:
+                scores = q_c @ keys[key_end]  # [B, 1, c, ke]
+                if bias is not None:
+                    scores = scores + bias[:, :, q0:q1, :key_end]
+            outs.append(torch.softmax(scores, dim=-1) @ values[key_end])  # [B, 1, c, D]
+        heads.append(torch.cat(outs, dim=2))
+    return torch.cat(heads, dim=1)
+
+
+def plan_chunks(
+    seq_len: int,
+    key_len: int,
+    *,
+    tile_budget_bytes: int,
+    bytes_per_element: int = 2,
+    segments: list[tuple[int, int, int, int]] | None = None,
+    min_rows: int = 64,
+) -> tuple[tuple[int, int, int, int], ...]:
+    """Query chunks for :func:`attention_split` whose score tiles fit the budget.
+
+    ``segments`` (from the mask's structure, ``(q0, q1, key_end, bias_row)``) say which
+    keys each run of queries can see and whether its bias is one row. Consecutive runs
+    shorter than ``min_rows`` become one chunk (which adds its bias instead of folding it),
+    so a stage-0 history of 40-token frames does not turn into dozens of tiny matmuls; runs
+    whose tile is over budget are cut into equal row blocks.
+    """
+    segments = list(segments) if segments else [(0, seq_len, key_len, -1)]
+    merged: list[list[int]] = []  # runs of short segments become one chunk adding its bias
+    short_run = False
+    for q0, q1, key_end, row in segments:
+        short = q1 - q0 < min_rows
+        if short and short_run:
+            prev = merged[-1]
+            prev[1], prev[2], prev[3] = q1, max(prev[2], key_end), -1
+        else:
+            merged.append([q0, q1, key_end, row])
+        short_run = short
+    chunks = []
+    for q0, q1, key_end, row in merged:
+        rows_fit = max(1, tile_budget_bytes // (key_end * bytes_per_element))
+        pieces = -(-(q1 - q0) // rows_fit)
+        bounds = [q0 + (q1 - q0) * i // pieces for i in range(pieces + 1)]
+        chunks += [(a, b, key_end, row) for a, b in zip(bounds[:-1], bounds[1:])]
+    return tuple(chunks)
+

@@ -106,3 +106,12 @@ def freqs_cis_6d(position_ids: torch.Tensor, head_dim: int, theta: float) -> tor
     cos, sin = torch.cos(angles), torch.sin(angles)
     stacked = torch.stack([cos, -sin, sin, cos], dim=-1)  # [S, D/2, 4]
     return stacked.view(1, -1, 1, head_dim // 2, 2, 2).float()
+
+
+def interleaved_to_half_split(table: torch.Tensor) -> torch.Tensor:
+    """Reorder a table's last dim from interleaved to half-split layout (evens, then odds).
+
+    Written with two strided slices and a concat (no Gather), so a graph can convert host
+    tables in place; it is exact for any table contents.
+    """
+    return torch.cat([table[..., 0::2], table[..., 1::2]], dim=-1)

@@ -271,3 +271,50 @@ def stage_inputs(
         "rope_sin": sin,
         "attn_bias": bias,
     }
+
+
+def attention_segments(geometry: PyramidGeometry, patch: int, stage: int) -> list[tuple[int, int, int, int]]:
+    """The mask's structure over a stage's envelope, valid for every unit it serves.
+
+    Returns runs ``(q0, q1, key_end, bias_row)`` covering the sequence: for every unit and
+    every real (not padded) query in ``q0:q1``, keys from ``key_end`` on are hidden, and the
+    query's mask row equals row ``bias_row``'s on ``:key_end``. Padded queries are
+    ignored: nothing real reads them. Text validity only hides text columns, the same way
+    for every valid query, so all-valid text is used here and row 0 (always valid) stands
+    for the text run. This is what lets attention splitting skip hidden keys and fold the
+    bias into QK^T.
+    """
+    text_len = geometry.text_len
+    seq = envelope_attention_tokens(geometry, patch, stage)
+    row_ids, reals, ends = [], [], []
+    for unit in geometry.denoised_units:
+        times = temporal_ids(clip_layout(geometry, unit, stage), patch)
+        pad = seq - text_len - times.numel()
+        allowed = attention_allowed(torch.ones(1, text_len, dtype=torch.bool), times, pad)[0, 0]
+        real = torch.ones(seq, dtype=torch.bool)
+        real[text_len : text_len + pad] = False
+        # rows are all False after their own last key, so equal rows <=> equal prefixes
+        row_ids.append(torch.unique(allowed, dim=0, return_inverse=True)[1].tolist())
+        last = seq - torch.flip(allowed, dims=[1]).int().argmax(dim=1)  # last visible key + 1
+        ends.append(torch.where(real, last, torch.zeros_like(last)).tolist())
+        reals.append(real.tolist())
+
+    def fits(q0: int, q1: int, rep: int) -> bool:
+        """Rows q0..q1 (inclusive) share one mask row in every unit, ``rep`` among them."""
+        for ids, real in zip(row_ids, reals):
+            live = [r for r in range(q0, q1 + 1) if real[r]]
+            if live and (not real[rep] or any(ids[r] != ids[rep] for r in live)):
+                return False
+        return True
+
+    segments, q0 = [], 0
+    while q0 < seq:
+        q1 = q0
+        while q1 + 1 < seq and (q0 < text_len) == (q1 + 1 < text_len):
+            if not fits(q0, q1 + 1, q0 if q0 < text_len else q1 + 1):
+                break
+            q1 += 1
+        end = max(e[r] for e in ends for r in range(q0, q1 + 1))
+        segments.append((q0, q1 + 1, end, q0 if q0 < text_len else q1))
+        q0 = q1 + 1
+    return segments

@@ -3,21 +3,48 @@
 from __future__ import annotations
 
 from passes.base import Pass
+from passes.fx.convert_rope_to_half_split import ConvertRopeToHalfSplitPass
+from passes.fx.fold_attention_scale import FoldAttentionScalePass
 from passes.fx.remove_identity_modules import RemoveIdentityModulesPass
 from passes.fx.specialize_shapes import SpecializeShapesPass
+from passes.fx.split_adaln import SplitAdaLNPass
+from passes.fx.split_attention import SplitAttentionPass
 from passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
 from passes.onnx.fold_constants import FoldConstantsPass
 from passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
 
 
-def denoiser_fx() -> list[Pass]:
-    """FX passes for a denoiser stage graph traced at its static envelope."""
+def denoiser_fx(
+    *,
+    tile_budget_bytes: int = 2 * 1024 * 1024,
+    mask_segments: list[tuple[int, int, int, int]] | None = None,
+) -> list[Pass]:
+    """FX passes for a denoiser stage graph traced at its static envelope.
+
+    ``mask_segments`` is the stage's mask structure (``pyramid.attention_segments``);
+    ``tile_budget_bytes`` the target's on-chip budget for one score tile.
+    """
     return [
         # Dropout/Identity are no-ops at inference; removing them keeps later matches simple.
         RemoveIdentityModulesPass(),
         # x.view(x.shape[0], ...) must not reach ONNX as Shape/Gather chains (facts 4.5).
         SpecializeShapesPass(),
+        # One Linear per adaLN chunk, so each chunk gets its own encoding (facts 4.7).
+        SplitAdaLNPass(),
+        # Interleaved RoPE is an element interleave on device; half-split is two slices
+        # and one full-width QK^T once Q/K weights are permuted offline (facts 4.2).
+        ConvertRopeToHalfSplitPass(),
+        # 1/sqrt(d) goes into the QK-norm weights: one [H, S, d] multiply less per block.
+        FoldAttentionScalePass(),
+        # Per-head, query-chunked, mask-aware attention: score tiles fit on chip and
+        # hidden key ranges are never computed (facts 4.12: latency tracks bytes).
+        SplitAttentionPass(tile_budget_bytes=tile_budget_bytes, mask_segments=mask_segments),
     ]
+
+
+def denoiser_fx_baseline() -> list[Pass]:
+    """The straight export of "Start here": only what makes the graph static."""
+    return [RemoveIdentityModulesPass(), SpecializeShapesPass()]
 
 
 def denoiser_onnx() -> list[Pass]:
@@ -33,4 +60,8 @@ def denoiser_onnx() -> list[Pass]:
     ]
 
 
-PIPELINES = {"denoiser_fx": denoiser_fx, "denoiser_onnx": denoiser_onnx}
+PIPELINES = {
+    "denoiser_fx": denoiser_fx,
+    "denoiser_fx_baseline": denoiser_fx_baseline,
+    "denoiser_onnx": denoiser_onnx,
+}

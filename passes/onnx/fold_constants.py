@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 from onnxscript.optimizer import _constant_folding
 
 from passes.base import Pass, PassResult
@@ -23,9 +24,12 @@ class FoldConstantsPass(Pass):
 
     IR = "onnx"
 
-    def __init__(self, *, input_size_limit: int = 1 << 40, output_size_limit: int = 1 << 40) -> None:
+    def __init__(
+        self, *, input_size_limit: int = 1 << 40, output_size_limit: int = 1 << 40, max_rounds: int = 4
+    ) -> None:
         self.input_size_limit = input_size_limit
         self.output_size_limit = output_size_limit
+        self.max_rounds = max_rounds
 
     def call(self, model: ir.Model) -> PassResult:
         folder = _constant_folding.FoldConstantsPass(
@@ -33,5 +37,12 @@ class FoldConstantsPass(Pass):
             input_size_limit=self.input_size_limit,
             output_size_limit=self.output_size_limit,
         )
-        result = folder(model)
-        return PassResult(model, bool(result.modified))
+        modified = False
+        for _ in range(self.max_rounds):
+            # Whole-graph inference first: the folder's per-node inference stops at the
+            # first op it cannot type and leaves every Shape below it unfolded.
+            ShapeInferencePass()(model)
+            if not folder(model).modified:
+                break
+            modified = True
+        return PassResult(model, modified)

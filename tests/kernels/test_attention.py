@@ -30,3 +30,25 @@ def test_fully_masked_rows_stay_finite():
     assert torch.isfinite(attention_explicit(q, k, v, bias)).all()
     # softmax over a row of -inf (what an exported graph computes) is NaN
     assert torch.isnan(attention_explicit(q, k, v, torch.full((1, 1, 12, 12), float("-inf")))).all()
+
+
+def test_split_kernel_equals_sdpa_and_plans_fit_the_budget():
+    from kernels.attention import attention_split, plan_chunks
+
+    q, k, v = _qkv(3, s=20)
+    bias = torch.randn(1, 1, 20, 20)
+    chunks = plan_chunks(20, 20, tile_budget_bytes=7 * 20 * 2)
+    assert [c[1] - c[0] for c in chunks] == [6, 7, 7]
+    assert all((q1 - q0) * ke * 2 <= 7 * 20 * 2 for q0, q1, ke, _ in chunks)
+    ref = attention_sdpa(q, k, v, bias)
+    assert torch.allclose(attention_split(q, k, v, bias, chunks=chunks), ref, atol=1e-5)
+
+
+def test_folded_bias_row_equals_adding_it():
+    from kernels.attention import attention_split
+
+    q, k, v = _qkv(4, s=6)
+    row = torch.tensor([0.0, 0.0, MASK_VALUE, 0.0, MASK_VALUE, 0.0])
+    bias = row.expand(1, 1, 6, 6)
+    out = attention_split(q, k, v, bias, chunks=((0, 6, 6, 2),))
+    assert torch.allclose(out, attention_sdpa(q, k, v, bias), atol=1e-5)
