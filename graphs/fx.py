@@ -6,6 +6,7 @@ activation memory and no FLOPs.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
@@ -61,9 +62,16 @@ def propagate_shapes(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def trace(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
-    """Symbolically trace ``module`` and annotate it at the shapes of ``example_inputs``."""
-    gm = fx.symbolic_trace(module)
+def trace(
+    module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, share_parameters: bool = False
+) -> fx.GraphModule:
+    """Symbolically trace ``module`` and annotate it at the shapes of ``example_inputs``.
+
+    FX passes edit parameters in place (permuting, scaling, splitting them), so the graph
+    gets its own copy of the module unless ``share_parameters`` is set -- which a build
+    does for full-size models it drops right after tracing, to avoid a second 6 GB copy.
+    """
+    gm = fx.symbolic_trace(module if share_parameters else copy.deepcopy(module))
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     if len(placeholders) != len(example_inputs):
         raise ValueError(

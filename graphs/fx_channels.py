@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from kernels.rope import rope_half_split, rope_interleaved
+from kernels.rope import rope_full_tables, rope_half_split, rope_interleaved
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class PushPlan:
 
 # Functions that are linear in their first argument and act on its last dim elementwise
 # per position (their other arguments are tables): a Scale passes straight through.
-LINEAR_IN_FIRST_ARG: set[Callable] = {rope_interleaved, rope_half_split}
+LINEAR_IN_FIRST_ARG: set[Callable] = {rope_interleaved, rope_half_split, rope_full_tables}
 
 _DATA_MOVEMENT_METHODS = {"contiguous", "clone"}
 _SCALE_TRANSPARENT = {"stack", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "repeat"}

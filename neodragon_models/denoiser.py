@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kernels.rope import INTERLEAVED
 from neodragon_models import pyramid
 from neodragon_models.configs import ContextAdapterConfig, DenoiserConfig, MMDiTConfig
 from neodragon_models.context_adapter import ContextAdapter
@@ -87,7 +86,7 @@ def build_denoiser(
     *,
     checkpoint: str | Path | None = None,
     seed: int = 0,
-    rope_layout: str = INTERLEAVED,
+    rope_layout: str = "interleaved",
     attention: str = "sdpa",
 ) -> Denoiser:
     """Synthetic (seeded) weights, or the released folders under ``checkpoint``.

@@ -9,7 +9,7 @@ NPU graph can take:
 * ``latent_tokens [B, N, C*p*p]`` -- clips patchified on the host (a pure layout change);
   the 2x2/stride-2 patch Conv2d becomes the equivalent Linear.
 * ``pos_embed [1, N, D]`` -- the sin-cos crop (resized for history clips), host side.
-* ``rope_cos, rope_sin [1, 1, S, Dh]`` -- temporal RoPE tables, S = text + image tokens.
+* ``rope_cos, rope_sin [1, 1, S, Dh/2]`` -- temporal RoPE half tables, S = text + image.
 * ``attn_bias [1, 1, S, S]`` -- the validity + block-causal mask as a finite additive bias.
 * ``timestep_proj [B, 256]`` -- the sinusoidal timestep projection.
 
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import rope as rope_kernels
 from kernels.attention import ATTENTION_KERNELS
-from kernels.rope import ROPE_KERNELS, INTERLEAVED
 from neodragon_models.configs import MMDiTConfig
 
 RopeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -284,12 +284,12 @@ class PyramidMMDiT(nn.Module):
         self,
         config: MMDiTConfig,
         *,
-        rope_layout: str = INTERLEAVED,
+        rope_layout: str = "interleaved",
         attention: str = "sdpa",
     ) -> None:
         super().__init__()
-        if rope_layout not in ROPE_KERNELS:
-            raise ValueError(f"unknown RoPE layout {rope_layout!r}; expected {list(ROPE_KERNELS)}")
+        if rope_layout not in rope_kernels.ROPE_KERNELS:
+            raise ValueError(f"unknown RoPE layout {rope_layout!r}; expected {list(rope_kernels.ROPE_KERNELS)}")
         if attention not in ATTENTION_KERNELS:
             raise ValueError(f"unknown attention {attention!r}; expected {list(ATTENTION_KERNELS)}")
         self.config = config
@@ -313,13 +313,14 @@ class PyramidMMDiT(nn.Module):
         encoder_hidden_states: torch.Tensor,  # [B, L, D] (after the ContextAdapter)
         pooled_projections: torch.Tensor,  # [B, 2048]
         timestep_proj: torch.Tensor,  # [B, 256]
-        rope_cos: torch.Tensor,  # [1, 1, L+N, Dh]
-        rope_sin: torch.Tensor,  # [1, 1, L+N, Dh]
+        rope_cos: torch.Tensor,  # [1, 1, L+N, Dh/2]
+        rope_sin: torch.Tensor,  # [1, 1, L+N, Dh/2]
         attn_bias: torch.Tensor,  # [1, 1, L+N, L+N]
         output_tokens: int | None = None,
     ) -> torch.Tensor:
         """Predicted flow for the last ``output_tokens`` image tokens: [B, n, p*p*C]."""
-        kernel = ROPE_KERNELS[self.rope_layout]
+        # looked up on the module at call time, so tracing records one leaf call per rotation
+        kernel = getattr(rope_kernels, f"rope_{self.rope_layout}")
 
         def rope(x: torch.Tensor) -> torch.Tensor:
             return kernel(x, rope_cos, rope_sin)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention import MASK_VALUE
-from kernels.rope import INTERLEAVED, rope_tables
+from kernels.rope import rope_tables
 from neodragon_models.configs import DenoiserConfig, PyramidGeometry
 
 
@@ -229,7 +229,6 @@ def stage_inputs(
     pooled: torch.Tensor,
     *,
     pad_to_envelope: bool = True,
-    rope_layout: str = INTERLEAVED,
 ) -> dict[str, torch.Tensor]:
     """Graph inputs of one denoiser call, named as in :data:`STAGE_INPUT_NAMES`.
 
@@ -257,7 +256,7 @@ def stage_inputs(
         tokens = torch.cat([tokens.new_zeros(batch, pad, tokens.shape[2]), tokens], dim=1)
         pos = torch.cat([pos.new_zeros(1, pad, pos.shape[2]), pos], dim=1)
     seq_times = torch.cat([torch.zeros(geometry.text_len + pad), image_times])  # [S]
-    cos, sin = rope_tables(seq_times, mm.attention_head_dim, mm.rope_theta, rope_layout)
+    cos, sin = rope_tables(seq_times, mm.attention_head_dim, mm.rope_theta)  # [1, 1, S, Dh/2]
     bias = attention_bias(attention_allowed(prompt_mask.bool(), image_times, pad))
     timestep = PyramidSchedule.from_geometry(geometry).timesteps[stage]
     tproj = timestep_projection(torch.full((batch,), timestep), mm.timestep_proj_dim)

@@ -18,7 +18,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels.rope import INTERLEAVED
 from neodragon_models import pyramid
 from neodragon_models.denoiser import Denoiser
 
@@ -91,7 +90,6 @@ def rollout(
     seed: int,
     *,
     on_call: StageCallback | None = None,
-    rope_layout: str = INTERLEAVED,
 ) -> torch.Tensor:
     """Generate all units; returns the latent video ``[1, C, T, H, W]``.
 
@@ -128,7 +126,6 @@ def rollout(
             ] + [x]
             inputs = pyramid.stage_inputs(
                 cfg, pos_table, unit, stage, clips, prompt.embeds, prompt.mask, prompt.pooled,
-                rope_layout=rope_layout,
             )
             out = stages[stage](**inputs)  # [1, n, p*p*C]
             if on_call is not None:
@@ -156,7 +153,6 @@ def collect_samples(
     prompt_seeds: list[int],
     stages: tuple[int, ...] | None = None,
     *,
-    rope_layout: str = INTERLEAVED,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[int, list[StageSample]]:
     """Samples of the given stages from full rollouts, one per (prompt, unit)."""
@@ -168,13 +164,13 @@ def collect_samples(
             if stage in samples:
                 samples[stage].append(StageSample(seed, unit, stage, inputs, out))
 
-        rollout(denoiser, synthetic_prompt(denoiser, seed), seed, on_call=keep, rope_layout=rope_layout)
+        rollout(denoiser, synthetic_prompt(denoiser, seed), seed, on_call=keep)
         if progress is not None:
             progress(i + 1, len(prompt_seeds))
     return samples
 
 
-def example_stage_inputs(denoiser: Denoiser, stage: int, seed: int = 0, *, rope_layout: str = INTERLEAVED):
+def example_stage_inputs(denoiser: Denoiser, stage: int, seed: int = 0):
     """Envelope-shaped inputs of ``stage`` from random latents (no model run): for tracing."""
     cfg = denoiser.config
     gen = torch.Generator().manual_seed(seed)
@@ -186,5 +182,5 @@ def example_stage_inputs(denoiser: Denoiser, stage: int, seed: int = 0, *, rope_
     prompt = synthetic_prompt(denoiser, seed)
     return pyramid.stage_inputs(
         cfg, denoiser.transformer.pos_embed.pos_embed, unit, stage, clips,
-        prompt.embeds, prompt.mask, prompt.pooled, rope_layout=rope_layout,
+        prompt.embeds, prompt.mask, prompt.pooled,
     )

@@ -11,6 +11,8 @@ from passes.fx.split_adaln import SplitAdaLNPass
 from passes.fx.split_attention import SplitAttentionPass
 from passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
 from passes.onnx.fold_constants import FoldConstantsPass
+from passes.onnx.fuse_rms_norm import FuseRMSNormPass
+from passes.onnx.fuse_rotary_embedding import FuseRotaryEmbeddingPass
 from passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
 
 
@@ -55,6 +57,10 @@ def denoiser_onnx() -> list[Pass]:
         FoldConstantsPass(),
         # -inf / finfo.min masks overflow A16 and FP16 and NaN fully masked rows (facts 4.3).
         ConvertMaskToFinitePass(),
+        # QK-RMSNorm as one RMSNormalization op: two full-size writes less per norm.
+        FuseRMSNormPass(),
+        # Half-split RoPE as one RotaryEmbedding op: six full-size writes less per rotation.
+        FuseRotaryEmbeddingPass(),
         # Folding leaves dead producers and unused initializers behind.
         RemoveUnusedNodesPass(),
     ]

@@ -9,10 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from passes.base import Pass
+from passes.fx.convert_rope_to_half_split import ConvertRopeToHalfSplitPass
+from passes.fx.fold_attention_scale import FoldAttentionScalePass
 from passes.fx.remove_identity_modules import RemoveIdentityModulesPass
 from passes.fx.specialize_shapes import SpecializeShapesPass
+from passes.fx.split_adaln import SplitAdaLNPass
+from passes.fx.split_attention import SplitAttentionPass
 from passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
 from passes.onnx.fold_constants import FoldConstantsPass
+from passes.onnx.fuse_rms_norm import FuseRMSNormPass
+from passes.onnx.fuse_rotary_embedding import FuseRotaryEmbeddingPass
 from passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
 from passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
 
@@ -21,8 +27,14 @@ PASSES: dict[str, type[Pass]] = {
     for cls in (
         RemoveIdentityModulesPass,
         SpecializeShapesPass,
+        SplitAdaLNPass,
+        ConvertRopeToHalfSplitPass,
+        FoldAttentionScalePass,
+        SplitAttentionPass,
         FoldConstantsPass,
         ConvertMaskToFinitePass,
+        FuseRMSNormPass,
+        FuseRotaryEmbeddingPass,
         RemoveUnusedNodesPass,
         QuantizeW8A16Pass,
     )

@@ -89,7 +89,7 @@ def apply_pipeline(
             denoiser = build_denoiser(get_denoiser_config(config), seed=seed)
             example = example_stage_inputs(denoiser, stage, seed)
             example_list = [example[n] for n in pyramid.STAGE_INPUT_NAMES]
-            gm = fx_utils.trace(denoiser.stage_module(stage), example_list)
+            gm = fx_utils.trace(denoiser.stage_module(stage), example_list, share_parameters=True)
             if fx_passes:
                 records += manager(fx_passes, verify_fx, "fx", lambda g: g.code)(gm).records
             exported = Path(tmp) / "exported.onnx"

@@ -61,6 +61,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from passes.flows.stage_report import format_stage_report, report_json, stage_report
+
+    if args.pipeline != "denoiser":
+        raise ValueError(f"unknown pipeline {args.pipeline!r}; available: denoiser")
+    results = stage_report(
+        args.config, args.stages, target=args.target, compile=args.compile, work_dir=args.work_dir, seed=args.seed
+    )
+    print(format_stage_report(args.config, results))
+    if args.json:
+        Path(args.json).write_text(report_json(results) + "\n")
+    return 0
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
     from passes.registry import load_pipeline_file
     from passes.runner import apply_pipeline
@@ -142,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify-each-pass", action="store_true", help="verify the graph after every pass")
     b.add_argument("--dump-dir", help="write the graph after every pass here")
     b.set_defaults(func=_cmd_build)
+
+    r = sub.add_parser("report", help="stage graphs before and after the stage-graph passes")
+    r.add_argument("pipeline", help="pipeline name (denoiser)")
+    r.add_argument("--config", default="tiny")
+    r.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--target", default=DEFAULT_TARGET)
+    r.add_argument("--compile", action="store_true", help="also quantize and build the context binaries")
+    r.add_argument("--work-dir", help="keep the builds here (default: a temporary directory)")
+    r.add_argument("--json", help="also write the figures to this JSON file")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=_cmd_report)
 
     a = sub.add_parser("apply", help="run a pipeline file (ordered passes) on a model")
     a.add_argument("pipeline_file", help="TOML or JSON file with [[passes]] name/options")

@@ -148,7 +148,7 @@ def build_denoiser_stage(opts: DenoiserBuildOptions, out_dir: str | Path) -> Bui
 
         # 3. Trace at the static envelope and run the FX passes.
         with steps.step("trace at the stage envelope and run FX passes"):
-            gm = fx_utils.trace(stage_module, example_list)
+            gm = fx_utils.trace(stage_module, example_list, share_parameters=True)
             report["fx_before"] = fx_stats(gm)
             if opts.fx_pipeline == "baseline":
                 fx_passes = pipelines.denoiser_fx_baseline()

@@ -11,7 +11,13 @@ import torch.fx as fx
 from graphs import fx as fx_utils
 from graphs.fx_attention import find_attention, passthrough_source
 from graphs.fx_channels import Permute, apply_plan, plan_push_up
-from kernels.rope import half_split_permutation, interleaved_to_half_split, rope_half_split
+from kernels.rope import (
+    half_split_permutation,
+    interleaved_to_half_split,
+    rope_full_tables,
+    rope_half_split,
+    rope_interleaved,
+)
 from passes.base import Pass, PassResult
 
 # Ops a pair swap may be written with (stack/cat of strided slices, reshapes, negation).
@@ -95,14 +101,19 @@ def _is_pair_swap(nodes: list[fx.Node], x: fx.Node) -> bool:
 
 @dataclass
 class _Site:
-    out: fx.Node  # the add node: x*cos + R(x)*sin
+    out: fx.Node  # the node computing the rotation
     x: fx.Node
     cos: fx.Node
     sin: fx.Node
+    full_tables: bool  # x*cos + R(x)*sin with [.., D] tables, else a rope_interleaved call
 
 
 def find_interleaved_rope(node: fx.Node) -> _Site | None:
-    """``node`` computes ``x * cos + R(x) * sin`` with R the interleaved pair swap."""
+    """``node`` is an interleaved rotation: a ``rope_interleaved`` call (half tables), or
+    ``x * cos + R(x) * sin`` with R the interleaved pair swap (full tables)."""
+    if node.op == "call_function" and node.target is rope_interleaved:
+        x, cos, sin = node.args[:3]
+        return _Site(node, x, cos, sin, full_tables=False)
     if not _is_op(node, operator.add, torch.add) or len(node.args) < 2:
         return None
     m1, m2 = node.args[:2]
@@ -117,7 +128,7 @@ def find_interleaved_rope(node: fx.Node) -> _Site | None:
                     continue
                 nodes = _movement_subgraph(r, x)
                 if nodes and _is_pair_swap(nodes, x):
-                    return _Site(node, x, cos, sin)
+                    return _Site(node, x, cos, sin, full_tables=True)
     return None
 
 
@@ -132,8 +143,10 @@ class ConvertRopeToHalfSplitPass(Pass):
         after:  to_q rows, norm weights permuted per head;
                 q = x*cos' + cat(-x_hi, x_lo)*sin'  with cos' = cos[evens ++ odds];  QK^T
 
-    Sites are found by evaluating the swap subgraph on a probe, so any spelling of the
-    interleave (stack/flatten, strided slices + cat, rank-3 views) is recognised. Q and K
+    Sites are ``rope_interleaved`` calls (our kernels, host half tables) or the classic
+    full-table form ``x*cos + R(x)*sin``, where R is recognised by evaluating it on a probe,
+    so any spelling of the interleave (stack/flatten, strided slices + cat, rank-3 views)
+    is found; full tables are reordered in-graph by two strided slices. Q and K
     of one attention are converted together or not at all; a site whose permutation cannot
     be pushed into parameters is left as it is.
     """
@@ -170,10 +183,15 @@ class ConvertRopeToHalfSplitPass(Pass):
     @staticmethod
     def _rewrite(gm: fx.GraphModule, site: _Site, tables: dict) -> None:
         graph = gm.graph
+        if not site.full_tables:  # half tables have one angle per pair: no layout to change
+            with graph.inserting_after(site.out):
+                new = graph.call_function(rope_half_split, (site.x, site.cos, site.sin))
+            site.out.replace_all_uses_with(new)
+            return
         for table in (site.cos, site.sin):
             if table not in tables:
                 with graph.inserting_after(table):
                     tables[table] = graph.call_function(interleaved_to_half_split, (table,))
         with graph.inserting_after(site.out):
-            new = graph.call_function(rope_half_split, (site.x, tables[site.cos], tables[site.sin]))
+            new = graph.call_function(rope_full_tables, (site.x, tables[site.cos], tables[site.sin]))
         site.out.replace_all_uses_with(new)

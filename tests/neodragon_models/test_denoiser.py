@@ -136,4 +136,4 @@ def test_example_inputs_have_the_envelope_shapes(tiny_denoiser):
     seq = pyramid.envelope_attention_tokens(geo, 2, 2)
     assert list(inputs) == list(pyramid.STAGE_INPUT_NAMES)
     assert inputs["attn_bias"].shape == (1, 1, seq, seq)
-    assert inputs["rope_cos"].shape == (1, 1, seq, 16)
+    assert inputs["rope_cos"].shape == (1, 1, seq, 8)  # half tables: one angle per pair

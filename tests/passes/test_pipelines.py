@@ -1,33 +1,38 @@
 import torch
 
 from graphs import fx as fx_utils
-from graphs.export import export_onnx
 from graphs import onnx_io
+from graphs.export import export_onnx
+from graphs.verify import verify_onnx
 from neodragon_models import pyramid
 from passes.base import PassManager
-from passes.pipelines import PIPELINES, denoiser_fx, denoiser_onnx
+from passes.pipelines import PIPELINES, denoiser_fx, denoiser_fx_baseline, denoiser_onnx
 from tests.helpers import run_onnx
 
 
 def test_pipelines_are_ordered_fx_then_onnx():
-    assert {p.IR for p in denoiser_fx()} == {"fx"}
+    assert {p.IR for p in denoiser_fx()} == {"fx"} == {p.IR for p in denoiser_fx_baseline()}
     assert {p.IR for p in denoiser_onnx()} == {"onnx"}
-    assert set(PIPELINES) == {"denoiser_fx", "denoiser_onnx"}
+    assert set(PIPELINES) == {"denoiser_fx", "denoiser_fx_baseline", "denoiser_onnx"}
 
 
-def test_denoiser_pipeline_leaves_a_static_exact_graph(tiny_denoiser, tiny_stage_inputs, tmp_path):
+def test_denoiser_pipeline_leaves_a_static_exact_fused_graph(tiny_denoiser, tiny_stage_inputs, tmp_path):
     inputs = tiny_stage_inputs[1]
     example = [inputs[n] for n in pyramid.STAGE_INPUT_NAMES]
     module = tiny_denoiser.stage_module(1)
     with torch.no_grad():
         ref = module(*example).numpy()
     gm = fx_utils.trace(module, example)
-    assert PassManager(denoiser_fx())(gm).modified
+    segments = pyramid.attention_segments(tiny_denoiser.config.geometry, 2, 1)
+    assert PassManager(denoiser_fx(tile_budget_bytes=4096, mask_segments=segments)).call(gm).modified
     export_onnx(gm, example, tmp_path / "s.onnx", input_names=pyramid.STAGE_INPUT_NAMES, output_names=["y"])
     model = onnx_io.load(tmp_path / "s.onnx")
     assert PassManager(denoiser_onnx())(model).modified
+    verify_onnx(model, static_shapes=True, max_rank=4)
     ops = {n.op_type for n in model.graph}
     assert not ops & {"Shape", "Gather", "ConstantOfShape", "Where", "Expand", "Erf"}
+    assert {"RMSNormalization", "RotaryEmbedding", "LayerNormalization", "Gelu"} <= ops
+    assert model.opset_imports[""] == 23
     out = run_onnx(model, {k: v.numpy() for k, v in inputs.items()})[0]
     assert abs(out - ref).max() < 1e-4
     # a second run of the whole pipeline finds nothing to do

@@ -57,9 +57,7 @@ def _graph(denoiser, stage, tmp_path):
         prompt.embeds, prompt.mask, prompt.pooled,
     )
     example_list = [example[n] for n in pyramid.STAGE_INPUT_NAMES]
-    # trace a copy: the passes edit parameters, the reference needs the originals
-    fresh = build_denoiser(NARROW, seed=0)
-    gm = fx_utils.trace(fresh.stage_module(stage), example_list)
+    gm = fx_utils.trace(denoiser.stage_module(stage), example_list)  # a copy: passes edit it
     segments = pyramid.attention_segments(geo, 2, stage)
     PassManager(denoiser_fx(tile_budget_bytes=TILE_BUDGET, mask_segments=segments))(gm)
     path = tmp_path / f"stage{stage}.onnx"

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from graphs import fx as fx_utils
-from kernels.rope import INTERLEAVED, rope_half_split, rope_tables
+from kernels.rope import rope_tables
 from passes.fx.convert_rope_to_half_split import ConvertRopeToHalfSplitPass
 from tests.helpers import FP32_ATOL, check_fx_pass
 
@@ -45,9 +45,10 @@ class TinyAttention(torch.nn.Module):
 
 
 def _inputs():
+    """Full-width interleaved tables, as other implementations build them."""
     x = torch.randn(1, SEQ, WIDTH, generator=torch.Generator().manual_seed(1))
-    cos, sin = rope_tables(torch.tensor([0, 0, 1, 1, 2, 3.0]), HEAD_DIM, 10000.0, INTERLEAVED)
-    return [x, cos, sin]
+    cos, sin = rope_tables(torch.tensor([0, 0, 1, 1, 2, 3.0]), HEAD_DIM, 10000.0)
+    return [x, cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)]
 
 
 @pytest.mark.parametrize("swap", [_swap_stack, _swap_rank3])
@@ -57,7 +58,7 @@ def test_interleaved_rope_becomes_half_split_with_equal_outputs(swap):
     gm = fx_utils.trace(module, _inputs())
     check = check_fx_pass(ConvertRopeToHalfSplitPass(), gm, _inputs())
     assert check.modified and check.max_abs_error <= FP32_ATOL
-    assert check.ops_after["rope_half_split"] == 2
+    assert check.ops_after["rope_full_tables"] == 2
     assert check.ops_after["neg"] == 0 and check.ops_before["neg"] == 2
     # each head's rows of the Q projection are now evens-then-odds
     assert torch.equal(gm.q.weight[:HEAD_DIM], q_weight[[0, 2, 4, 6, 1, 3, 5, 7]])
@@ -72,7 +73,10 @@ def test_denoiser_stage_graph(tiny_denoiser, tiny_stage_inputs):
     SpecializeShapesPass()(gm)
     check = check_fx_pass(ConvertRopeToHalfSplitPass(), gm, inputs)
     assert check.modified and check.max_abs_error <= FP32_ATOL
-    assert check.ops_after["rope_half_split"] == 2 * 3  # q and k of every block
+    # our kernels are leaf calls: q and k of every block
+    assert check.ops_before["rope_interleaved"] == 2 * 3 and check.ops_after["rope_interleaved"] == 0
+    assert check.ops_after["rope_half_split"] == 2 * 3
+    assert not ConvertRopeToHalfSplitPass()(gm).modified
 
 
 def test_graph_without_interleaved_rope_is_untouched():

@@ -1,0 +1,61 @@
+"""Small helpers for matching and rewriting onnx_ir graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
+    """The node producing ``value`` if its op type is one of ``op_types`` (any if none)."""
+    if value is None:
+        return None
+    node = value.producer()
+    if node is None or (op_types and node.op_type not in op_types):
+        return None
+    return node
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant contents (initializer or Constant node), else None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def const_scalar(value: ir.Value | None) -> float | None:
+    array = const_array(value)
+    if array is None or array.size != 1:
+        return None
+    return float(array.reshape(()))
+
+
+def single_use(value: ir.Value) -> bool:
+    return len(value.uses()) == 1 and not value.is_graph_output()
+
+
+def replace_with(old_output: ir.Value, node: ir.Node, anchor: ir.Node) -> None:
+    """Insert ``node`` before ``anchor`` and make every use of ``old_output`` read its first
+    output, which takes over the old name (graph outputs keep their names)."""
+    graph = anchor.graph
+    graph.insert_before(anchor, node)
+    new = node.outputs[0]
+    name = old_output.name
+    old_output.replace_all_uses_with(new, replace_graph_outputs=True)
+    old_output.name = None
+    new.name = name
+
+
+def require_opset(model: ir.Model, version: int) -> bool:
+    """Raise the default-domain opset to at least ``version``; True if it changed.
+
+    Between opsets 21 and 23 the ops the denoiser uses only gained types (and opset 23
+    added RMSNormalization and RotaryEmbedding), so the number can be raised as is.
+    """
+    current = model.opset_imports.get("", 1)
+    if current >= version:
+        return False
+    model.opset_imports[""] = version
+    model.graph.opset_imports[""] = version
+    return True
