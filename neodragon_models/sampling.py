@@ -90,11 +90,15 @@ def rollout(
     seed: int,
     *,
     on_call: StageCallback | None = None,
+    before_call: Callable[[int, int, dict[str, torch.Tensor]], None] | None = None,
+    max_unit: int | None = None,
 ) -> torch.Tensor:
-    """Generate all units; returns the latent video ``[1, C, T, H, W]``.
+    """Generate the units (up to ``max_unit``); returns the latent video ``[1, C, T, H, W]``.
 
     ``on_call(unit, stage, graph_inputs, output_tokens)`` sees every denoiser call with its
-    envelope-padded graph inputs, exactly as the stage graph will receive them.
+    envelope-padded graph inputs, exactly as the stage graph will receive them;
+    ``before_call(unit, stage, graph_inputs)`` runs just before the call (for observers
+    that hook into the model).
     """
     cfg = denoiser.config
     geo, mm = cfg.geometry, cfg.mmdit
@@ -111,6 +115,8 @@ def rollout(
     generated = [first_frame]
     fpu = geo.frames_per_unit
     for unit in geo.denoised_units:
+        if max_unit is not None and unit > max_unit:
+            break
         history = torch.cat(generated, dim=2)
         levels = [history]
         for s in range(geo.num_stages - 1, 0, -1):
@@ -127,6 +133,8 @@ def rollout(
             inputs = pyramid.stage_inputs(
                 cfg, pos_table, unit, stage, clips, prompt.embeds, prompt.mask, prompt.pooled,
             )
+            if before_call is not None:
+                before_call(unit, stage, inputs)
             out = stages[stage](**inputs)  # [1, n, p*p*C]
             if on_call is not None:
                 on_call(unit, stage, inputs, out)

@@ -11,6 +11,7 @@ from typing import Any
 from passes.base import Pass
 from passes.fx.convert_rope_to_half_split import ConvertRopeToHalfSplitPass
 from passes.fx.fold_attention_scale import FoldAttentionScalePass
+from passes.fx.remove_blocks import RemoveBlocksPass
 from passes.fx.remove_identity_modules import RemoveIdentityModulesPass
 from passes.fx.specialize_shapes import SpecializeShapesPass
 from passes.fx.split_adaln import SplitAdaLNPass
@@ -25,6 +26,7 @@ from passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
 PASSES: dict[str, type[Pass]] = {
     cls.pass_name(): cls
     for cls in (
+        RemoveBlocksPass,
         RemoveIdentityModulesPass,
         SpecializeShapesPass,
         SplitAdaLNPass,

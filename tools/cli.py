@@ -46,6 +46,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         check_prompts=args.check_prompts,
         exporter=args.exporter,
         until=args.until,
+        remove_blocks=args.remove_blocks,
+        importance=Path(args.importance) if args.importance else None,
         verify_each_pass=args.verify_each_pass,
         dump_dir=Path(args.dump_dir) if args.dump_dir else None,
     )
@@ -58,6 +60,24 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"build written to {args.out}")
     if result.sqnr_db is not None:
         print(f"HTP simulator vs fp32: {result.sqnr_db:.2f} dB SQNR")
+    return 0
+
+
+def _cmd_importance(args: argparse.Namespace) -> int:
+    from passes.flows.importance import run_importance
+
+    data = run_importance(
+        args.config,
+        args.out,
+        prompts=args.prompts,
+        samples_per_stage=args.samples_per_stage,
+        checkpoint=args.checkpoint,
+        seed=args.seed,
+    )
+    print(data["table"])
+    print(f"least important first: {data['ranking_least_important_first']}")
+    print(f"{data['samples_per_stage']} samples per stage in {data['seconds']} s, peak RSS {data['peak_rss_bytes'] / 1e9:.2f} GB")
+    print(f"wrote {Path(args.out) / 'importance.json'}, bi_image.png, bi_text.png")
     return 0
 
 
@@ -153,9 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--check-prompts", type=int, default=2, help="held-out prompts for the check")
     b.add_argument("--until", default="verify", choices=("export", "quantize", "compile", "verify"))
     b.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"))
+    b.add_argument("--remove-blocks", help="blocks to remove first: 3,7,9 or count=N or threshold=T")
+    b.add_argument("--importance", help="importance.json from `neodragon-npu importance` (for count/threshold)")
     b.add_argument("--verify-each-pass", action="store_true", help="verify the graph after every pass")
     b.add_argument("--dump-dir", help="write the graph after every pass here")
     b.set_defaults(func=_cmd_build)
+
+    im = sub.add_parser("importance", help="score MMDiT blocks (BI_image, BI_text) on pipeline inputs")
+    im.add_argument("--config", default="tiny")
+    im.add_argument("--out", required=True, help="output directory")
+    im.add_argument("--prompts", type=int, default=1)
+    im.add_argument("--samples-per-stage", type=int, default=4, help="calls per stage and prompt (units)")
+    im.add_argument("--checkpoint", help="folder holding diffusion_transformer_320p/ and context_adapter/")
+    im.add_argument("--seed", type=int, default=0)
+    im.set_defaults(func=_cmd_importance)
 
     r = sub.add_parser("report", help="stage graphs before and after the stage-graph passes")
     r.add_argument("pipeline", help="pipeline name (denoiser)")

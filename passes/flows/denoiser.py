@@ -8,6 +8,7 @@ full-size graph goes through with bounded memory and each artefact can be inspec
 from __future__ import annotations
 
 import gc
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from graphs.verify import compare, verify_fx, verify_onnx
 from neodragon_models import pyramid
 from neodragon_models.configs import get_denoiser_config
 from neodragon_models.denoiser import build_denoiser, count_parameters
+from neodragon_models.pruning import parse_removal, prune_blocks
 from neodragon_models.sampling import collect_samples, example_stage_inputs
 from passes import pipelines
 from passes.base import PassManager
@@ -55,6 +57,9 @@ class DenoiserBuildOptions:
     check_prompts: int = 2
     exporter: str = "legacy"
     until: str = "verify"
+    # blocks to remove: "3,7,9", "count=6" or "threshold=0.05" (with an importance file)
+    remove_blocks: str | None = None
+    importance: Path | None = None
     # "optimized": all denoiser FX passes; "baseline": the straight export (static shapes only)
     fx_pipeline: str = "optimized"
     verify_each_pass: bool = False
@@ -121,6 +126,19 @@ def build_denoiser_stage(opts: DenoiserBuildOptions, out_dir: str | Path) -> Bui
         # 1. The PyTorch model: seeded synthetic weights, or the released folders.
         with steps.step("build the PyTorch model"):
             denoiser = build_denoiser(config, checkpoint=opts.checkpoint, seed=opts.seed)
+            if opts.remove_blocks:
+                # Pruned before anything runs: calibration and the fp32 reference come from
+                # the pruned model, which is what the binary must reproduce.
+                n_blocks = denoiser.config.mmdit.num_layers
+                removed = parse_removal(opts.remove_blocks, n_blocks, opts.importance)
+                denoiser, mapping = prune_blocks(denoiser, removed)
+                manifest["model"]["removed_blocks"] = removed
+                manifest["model"]["block_mapping"] = {str(k): v for k, v in mapping.items()}
+                manifest["model"]["transformer_params"] = count_parameters(denoiser.config.mmdit)
+                (work / "block_mapping.json").write_text(
+                    json.dumps({"original_blocks": n_blocks, "old_to_new": manifest["model"]["block_mapping"]}, indent=2)
+                    + "\n"
+                )
             config = denoiser.config
             stage_module = denoiser.stage_module(stage)
 

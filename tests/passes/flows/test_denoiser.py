@@ -91,3 +91,13 @@ def test_bad_options_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown target"):
         build_denoiser_stage(DenoiserBuildOptions(target="sm1"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_pruned_model_builds_to_a_verified_binary(tmp_path):
+    out = tmp_path / "pruned"
+    result = build_denoiser_stage(DenoiserBuildOptions(config="tiny", stage=0, remove_blocks="1"), out)
+    assert result.sqnr_db >= MIN_SQNR_DB
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["model"]["removed_blocks"] == [1]
+    assert manifest["model"]["block_mapping"] == {"0": 0, "2": 1}
+    assert json.loads((out / "block_mapping.json").read_text())["original_blocks"] == 3

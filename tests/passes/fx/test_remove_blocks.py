@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from graphs import fx as fx_utils
+from neodragon_models import pyramid
+from neodragon_models.pruning import prune_blocks
+from neodragon_models.sampling import example_stage_inputs
+from passes.base import PreconditionError
+from passes.fx.remove_blocks import RemoveBlocksPass
+from tests.helpers import check_fx_pass
+
+
+def _traced(denoiser, stage=2):
+    example = example_stage_inputs(denoiser, stage, seed=4)
+    inputs = [example[n] for n in pyramid.STAGE_INPUT_NAMES]
+    return fx_utils.trace(denoiser.stage_module(stage), inputs), inputs
+
+
+def _importance(tmp_path, scores):
+    path = tmp_path / "importance.json"
+    path.write_text(json.dumps({"blocks": [{"index": i, "combined": v} for i, v in enumerate(scores)]}))
+    return path
+
+
+@pytest.mark.parametrize("removed", [[1], [2], [0, 2]])  # [2] and [0, 2] remove the last block
+def test_explicit_removal_equals_the_pruned_model(tiny_denoiser, removed, tmp_path):
+    gm, inputs = _traced(tiny_denoiser)
+    mapping_file = tmp_path / "map.json"
+    check = check_fx_pass(RemoveBlocksPass(blocks=removed, mapping_path=mapping_file), gm, inputs)
+    assert check.modified
+    pruned, mapping = prune_blocks(tiny_denoiser, removed)
+    assert (gm(*inputs) - pruned.stage_module(2)(*inputs)).abs().max() < 1e-6
+    assert gm.meta["block_mapping"] == mapping
+    assert json.loads(mapping_file.read_text())["old_to_new"] == {str(k): v for k, v in mapping.items()}
+    indices = {k.split(".")[2] for k in gm.state_dict() if k.startswith("transformer.transformer_blocks.")}
+    assert indices == {str(i) for i in range(3 - len(removed))}  # renumbered contiguously
+    assert not RemoveBlocksPass(blocks=removed)(gm).modified  # indices are the original ones
+
+
+def test_count_and_threshold_use_the_importance_ranking(tiny_denoiser, tmp_path):
+    path = _importance(tmp_path, [0.3, 0.01, 0.2])
+    gm, inputs = _traced(tiny_denoiser)
+    assert check_fx_pass(RemoveBlocksPass(count=1, importance=path), gm, inputs).modified
+    assert gm.meta["block_mapping"] == {0: 0, 2: 1}
+    gm, inputs = _traced(tiny_denoiser)
+    assert check_fx_pass(RemoveBlocksPass(threshold=0.25, importance=path), gm, inputs).modified
+    assert gm.meta["block_mapping"] == {0: 0}
+
+
+def test_nothing_below_the_threshold_changes_nothing(tiny_denoiser, tmp_path):
+    gm, inputs = _traced(tiny_denoiser)
+    code = gm.code
+    check = check_fx_pass(RemoveBlocksPass(threshold=0.001, importance=_importance(tmp_path, [0.3, 0.2, 0.1])), gm, inputs)
+    assert not check.modified and gm.code == code and check.max_abs_error == 0
+
+
+def test_bad_selections_are_refused(tiny_denoiser, tmp_path):
+    with pytest.raises(ValueError, match="exactly one of"):
+        RemoveBlocksPass(blocks=[1], count=1)
+    with pytest.raises(ValueError, match="need an importance file"):
+        RemoveBlocksPass(count=1)
+    gm, _ = _traced(tiny_denoiser)
+    with pytest.raises(PreconditionError, match="scores 2 blocks, the model has 3"):
+        RemoveBlocksPass(count=1, importance=_importance(tmp_path, [0.1, 0.2]))(gm)
