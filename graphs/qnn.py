@@ -99,8 +99,15 @@ class ContextBinary:
     binary: Path  # the QNN context binary it points at
 
 
-def compile_context_binary(qdq_path: str | Path, ctx_path: str | Path, target: Target) -> ContextBinary:
-    """Prepare a QDQ model for ``target`` and write the EPContext model + context binary."""
+def compile_context_binary(
+    qdq_path: str | Path, ctx_path: str | Path, target: Target, *, share: bool = False, last_shared: bool = False
+) -> ContextBinary:
+    """Prepare a QDQ model for ``target`` and write the EPContext model + context binary.
+
+    With ``share``, successive calls add their graphs to one QNN context (weights with the
+    same name and value stored once); the call with ``last_shared`` closes it, and every
+    EPContext model of the group points at the binary the first call named.
+    """
     ctx_path = Path(ctx_path)
     ctx_path.parent.mkdir(parents=True, exist_ok=True)
     so = _session_options()
@@ -108,22 +115,47 @@ def compile_context_binary(qdq_path: str | Path, ctx_path: str | Path, target: T
     so.add_session_config_entry("ep.context_enable", "1")
     so.add_session_config_entry("ep.context_embed_mode", "0")
     so.add_session_config_entry("ep.context_file_path", str(ctx_path))
+    if share:
+        so.add_session_config_entry("ep.share_ep_contexts", "1")
+        if last_shared:
+            so.add_session_config_entry("ep.stop_share_ep_contexts", "1")
     so.add_provider_for_devices(_qnn_devices(), qnn_provider_options(target))
     with _native_stdout_silenced():
         session = ort.InferenceSession(str(qdq_path), sess_options=so)
     del session
-    binaries = sorted(ctx_path.parent.glob(ctx_path.stem + "*.bin"))
-    if not ctx_path.is_file() or not binaries:
-        raise RuntimeError(f"QNN EP did not write a context binary next to {ctx_path}")
-    return ContextBinary(ctx_path, binaries[-1])
+    if not ctx_path.is_file():
+        raise RuntimeError(f"QNN EP did not write {ctx_path}")
+    binary = ctx_path.parent / _binary_of(ctx_path)
+    if (last_shared or not share) and not binary.is_file():  # a shared binary is written at the end
+        raise RuntimeError(f"QNN EP did not write the context binary {binary}")
+    return ContextBinary(ctx_path, binary)
+
+
+def _binary_of(epcontext_model: Path) -> str:
+    """The binary an EPContext model points at (its ``ep_cache_context`` attribute)."""
+    import onnx
+
+    model = onnx.load(str(epcontext_model), load_external_data=False)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.name == "ep_cache_context":
+                return attr.s.decode()
+    raise RuntimeError(f"{epcontext_model} has no EPContext node")
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(uint16)": np.uint16}
 
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    names = [i.name for i in session.get_inputs()]
-    missing = set(names) - set(feeds)
+    """Run with inputs cast to what the session expects; a missing input is named."""
+    inputs = session.get_inputs()
+    missing = {i.name for i in inputs} - set(feeds)
     if missing:
         raise ValueError(f"missing inputs: {sorted(missing)}")
-    return session.run(None, {n: np.ascontiguousarray(feeds[n], dtype=np.float32) for n in names})
+    return session.run(
+        None, {i.name: np.ascontiguousarray(feeds[i.name], dtype=_NUMPY_TYPES.get(i.type, np.float32)) for i in inputs}
+    )
 
 
 def io_signature(session: ort.InferenceSession) -> dict[str, list[dict]]:

@@ -118,9 +118,42 @@ def build_denoiser(
         synthetic_init_(transformer, seed)
         synthetic_init_(adapter, seed + 1)
         transformer.pos_embed.reset_pos_embed()
+        spread_adaln_ranges_(transformer, config, seed)
     transformer.requires_grad_(False)
     adapter.requires_grad_(False)
     return Denoiser(config, transformer.eval(), adapter.eval())
+
+
+# Largest |value| of each adaLN-Zero chunk in the released model: roughly 1.7 to 18.4
+# (shared/neodragon-facts.md 4.7). Order: shift_msa, scale_msa, gate_msa, shift_mlp,
+# scale_mlp, gate_mlp. Synthetic weights reproduce the spread, since it is what makes one
+# shared encoding for the six chunks fail.
+ADALN_CHUNK_RANGES = (1.7, 18.4, 3.0, 2.4, 11.0, 5.2)
+
+
+@torch.no_grad()
+def spread_adaln_ranges_(transformer: PyramidMMDiT, config: DenoiserConfig, seed: int) -> None:
+    """Rescale each adaLN-Zero chunk's rows so the chunk reaches ADALN_CHUNK_RANGES on the
+    conditioning vectors of the pipeline (the stage timesteps x a few pooled prompts)."""
+    from neodragon_models.pyramid import PyramidSchedule, timestep_projection
+
+    mm = config.mmdit
+    gen = torch.Generator().manual_seed(seed + 7)
+    timesteps = torch.tensor(PyramidSchedule.from_geometry(config.geometry).timesteps).repeat(4)
+    pooled = torch.randn(len(timesteps), mm.pooled_projection_dim, generator=gen)
+    temb = transformer.time_text_embed(timestep_projection(timesteps, mm.timestep_proj_dim), pooled)
+    dim = mm.inner_dim
+    for block in transformer.transformer_blocks:
+        for norm in (block.norm1, block.norm1_context):
+            if norm.linear.out_features != 6 * dim:
+                continue  # the context-pre-only block's 2-chunk norm
+            emb = norm.linear(norm.silu(temb))  # [N, 6D]
+            for c, target in enumerate(ADALN_CHUNK_RANGES):
+                rows = slice(c * dim, (c + 1) * dim)
+                peak = float(emb[:, rows].abs().max())
+                if peak > 0:
+                    norm.linear.weight[rows] *= target / peak
+                    norm.linear.bias[rows] *= target / peak
 
 
 def save_denoiser(denoiser: Denoiser, root: str | Path) -> Path:

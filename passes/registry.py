@@ -22,6 +22,7 @@ from passes.onnx.fuse_rms_norm import FuseRMSNormPass
 from passes.onnx.fuse_rotary_embedding import FuseRotaryEmbeddingPass
 from passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
 from passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
+from passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
 
 PASSES: dict[str, type[Pass]] = {
     cls.pass_name(): cls
@@ -39,6 +40,7 @@ PASSES: dict[str, type[Pass]] = {
         FuseRotaryEmbeddingPass,
         RemoveUnusedNodesPass,
         QuantizeW8A16Pass,
+        RequantizeMatMulOperandPass,
     )
 }
 

@@ -31,11 +31,78 @@ def _configure_logging(verbosity: int) -> None:
         logging.getLogger(name).setLevel(logging.ERROR if verbosity <= 0 else logging.INFO)
 
 
+def _parse_bytes(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size (e.g. 768M, 1G, 500000)") from None
+
+
+def _high_precision(args: argparse.Namespace) -> tuple[str, ...]:
+    from passes.pipelines import DENOISER_HIGH_PRECISION
+
+    if args.high_precision == ["none"]:
+        return ()
+    return DENOISER_HIGH_PRECISION + tuple(args.high_precision or ())
+
+
+def _cmd_build_all_stages(args: argparse.Namespace) -> int:
+    from passes.flows.denoiser import BuildCheckError
+    from passes.flows.denoiser_stages import AllStagesOptions, build_denoiser_stages
+
+    opts = AllStagesOptions(
+        config=args.config,
+        targets=tuple(args.target.split(",")),
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        seed=args.seed,
+        calibration_samples=args.calibration_samples,
+        check_prompts=args.check_prompts,
+        max_partition_weight_bytes=_parse_bytes(args.partition_budget),
+        kv_bits=args.kv_bits,
+        high_precision=_high_precision(args),
+        remove_blocks=args.remove_blocks,
+        importance=Path(args.importance) if args.importance else None,
+        skip_passes=tuple(args.skip_pass or ()),
+        verify_htp=args.verify_htp,
+        exporter=args.exporter,
+        verify_each_pass=args.verify_each_pass,
+        dump_dir=Path(args.dump_dir) if args.dump_dir else None,
+    )
+    try:
+        build_denoiser_stages(opts, args.out)
+    except BuildCheckError as exc:
+        print(f"neodragon-npu: check failed: {exc}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    print((Path(args.out) / "report.txt").read_text(), end="")
+    print(f"build written to {args.out}")
+    return 0
+
+
+def _cmd_emit(args: argparse.Namespace) -> int:
+    from passes.flows.hub import plan_hub_jobs, submit_hub_jobs
+
+    if not args.hub:
+        raise ValueError("emit needs a destination: --hub (Qualcomm AI Hub)")
+    requests = plan_hub_jobs(args.build, args.target, profile=args.profile, link=not args.no_link)
+    for r in requests:
+        print(f"  {r.describe()}")
+    if args.dry_run:
+        print(f"{len(requests)} request(s) prepared; --dry-run: nothing submitted")
+        return 0
+    jobs = submit_hub_jobs(requests)
+    print(f"submitted {len(jobs)} job(s): {', '.join(jobs)}")
+    return 0
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from passes.flows.denoiser import BuildCheckError, DenoiserBuildOptions, build_denoiser_stage
 
     if args.pipeline != "denoiser":
         raise ValueError(f"unknown pipeline {args.pipeline!r}; available: denoiser")
+    if args.all_stages:
+        return _cmd_build_all_stages(args)
     opts = DenoiserBuildOptions(
         config=args.config,
         stage=args.stage,
@@ -48,6 +115,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         until=args.until,
         remove_blocks=args.remove_blocks,
         importance=Path(args.importance) if args.importance else None,
+        skip_passes=tuple(args.skip_pass or ()),
+        kv_bits=args.kv_bits,
+        high_precision=_high_precision(args),
         verify_each_pass=args.verify_each_pass,
         dump_dir=Path(args.dump_dir) if args.dump_dir else None,
     )
@@ -165,7 +235,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("pipeline", help="pipeline name (denoiser)")
     b.add_argument("--config", default="tiny", help="model config: tiny, neodragon, baseline")
     b.add_argument("--stage", type=int, default=2, help="pyramid stage (0, 1, 2)")
-    b.add_argument("--target", default=DEFAULT_TARGET, help=f"target SoC ({', '.join(TARGETS)})")
+    b.add_argument(
+        "--target", default=DEFAULT_TARGET, help=f"target SoC ({', '.join(TARGETS)}); with --all-stages a comma list"
+    )
+    b.add_argument("--all-stages", action="store_true", help="all three stage graphs, partitioned, shared weights")
+    b.add_argument("--calibration-samples", type=int, default=8, help="--all-stages: calibration samples per stage")
+    b.add_argument("--partition-budget", default="768M", help="--all-stages: fp32 weight bytes per partition")
+    b.add_argument("--kv-bits", type=int, default=16, choices=(8, 16), help="bits of K and V in attention")
+    b.add_argument(
+        "--high-precision", action="append",
+        help="node or weight name pattern whose weights stay 16-bit, added to the default (the "
+        "conditioning embedders); 'none' quantizes every weight to 8 bit",
+    )
+    b.add_argument("--skip-pass", action="append", help="leave a pass out (ablation); repeatable")
+    b.add_argument(
+        "--verify-htp", action=argparse.BooleanOptionalAction, default=None,
+        help="--all-stages: run the chained binaries in the HTP simulator (default: small models only)",
+    )
     b.add_argument("--out", required=True, help="output directory (new, empty, or a previous build)")
     b.add_argument("--checkpoint", help="folder holding diffusion_transformer_320p/ and context_adapter/")
     b.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
@@ -178,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify-each-pass", action="store_true", help="verify the graph after every pass")
     b.add_argument("--dump-dir", help="write the graph after every pass here")
     b.set_defaults(func=_cmd_build)
+
+    e = sub.add_parser("emit", help="send a build's graphs to Qualcomm AI Hub")
+    e.add_argument("build", help="a build directory (neodragon-npu build ... --all-stages or single stage)")
+    e.add_argument("--hub", action="store_true", help="prepare and submit AI Hub jobs")
+    e.add_argument("--target", default=DEFAULT_TARGET)
+    e.add_argument("--profile", action="store_true", help="also profile on the device")
+    e.add_argument("--no-link", action="store_true", help="do not link the stage graphs into shared binaries")
+    e.add_argument("--dry-run", action="store_true", help="print the requests, submit nothing")
+    e.set_defaults(func=_cmd_emit)
 
     im = sub.add_parser("importance", help="score MMDiT blocks (BI_image, BI_text) on pipeline inputs")
     im.add_argument("--config", default="tiny")

@@ -62,6 +62,9 @@ class DenoiserBuildOptions:
     importance: Path | None = None
     # "optimized": all denoiser FX passes; "baseline": the straight export (static shapes only)
     fx_pipeline: str = "optimized"
+    skip_passes: tuple[str, ...] = ()  # passes to leave out (ablations)
+    kv_bits: int = 16
+    high_precision: tuple[str, ...] = pipelines.DENOISER_HIGH_PRECISION
     verify_each_pass: bool = False
     dump_dir: Path | None = None
     min_sqnr_db: float = MIN_SQNR_DB
@@ -98,6 +101,62 @@ def _run_passes(model, passes, check, opts: DenoiserBuildOptions, dump) -> list[
     return [{"pass": r.name, "modified": r.modified, "seconds": round(r.seconds, 3)} for r in result.records]
 
 
+def load_denoiser(opts, work: Path, manifest: dict):
+    """The PyTorch model (synthetic or released weights), pruned when asked to.
+
+    Pruning happens before anything runs: calibration and the fp32 reference then come
+    from the pruned model, which is what the binaries must reproduce.
+    """
+    denoiser = build_denoiser(get_denoiser_config(opts.config), checkpoint=opts.checkpoint, seed=opts.seed)
+    if opts.remove_blocks:
+        n_blocks = denoiser.config.mmdit.num_layers
+        removed = parse_removal(opts.remove_blocks, n_blocks, opts.importance)
+        denoiser, mapping = prune_blocks(denoiser, removed)
+        manifest["model"]["removed_blocks"] = removed
+        manifest["model"]["block_mapping"] = {str(k): v for k, v in mapping.items()}
+        manifest["model"]["transformer_params"] = count_parameters(denoiser.config.mmdit)
+        (work / "block_mapping.json").write_text(
+            json.dumps({"original_blocks": n_blocks, "old_to_new": manifest["model"]["block_mapping"]}, indent=2)
+            + "\n"
+        )
+    return denoiser
+
+
+def stage_fx_passes(opts, config, target, stage: int) -> list:
+    """The FX pipeline for one stage graph (``opts.fx_pipeline``, minus ``opts.skip_passes``)."""
+    if opts.fx_pipeline == "baseline":
+        passes = pipelines.denoiser_fx_baseline()
+    else:
+        passes = pipelines.denoiser_fx(
+            tile_budget_bytes=target.score_tile_bytes,
+            mask_segments=pyramid.attention_segments(config.geometry, config.mmdit.patch_size, stage),
+        )
+    return [p for p in passes if p.pass_name() not in opts.skip_passes]
+
+
+def export_stage_graph(gm, example_list, path: Path, opts, report: dict) -> dict:
+    """Export a traced stage graph, run the ONNX passes, save it; returns its A16 stats."""
+    export_onnx(
+        gm, example_list, path,
+        input_names=pyramid.STAGE_INPUT_NAMES, output_names=[OUTPUT_NAME], exporter=opts.exporter,
+    )
+    model = onnx_io.load(path)
+    report["onnx_before"] = onnx_stats(model)
+    onnx_passes = pipelines.denoiser_onnx_baseline() if opts.fx_pipeline == "baseline" else pipelines.denoiser_onnx()
+    report["onnx_passes"] = _run_passes(
+        model,
+        [p for p in onnx_passes if p.pass_name() not in opts.skip_passes],
+        lambda m: verify_onnx(m, static_shapes=True, max_rank=MAX_RANK),
+        opts,
+        lambda m: str(m.graph),
+    )
+    verify_onnx(model, static_shapes=True, max_rank=MAX_RANK)
+    report["onnx_after"] = onnx_stats(model)
+    stats = onnx_stats(model, activation_bytes=2).as_dict()  # activations priced at 16 bit
+    onnx_io.save(model, path)
+    return stats
+
+
 def build_denoiser_stage(opts: DenoiserBuildOptions, out_dir: str | Path) -> BuildResult:
     """Build one stage graph into ``out_dir`` (replaced atomically on success)."""
     opts.validate()
@@ -125,20 +184,7 @@ def build_denoiser_stage(opts: DenoiserBuildOptions, out_dir: str | Path) -> Bui
     with artifacts.staged_dir(out_dir) as work:
         # 1. The PyTorch model: seeded synthetic weights, or the released folders.
         with steps.step("build the PyTorch model"):
-            denoiser = build_denoiser(config, checkpoint=opts.checkpoint, seed=opts.seed)
-            if opts.remove_blocks:
-                # Pruned before anything runs: calibration and the fp32 reference come from
-                # the pruned model, which is what the binary must reproduce.
-                n_blocks = denoiser.config.mmdit.num_layers
-                removed = parse_removal(opts.remove_blocks, n_blocks, opts.importance)
-                denoiser, mapping = prune_blocks(denoiser, removed)
-                manifest["model"]["removed_blocks"] = removed
-                manifest["model"]["block_mapping"] = {str(k): v for k, v in mapping.items()}
-                manifest["model"]["transformer_params"] = count_parameters(denoiser.config.mmdit)
-                (work / "block_mapping.json").write_text(
-                    json.dumps({"original_blocks": n_blocks, "old_to_new": manifest["model"]["block_mapping"]}, indent=2)
-                    + "\n"
-                )
+            denoiser = load_denoiser(opts, work, manifest)
             config = denoiser.config
             stage_module = denoiser.stage_module(stage)
 
@@ -168,41 +214,16 @@ def build_denoiser_stage(opts: DenoiserBuildOptions, out_dir: str | Path) -> Bui
         with steps.step("trace at the stage envelope and run FX passes"):
             gm = fx_utils.trace(stage_module, example_list, share_parameters=True)
             report["fx_before"] = fx_stats(gm)
-            if opts.fx_pipeline == "baseline":
-                fx_passes = pipelines.denoiser_fx_baseline()
-            else:
-                fx_passes = pipelines.denoiser_fx(
-                    tile_budget_bytes=target.score_tile_bytes,
-                    mask_segments=pyramid.attention_segments(config.geometry, config.mmdit.patch_size, stage),
-                )
+            fx_passes = stage_fx_passes(opts, config, target, stage)
             report["fx_passes"] = _run_passes(gm, fx_passes, verify_fx, opts, lambda g: g.code)
             report["fx_after"] = fx_stats(gm)
 
         # 4. Export to ONNX and clean up; the torch model is released afterwards.
         float_path = work / f"{name}_float.onnx"
         with steps.step("export to ONNX and run ONNX passes"):
-            export_onnx(
-                gm, example_list, float_path,
-                input_names=pyramid.STAGE_INPUT_NAMES, output_names=[OUTPUT_NAME],
-                exporter=opts.exporter,
-            )
-            del gm, stage_module, denoiser
-            gc.collect()
-            model = onnx_io.load(float_path)
-            report["onnx_before"] = onnx_stats(model)
-            report["onnx_passes"] = _run_passes(
-                model,
-                pipelines.denoiser_onnx(),
-                lambda m: verify_onnx(m, static_shapes=True, max_rank=MAX_RANK),
-                opts,
-                lambda m: str(m.graph),
-            )
-            verify_onnx(model, static_shapes=True, max_rank=MAX_RANK)
-            report["onnx_after"] = onnx_stats(model)
-            # what the W8A16 graph moves: activations priced at 16 bit
-            manifest["graph_stats_a16"] = onnx_stats(model, activation_bytes=2).as_dict()
-            onnx_io.save(model, float_path)
-            del model
+            del stage_module, denoiser
+            manifest["graph_stats_a16"] = export_stage_graph(gm, example_list, float_path, opts, report)
+            del gm
             gc.collect()
         manifest["float_model"] = float_path.name
 
@@ -222,6 +243,7 @@ def build_denoiser_stage(opts: DenoiserBuildOptions, out_dir: str | Path) -> Bui
                 quant = QuantizeW8A16Pass(
                     calibration=calib, htp_arch=target.htp_arch,
                     encodings_dir=work, encodings_prefix=f"{name}_w8a16",
+                    kv_bits=opts.kv_bits, high_precision=opts.high_precision,
                 )
                 qdq = quant(onnx_io.load(float_path)).model
                 onnx_io.save(qdq, qdq_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import gc
 import io
 import logging
@@ -15,6 +16,7 @@ import onnx_ir as ir
 
 from graphs.samples import load_samples
 from passes.base import Pass, PassResult, PreconditionError
+from passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
 
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
@@ -54,6 +56,16 @@ class QuantizeW8A16Pass(Pass):
     prompts here. An int16 grid has ~96 dB of range, so a 2x margin costs 6 dB of
     resolution that the int8 weights never let us use anyway.
 
+    K and V -- the second operand of an activation-by-activation MatMul (K^T in QK^T, V in
+    PV) -- are requantized to signed symmetric int16 at the MatMul
+    (``RequantizeMatMulOperandPass``): the QNN EP converts an unsigned 16-bit second operand
+    to 8 bit but keeps a signed one. ``kv_bits=8`` skips that, which is what lets QNN drop
+    K and V to 8 bit; it is there to measure what 16-bit K/V is worth.
+    ``high_precision`` lists fnmatch patterns of node or weight names whose weights stay at
+    16 bit (the mixed-precision override the per-layer report points to). ``param_encodings``
+    freezes the weight encodings from an ``.encodings`` file, so graphs that share weights
+    (the three stage graphs) quantize them identically and only calibrate activations.
+
     ``encodings_dir`` also receives the AIMET ``.encodings`` JSON (the format AI Hub and
     QAIRT tools read). A model that already holds Q/DQ nodes is left unchanged.
     """
@@ -71,11 +83,19 @@ class QuantizeW8A16Pass(Pass):
         encodings_dir: str | Path | None = None,
         encodings_prefix: str = "model",
         range_margin: float = 2.0,
+        kv_bits: int = 16,
+        high_precision: Sequence[str] = (),
+        param_encodings: str | Path | None = None,
     ) -> None:
+        if kv_bits not in (8, 16):
+            raise ValueError(f"quantize_w8a16: kv_bits must be 8 or 16, got {kv_bits}")
         if range_margin < 1.0:
             raise ValueError(f"quantize_w8a16: range_margin must be >= 1, got {range_margin}")
         self.calibration = calibration
         self.range_margin = range_margin
+        self.kv_bits = kv_bits
+        self.high_precision = list(high_precision)
+        self.param_encodings = param_encodings
         self.htp_arch = htp_arch
         self.quant_scheme = quant_scheme
         self.encodings_dir = encodings_dir
@@ -115,6 +135,9 @@ class QuantizeW8A16Pass(Pass):
                 config_file=aimet_config_file(self.htp_arch),
                 providers=["CPUExecutionProvider"],
             )
+            self._set_precisions(sim, model)
+            if self.param_encodings is not None:
+                sim.set_and_freeze_param_encodings(str(self.param_encodings))
             input_names = [i.name for i in sim.session.get_inputs()]
             sim.compute_encodings([{n: s[n] for n in input_names} for s in samples])
             if self.range_margin != 1.0:
@@ -125,7 +148,22 @@ class QuantizeW8A16Pass(Pass):
             qdq = sim.to_onnx_qdq()
         del sim, proto
         gc.collect()
-        return PassResult(ir.serde.deserialize_model(qdq), True)
+        result = ir.serde.deserialize_model(qdq)
+        if self.kv_bits == 16:
+            RequantizeMatMulOperandPass()(result)
+        return PassResult(result, True)
+
+
+    def _set_precisions(self, sim, model: ir.Model) -> None:
+        for node in model.graph:
+            if not self.high_precision:
+                continue
+            params = [v.name for v in node.inputs if v is not None and v.name in sim.param_names]
+            names = [node.name, *params]
+            if any(fnmatch.fnmatch(n, p) for n in names for p in self.high_precision):
+                for name in params:
+                    if name in sim.qc_quantize_op_dict:
+                        sim.qc_quantize_op_dict[name].set_precision("int16")
 
 
 def widen_activation_ranges(sim, margin: float) -> int:

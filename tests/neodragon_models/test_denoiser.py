@@ -52,8 +52,12 @@ def checkpoint(tmp_path, tiny_denoiser):
 
 def test_released_style_checkpoint_loads_and_matches(checkpoint, tiny_denoiser, tiny_stage_inputs):
     loaded = build_denoiser(get_denoiser_config("tiny"), checkpoint=checkpoint, seed=99)
+    for module in ("transformer", "context_adapter"):
+        ours, theirs = getattr(tiny_denoiser, module).state_dict(), getattr(loaded, module).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     inputs = tiny_stage_inputs[1]
-    assert torch.allclose(loaded.stage_module(1)(**inputs), tiny_denoiser.stage_module(1)(**inputs), atol=1e-6)
+    ref = tiny_denoiser.stage_module(1)(**inputs)
+    assert torch.allclose(loaded.stage_module(1)(**inputs), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 def test_checkpoint_keys_follow_the_released_names(checkpoint):

@@ -6,14 +6,14 @@ from graphs.export import export_onnx
 from graphs.verify import verify_onnx
 from neodragon_models import pyramid
 from passes.base import PassManager
-from passes.pipelines import PIPELINES, denoiser_fx, denoiser_fx_baseline, denoiser_onnx
+from passes.pipelines import PIPELINES, denoiser_fx, denoiser_fx_baseline, denoiser_onnx, denoiser_onnx_baseline
 from tests.helpers import run_onnx
 
 
 def test_pipelines_are_ordered_fx_then_onnx():
     assert {p.IR for p in denoiser_fx()} == {"fx"} == {p.IR for p in denoiser_fx_baseline()}
-    assert {p.IR for p in denoiser_onnx()} == {"onnx"}
-    assert set(PIPELINES) == {"denoiser_fx", "denoiser_fx_baseline", "denoiser_onnx"}
+    assert {p.IR for p in denoiser_onnx()} == {"onnx"} == {p.IR for p in denoiser_onnx_baseline()}
+    assert set(PIPELINES) == {"denoiser_fx", "denoiser_fx_baseline", "denoiser_onnx", "denoiser_onnx_baseline"}
 
 
 def test_denoiser_pipeline_leaves_a_static_exact_fused_graph(tiny_denoiser, tiny_stage_inputs, tmp_path):

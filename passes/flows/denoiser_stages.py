@@ -1,0 +1,407 @@
+"""``build denoiser --all-stages``: the three stage graphs, partitioned, quantized and emitted
+as shared-weight context binaries, one per partition and target.
+
+The three stage graphs hold the same weights at different sequence lengths. They are cut
+at the same places (partition k holds the same weights in every stage), quantized one
+partition at a time -- weight encodings computed once on the largest stage and frozen for
+the others, activation encodings per stage, each partition calibrated on what the
+(quantized) partitions before it produce -- and each partition's three graphs go into one
+context binary that stores the weights once. Every step hands files to the next and
+drops its big objects, so memory stays bounded by one partition's quantization.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from graphs import artifacts, onnx_io, partition, qnn
+from graphs import fx as fx_utils
+from graphs.layerwise import layer_errors
+from graphs.progress import Steps, count
+from graphs.samples import save_samples, to_numpy_feed
+from graphs.stats import format_bytes
+from graphs.targets import DEFAULT_TARGET, Target, get_target
+from graphs.verify import sqnr_db
+from neodragon_models import pyramid
+from neodragon_models.configs import get_denoiser_config
+from neodragon_models.denoiser import count_parameters
+from neodragon_models.sampling import collect_samples
+from graphs.verify import verify_fx
+from passes.flows.denoiser import (
+    FX_PIPELINES,
+    BuildCheckError,
+    OUTPUT_NAME,
+    _run_passes,
+    export_stage_graph,
+    load_denoiser,
+    stage_fx_passes,
+)
+from passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
+from passes.pipelines import DENOISER_HIGH_PRECISION
+
+logger = logging.getLogger("neodragon_npu")
+
+# fp32 weight bytes one partition may hold: bounds aimet's QuantSim memory (a 4-block,
+# 1.36 GB partition peaked at 16.3 GB here) and, at int8, the compile size (< 2 GiB).
+DEFAULT_PARTITION_WEIGHT_BYTES = 768 << 20
+# The build fails below this (per stage). A sanity gate that catches a broken binary: the
+# tiny model's stage 0 reaches 29 dB in the HTP simulator (its 16 tokens and 32-wide layers
+# under 18x adaLN modulations), the fidelity targets are measured by `neodragon-npu bench`.
+ALL_STAGES_MIN_SQNR_DB = 25.0
+# Simulating the HTP is slow (~98 s per full-width block at 1728 tokens): by default the
+# chained binaries are run in the simulator only for models up to this many weight bytes.
+HTP_VERIFY_LIMIT_BYTES = 256 << 20
+
+
+@dataclass
+class AllStagesOptions:
+    config: str = "tiny"
+    targets: tuple[str, ...] = (DEFAULT_TARGET,)
+    checkpoint: Path | None = None
+    seed: int = 0
+    calibration_samples: int = 8  # per stage
+    check_prompts: int = 1
+    max_partition_weight_bytes: int = DEFAULT_PARTITION_WEIGHT_BYTES
+    kv_bits: int = 16
+    high_precision: tuple[str, ...] = DENOISER_HIGH_PRECISION
+    remove_blocks: str | None = None
+    importance: Path | None = None
+    skip_passes: tuple[str, ...] = ()
+    verify_htp: bool | None = None  # None: only for small models
+    layer_report: bool | None = None  # None: only for small models
+    exporter: str = "legacy"
+    fx_pipeline: str = "optimized"
+    verify_each_pass: bool = False
+    dump_dir: Path | None = None
+    min_sqnr_db: float = ALL_STAGES_MIN_SQNR_DB
+
+    def validate(self) -> None:
+        cfg = get_denoiser_config(self.config)
+        if not self.targets:
+            raise ValueError("give at least one target")
+        for t in self.targets:
+            get_target(t)
+        if self.calibration_samples < 1 or self.check_prompts < 1:
+            raise ValueError("need at least one calibration sample per stage and one check prompt")
+        if self.fx_pipeline not in FX_PIPELINES:
+            raise ValueError(f"unknown FX pipeline {self.fx_pipeline!r}")
+        if self.max_partition_weight_bytes <= 0:
+            raise ValueError("the partition weight budget must be positive")
+        del cfg
+
+
+@dataclass
+class StagesResult:
+    out_dir: Path
+    manifest: dict
+    sqnr_db: dict[str, dict[int, float]] = field(default_factory=dict)  # kind -> stage -> dB
+
+
+def _stage_samples(denoiser, opts: AllStagesOptions, stages):
+    """Calibration (first N per stage) and check samples from disjoint prompts."""
+    units = len(denoiser.config.geometry.denoised_units)
+    n_prompts = math.ceil(opts.calibration_samples / units)
+    calib_seeds = list(range(1000, 1000 + n_prompts))
+    check_seeds = list(range(2000, 2000 + opts.check_prompts))
+    samples = collect_samples(denoiser, calib_seeds + check_seeds, stages, progress=lambda i, n: count("prompt", i, n))
+    calib = {s: [x for x in samples[s] if x.prompt_seed in calib_seeds][: opts.calibration_samples] for s in stages}
+    check = {s: [x for x in samples[s] if x.prompt_seed in check_seeds] for s in stages}
+    return calib, check
+
+
+def _run_chain(parts: list, feeds: list[dict]) -> list[np.ndarray]:
+    """Run partitions (sessions, or model paths run on the CPU) in order on every feed."""
+    outputs = [dict(f) for f in feeds]
+    for part in parts:
+        session = qnn.cpu_session(part) if isinstance(part, Path) else part
+        names = [o.name for o in session.get_outputs()]
+        for env in outputs:
+            env.update(zip(names, qnn.run(session, {x.name: env[x.name] for x in session.get_inputs()})))
+    return [env[OUTPUT_NAME] for env in outputs]
+
+
+def _pooled(refs: list[np.ndarray], outs: list[np.ndarray]) -> float:
+    return sqnr_db(np.concatenate([r.ravel() for r in refs]), np.concatenate([o.ravel() for o in outs]))
+
+
+def _compile_shared(
+    qdq: dict[int, Path], out_dir: Path, target: Target, partition_index: int, compile_seconds: dict
+) -> dict[int, qnn.ContextBinary]:
+    """One context binary for the three stage graphs of a partition (weights stored once)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages = sorted(qdq, reverse=True)
+    built, seconds = {}, {}
+    for i, stage in enumerate(stages):
+        ctx = out_dir / f"stage{stage}_part{partition_index}_ctx.onnx"
+        start = time.perf_counter()
+        built[stage] = qnn.compile_context_binary(
+            qdq[stage], ctx, target, share=True, last_shared=(i == len(stages) - 1)
+        )
+        seconds[stage] = time.perf_counter() - start
+    compile_seconds.setdefault(target.name, {})
+    for stage, sec in seconds.items():
+        compile_seconds[target.name][stage] = compile_seconds[target.name].get(stage, 0.0) + sec
+    if len({b.binary for b in built.values()}) != 1:
+        raise RuntimeError(f"partition {partition_index}: the stage graphs did not share one context binary")
+    return built
+
+
+def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> StagesResult:
+    opts.validate()
+    config = get_denoiser_config(opts.config)
+    stages = list(range(config.geometry.num_stages))
+    targets = [get_target(t) for t in opts.targets]
+    steps = Steps(8)
+    manifest: dict = {
+        "pipeline": "denoiser",
+        "mode": "all-stages",
+        "model": {
+            "config": config.name,
+            "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
+            "seed": opts.seed,
+            "transformer_params": count_parameters(config.mmdit),
+            "context_adapter_params": count_parameters(config.context_adapter),
+        },
+        "targets": [{"name": t.name, "soc_model": t.soc_model, "htp_arch": t.htp_arch} for t in targets],
+        "quantization": {"weights": "int8 per-channel symmetric", "activations": "uint16", "kv_bits": opts.kv_bits,
+                         "high_precision": list(opts.high_precision)},
+    }
+    result = StagesResult(Path(out_dir), manifest)
+
+    with artifacts.staged_dir(out_dir) as work:
+        # 1. The PyTorch model and pipeline samples for every stage.
+        with steps.step("build the model and run the float pipeline for samples"):
+            denoiser = load_denoiser(opts, work, manifest)
+            config = denoiser.config
+            calib, check = _stage_samples(denoiser, opts, stages)
+            for s in stages:
+                save_samples(work / f"stage{s}_calibration_inputs.npz", [to_numpy_feed(x.inputs) for x in calib[s]])
+                save_samples(
+                    work / f"stage{s}_check_samples.npz",
+                    [{**to_numpy_feed(x.inputs), f"{OUTPUT_NAME}_fp32": x.output.numpy()} for x in check[s]],
+                )
+            weight_bytes = sum(p.numel() * 4 for p in denoiser.transformer.parameters())
+            weight_bytes += sum(p.numel() * 4 for p in denoiser.context_adapter.parameters())
+            small = weight_bytes <= (2 << 30)
+            if not small:  # every stage rebuilds its own copy: never two full-size models at once
+                del denoiser
+                gc.collect()
+        verify_htp = opts.verify_htp if opts.verify_htp is not None else weight_bytes <= HTP_VERIFY_LIMIT_BYTES
+        layer_report = opts.layer_report if opts.layer_report is not None else weight_bytes <= HTP_VERIFY_LIMIT_BYTES
+
+        # 2. One float graph per stage: FX passes (they edit parameters, so each stage traces
+        #    its own copy, or a rebuilt model when a copy would not fit), export, ONNX passes.
+        float_paths: dict[int, Path] = {}
+        stage_stats: dict[int, dict] = {}
+        with steps.step("trace, optimize and export the three stage graphs"):
+            for s in sorted(stages, reverse=True):
+                model_s = copy.deepcopy(denoiser) if small else load_denoiser(opts, work, {"model": {}})
+                example = [calib[s][0].inputs[n] for n in pyramid.STAGE_INPUT_NAMES]
+                gm = fx_utils.trace(model_s.stage_module(s), example, share_parameters=True)
+                _run_passes(gm, stage_fx_passes(opts, config, targets[0], s), verify_fx, opts, lambda g: g.code)
+                float_paths[s] = work / f"stage{s}_float.onnx"
+                stage_stats[s] = export_stage_graph(gm, example, float_paths[s], opts, {})
+                del gm, model_s
+                gc.collect()
+                logger.info("      stage %d: %d nodes, %s op-output bytes per call (A16)", s,
+                            stage_stats[s]["node_count"], format_bytes(stage_stats[s]["op_output_bytes"]))
+            if small:
+                del denoiser
+            gc.collect()
+
+        # 3. The same cuts in every stage graph (the largest stage decides), partitions saved.
+        part_paths: dict[int, list[Path]] = {}
+        with steps.step("partition the stage graphs under the memory budget"):
+            ref_stage = max(stages)
+            ref_model = partition.prepare(onnx_io.load(float_paths[ref_stage]))
+            ref_prof = partition.profile(ref_model)
+            cuts = partition.plan_cuts(ref_prof, max_weight_bytes=opts.max_partition_weight_bytes)
+            weights = partition.partition_weights(ref_prof, cuts)
+            for s in sorted(stages, reverse=True):
+                model = ref_model if s == ref_stage else partition.prepare(onnx_io.load(float_paths[s]))
+                prof = ref_prof if s == ref_stage else partition.profile(model)
+                stage_cuts = cuts if s == ref_stage else partition.align_cuts(prof, weights)
+                partition.annotate(model, prof, stage_cuts)
+                part_paths[s] = []
+                for k, part in enumerate(partition.split(model)):
+                    path = work / f"stage{s}_part{k}_float.onnx"
+                    onnx_io.save(part, path)
+                    part_paths[s].append(path)
+                del model, prof
+                gc.collect()
+            del ref_model, ref_prof
+            n_parts = len(cuts) + 1
+            logger.info("      %d partition(s) per stage", n_parts)
+
+        # 4. Quantize partition by partition; weights once (largest stage), activations per stage.
+        qdq_paths: dict[int, list[Path]] = {s: [] for s in stages}
+        envs = {s: [to_numpy_feed(x.inputs) for x in calib[s]] for s in stages}
+        with steps.step(f"quantize W8A16 per partition ({opts.calibration_samples} samples per stage)"):
+            for k in range(n_parts):
+                param_encodings = None
+                for s in sorted(stages, reverse=True):
+                    part = onnx_io.load(part_paths[s][k])
+                    names = [v.name for v in part.graph.inputs]
+                    prefix = f"stage{s}_part{k}_w8a16"
+                    quant = QuantizeW8A16Pass(
+                        calibration=[{n: env[n] for n in names} for env in envs[s]],
+                        htp_arch=targets[0].htp_arch,
+                        encodings_dir=work,
+                        encodings_prefix=prefix,
+                        kv_bits=opts.kv_bits,
+                        high_precision=opts.high_precision,
+                        param_encodings=param_encodings,
+                    )
+                    qdq = quant(part).model
+                    path = work / f"{prefix}.onnx"
+                    onnx_io.save(qdq, path)
+                    qdq_paths[s].append(path)
+                    if param_encodings is None:
+                        param_encodings = work / f"{prefix}.encodings"
+                    del qdq, part, quant
+                    gc.collect()
+                    # the next partition calibrates on what this quantized one produces
+                    session = qnn.cpu_session(path)
+                    out_names = [o.name for o in session.get_outputs()]
+                    for env in envs[s]:
+                        results = qnn.run(session, {x.name: env[x.name] for x in session.get_inputs()})
+                        env.update(dict(zip(out_names, results)))
+                    del session
+                    count(f"partition {k} stage", s, max(stages))
+            del envs
+
+        # 5. One shared-weight context binary per partition and target.
+        binaries: dict[str, dict[int, dict[int, qnn.ContextBinary]]] = {}
+        compile_seconds: dict[str, dict[int, float]] = {}
+        with steps.step(f"compile shared-weight context binaries for {', '.join(t.name for t in targets)}"):
+            for target in targets:
+                binaries[target.name] = {}
+                for k in range(n_parts):
+                    qdq = {s: qdq_paths[s][k] for s in stages}
+                    binaries[target.name][k] = _compile_shared(qdq, work / target.name, target, k, compile_seconds)
+                    count(f"{target.name} partition", k + 1, n_parts)
+
+        # 6. Numbers: float chain, QDQ chain (aimet simulation on the CPU), per-layer report.
+        with steps.step("check the float and quantized chains against fp32"):
+            for s in stages:
+                refs = [x.output.numpy() for x in check[s]]
+                feeds = [to_numpy_feed(x.inputs) for x in check[s]]
+                result.sqnr_db.setdefault("float_chain", {})[s] = _pooled(refs, _run_chain(part_paths[s], feeds))
+                result.sqnr_db.setdefault("w8a16_cpu", {})[s] = _pooled(refs, _run_chain(qdq_paths[s], feeds))
+            if layer_report:
+                manifest["worst_layers"] = _layer_report(work, part_paths, qdq_paths, calib)
+
+        # 7. The HTP simulator: non-shared builds of the same graphs, chained.
+        if verify_htp:
+            with steps.step("run non-shared binaries chained in the HTP simulator"):
+                target = targets[0]
+                for s in stages:
+                    sessions = []
+                    for k in range(n_parts):
+                        ctx = qnn.compile_context_binary(
+                            qdq_paths[s][k], work / "htp_check" / f"stage{s}_part{k}_ctx.onnx", target
+                        )
+                        sessions.append(qnn.htp_session(ctx.epcontext_model, target))
+                    refs = [x.output.numpy() for x in check[s]]
+                    feeds = [to_numpy_feed(x.inputs) for x in check[s]]
+                    result.sqnr_db.setdefault("htp_simulator", {})[s] = _pooled(refs, _run_chain(sessions, feeds))
+                    del sessions
+        else:
+            logger.info("      HTP simulator check skipped for a model this size (--verify-htp forces it)")
+
+        # 8. Manifest and report.
+        with steps.step("write the manifest and report"):
+            manifest["partitions"] = _partition_entries(work, part_paths, qdq_paths, binaries, stages, n_parts)
+            manifest["stage_graphs"] = {str(s): {"float_model": float_paths[s].name, "stats_a16": stage_stats[s]} for s in stages}
+            manifest["compile_seconds"] = {t: {str(s): round(v, 1) for s, v in per.items()} for t, per in compile_seconds.items()}
+            manifest["verification"] = {
+                kind: {str(s): round(v, 2) for s, v in per.items()} for kind, per in result.sqnr_db.items()
+            }
+            manifest["steps"] = steps.as_list()
+            gate = "htp_simulator" if "htp_simulator" in result.sqnr_db else "w8a16_cpu"
+            failing = {s: v for s, v in result.sqnr_db[gate].items() if v < opts.min_sqnr_db}
+            manifest["verification"]["gate"] = {"kind": gate, "threshold_db": opts.min_sqnr_db, "passed": not failing}
+            (work / "report.txt").write_text(_render(config.name, targets, n_parts, result, steps, manifest))
+            artifacts.write_manifest(work, manifest)
+    if failing:
+        worst = ", ".join(f"stage {s} {v:.1f} dB" for s, v in sorted(failing.items()))
+        raise BuildCheckError(
+            f"{gate} SQNR below {opts.min_sqnr_db:.0f} dB ({worst}); artefacts kept in {out_dir}, see report.txt"
+        )
+    return result
+
+
+def _partition_entries(work, part_paths, qdq_paths, binaries, stages, n_parts) -> list[dict]:
+    entries = []
+    for k in range(n_parts):
+        first = onnx_io.load(qdq_paths[max(stages)][k])
+        weight_bytes = sum(t.const_value.nbytes for t in first.graph.initializers.values() if t.const_value is not None)
+        entry = {"index": k, "weight_bytes_qdq": weight_bytes, "graphs": {}}
+        for s in stages:
+            model = onnx_io.load(qdq_paths[s][k])
+            entry["graphs"][str(s)] = {
+                "float_model": part_paths[s][k].name,
+                "qdq_model": qdq_paths[s][k].name,
+                "encodings": qdq_paths[s][k].with_suffix(".encodings").name,
+                **onnx_io.io_signature(model),
+                "binaries": {
+                    t: {"epcontext_model": str(b[k][s].epcontext_model.relative_to(work)),
+                        "binary": str(b[k][s].binary.relative_to(work))}
+                    for t, b in binaries.items()
+                },
+            }
+        entries.append(entry)
+    return entries
+
+
+def _layer_report(work: Path, part_paths, qdq_paths, calib, top: int = 10) -> list[dict]:
+    """Tensors where the quantized graph loses most SQNR relative to its inputs."""
+    rows = []
+    for s, parts in part_paths.items():
+        feeds_all = [to_numpy_feed(x.inputs) for x in calib[s][:2]]
+        envs = [dict(f) for f in feeds_all]
+        for k, path in enumerate(parts):
+            session = qnn.cpu_session(path)
+            feeds = [{x.name: env[x.name] for x in session.get_inputs()} for env in envs]
+            errors = layer_errors(path, qdq_paths[s][k], feeds)
+            for e in errors:
+                rows.append({"stage": s, "partition": k, "tensor": e.tensor, "op": e.op_type, "node": e.node,
+                             "sqnr_db": round(e.sqnr_db, 2)})
+            names = [o.name for o in session.get_outputs()]
+            for env in envs:
+                env.update(dict(zip(names, qnn.run(session, {x.name: env[x.name] for x in session.get_inputs()}))))
+            del session
+    rows = [r for r in rows if math.isfinite(r["sqnr_db"])]
+    worst = sorted(rows, key=lambda r: r["sqnr_db"])[:top]
+    (work / "layer_sqnr.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return worst
+
+
+def _render(config, targets, n_parts, result, steps, manifest) -> str:
+    title = f"denoiser {config}, all stages -> {', '.join(t.description for t in targets)}"
+    lines = [title, "=" * len(title), "", "Steps:"]
+    for r in steps.records:
+        lines.append(f"  {r.name:<72} {r.seconds:8.1f} s  peak RSS {r.peak_rss_bytes / 1e9:.2f} GB")
+    lines += ["", f"{n_parts} partition(s) per stage; weights per partition (QDQ):"]
+    for p in manifest["partitions"]:
+        lines.append(f"  partition {p['index']}: {format_bytes(p['weight_bytes_qdq'])}")
+    lines += ["", "Context binary build time per stage graph (all partitions):"]
+    for t, per in manifest["compile_seconds"].items():
+        lines.append(f"  {t:<10} " + "   ".join(f"stage {s}: {v:7.1f} s" for s, v in sorted(per.items())))
+    lines += ["", "SQNR against the fp32 PyTorch model (check prompts, not used for calibration):"]
+    for kind, per in result.sqnr_db.items():
+        lines.append(f"  {kind:<16} " + "   ".join(f"stage {s}: {v:6.2f} dB" for s, v in sorted(per.items())))
+    if manifest.get("worst_layers"):
+        lines += ["", "Tensors with the lowest SQNR in the quantized partitions (see layer_sqnr.json):"]
+        for r in manifest["worst_layers"]:
+            lines.append(f"  stage {r['stage']} part {r['partition']} {r['op']:<12} {r['sqnr_db']:7.2f} dB  {r['tensor']}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,61 @@
+"""Annotate every node with its memory-bounded partition."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import onnx_ir as ir
+
+from graphs import partition
+from passes.base import Pass, PassResult, PostconditionError
+
+
+class PartitionGraphPass(Pass):
+    """Cut a graph into sequential partitions under weight and live-activation budgets.
+
+    Each node gets ``neodragon.partition = k`` in its metadata (``graphs.partition.split``
+    then extracts one model per partition). Partitions are contiguous in a topological
+    order, so the quotient graph is a chain; cuts minimise the activation bytes crossing
+    them. With ``reference`` (each partition's weight names from another stage graph) the
+    cuts follow it instead, so partition k of every stage holds the same weights::
+
+        before: one graph, 6 GB of weights (a single offline graph fails past ~2 GiB)
+        after:  partition 0 -> 1 -> ... -> K-1, each under ``max_weight_bytes``
+
+    An impossible budget is an error naming the smallest budget that would work.
+    """
+
+    IR = "onnx"
+
+    def __init__(
+        self,
+        *,
+        max_weight_bytes: int,
+        max_live_bytes: int | None = None,
+        activation_bytes: int = 2,
+        reference: Sequence[Sequence[str]] | None = None,
+    ) -> None:
+        if max_weight_bytes <= 0:
+            raise ValueError("partition_graph: max_weight_bytes must be positive")
+        self.max_weight_bytes = max_weight_bytes
+        self.max_live_bytes = max_live_bytes
+        self.activation_bytes = activation_bytes
+        self.reference = [set(r) for r in reference] if reference is not None else None
+
+    def call(self, model: ir.Model) -> PassResult:
+        prof = partition.profile(partition.prepare(model), activation_bytes=self.activation_bytes)
+        if self.reference is not None:
+            cuts = partition.align_cuts(prof, self.reference)
+        else:
+            cuts = partition.plan_cuts(
+                prof, max_weight_bytes=self.max_weight_bytes, max_live_bytes=self.max_live_bytes
+            )
+        return PassResult(model, partition.annotate(model, prof, cuts))
+
+    def ensures(self, model: ir.Model) -> None:
+        import networkx as nx
+
+        if any(partition.partition_of(n) is None for n in model.graph):
+            raise PostconditionError("partition_graph: a node has no partition")
+        if not nx.is_directed_acyclic_graph(partition.quotient_graph(model)):
+            raise PostconditionError("partition_graph: the quotient graph has a cycle")

@@ -1,0 +1,82 @@
+import networkx as nx
+import numpy as np
+import pytest
+
+from graphs import partition
+from graphs.export import export_onnx
+from graphs import onnx_io
+from neodragon_models import pyramid
+from passes.onnx.partition_graph import PartitionGraphPass
+from tests.helpers import run_onnx
+
+
+@pytest.fixture(scope="module")
+def stage_models(tiny_denoiser, tiny_stage_inputs, tmp_path_factory):
+    from graphs import fx as fx_utils
+    from passes.base import PassManager
+    from passes.pipelines import denoiser_fx, denoiser_onnx
+
+    folder = tmp_path_factory.mktemp("part")
+    models = {}
+    for stage in (1, 2):
+        example = [tiny_stage_inputs[stage][n] for n in pyramid.STAGE_INPUT_NAMES]
+        gm = fx_utils.trace(tiny_denoiser.stage_module(stage), example)
+        PassManager(denoiser_fx())(gm)
+        export_onnx(gm, example, folder / f"s{stage}.onnx", input_names=pyramid.STAGE_INPUT_NAMES, output_names=["out"])
+        model = onnx_io.load(folder / f"s{stage}.onnx")
+        PassManager(denoiser_onnx())(model)
+        models[stage] = model
+    return models
+
+
+def _chain(parts, feeds):
+    env = dict(feeds)
+    for part in parts:
+        outs = run_onnx(part, {v.name: env[v.name] for v in part.graph.inputs})
+        env.update({v.name: o for v, o in zip(part.graph.outputs, outs)})
+    return env
+
+
+def test_partitions_fit_the_budget_and_chain_to_the_exact_output(stage_models, tiny_stage_inputs):
+    model = stage_models[2]
+    feeds = {k: v.numpy() for k, v in tiny_stage_inputs[2].items()}
+    ref = run_onnx(model, feeds)[0]
+    budget = 150_000
+    result = PartitionGraphPass(max_weight_bytes=budget)(model)
+    assert result.modified
+    quotient = partition.quotient_graph(model)
+    assert nx.is_directed_acyclic_graph(quotient) and quotient.number_of_nodes() >= 3
+    parts = partition.split(model)
+    assert sum(len(p.graph) for p in parts) == len(model.graph)  # every node exactly once
+    for part in parts:
+        assert sum(t.const_value.nbytes for t in part.graph.initializers.values()) <= budget
+    assert np.array_equal(_chain(parts, feeds)["out"], ref)
+    assert not PartitionGraphPass(max_weight_bytes=budget)(model).modified
+
+
+def test_other_stages_cut_at_the_same_weights(stage_models, tiny_stage_inputs):
+    prof2 = partition.profile(stage_models[2])
+    weights2 = partition.partition_weights(prof2, partition.plan_cuts(prof2, max_weight_bytes=150_000))
+    model1 = stage_models[1]
+    PartitionGraphPass(max_weight_bytes=150_000, reference=[sorted(w) for w in weights2])(model1)
+    parts1 = partition.split(model1)
+    counts = {}
+    for names in weights2:
+        for w in names:
+            counts[w] = counts.get(w, 0) + 1
+    owned = {w for w, c in counts.items() if c == 1}  # not constants shared across partitions
+    for k, part in enumerate(parts1):
+        assert set(part.graph.initializers) & owned == weights2[k] & owned
+    feeds = {k: v.numpy() for k, v in tiny_stage_inputs[1].items()}
+    assert np.array_equal(_chain(parts1, feeds)["out"], run_onnx(model1, feeds)[0])
+
+
+def test_impossible_budget_names_the_smallest_that_works(stage_models):
+    import re
+
+    with pytest.raises(partition.PartitionBudgetError, match=r"smallest weight budget that works is \d+ bytes") as info:
+        PartitionGraphPass(max_weight_bytes=1000)(stage_models[2])
+    smallest = int(re.search(r"works is (\d+)", str(info.value)).group(1))
+    PartitionGraphPass(max_weight_bytes=smallest)(stage_models[2])  # and that one works
+    with pytest.raises(partition.PartitionBudgetError, match="smallest live-activation budget"):
+        PartitionGraphPass(max_weight_bytes=10**9, max_live_bytes=10)(stage_models[2])
