@@ -7,7 +7,7 @@ subject to a budget on the weights each partition holds (which bounds its compil
 its context memory and the memory its quantization needs); the live-activation budget
 does not depend on where the cuts go, so it is checked up front.
 
-Stage graphs of one model share their weights; :func:`align_cuts` places the cuts of
+Stage graphs of one model share their weights; :func:`align_parts` assigns the nodes of
 another graph so that partition k holds exactly the same weights as in the reference.
 """
 
@@ -50,11 +50,38 @@ def _value_bytes(value: ir.Value, activation_bytes: int | None) -> int:
 
 def prepare(model: ir.Model) -> ir.Model:
     """Constant nodes become initializers (so a constant read by two partitions is copied
-    into both, never passed between them) and nodes are put in topological order."""
+    into both, never passed between them) and nodes are put in an as-late-as-possible
+    topological order: a node that only needs early values (an adaLN Linear of block k
+    reads the conditioning vector) sits right before its first consumer, so a contiguous
+    run of nodes holds whole blocks with their weights."""
+    import heapq
+
     from onnx_ir.passes.common import LiftConstantsToInitializersPass, TopologicalSortPass
 
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     TopologicalSortPass()(model)
+    graph = model.graph
+    nodes = list(graph)
+    index = {n: i for i, n in enumerate(nodes)}
+    consumers = {n: {u for v in n.outputs for u, _ in v.uses()} for n in nodes}
+    pending = {n: len(c) for n, c in consumers.items()}
+    heap = [(-index[n], index[n]) for n in nodes if pending[n] == 0]
+    heapq.heapify(heap)
+    reverse = []
+    while heap:
+        _, i = heapq.heappop(heap)
+        node = nodes[i]
+        reverse.append(node)
+        for v in node.inputs:
+            prod = v.producer() if v is not None else None
+            if prod is not None and prod in pending:
+                pending[prod] -= 1
+                if pending[prod] == 0:
+                    heapq.heappush(heap, (-index[prod], index[prod]))
+    order = list(reversed(reverse))
+    assert len(order) == len(nodes), "graph has a cycle"
+    graph.remove(nodes, safe=False)
+    graph.extend(order)
     return model
 
 
@@ -110,11 +137,6 @@ def _live_profile(tg) -> np.ndarray:
     return out
 
 
-def _segment_weights(prof: Profile, start: int, end: int) -> int:
-    names = set().union(*prof.weights[start:end]) if end > start else set()
-    return sum(prof.weight_bytes.get(n, 0) for n in names)
-
-
 def plan_cuts(prof: Profile, *, max_weight_bytes: int, max_live_bytes: int | None = None) -> list[int]:
     """Start positions of partitions 1..K-1 minimising the crossing bytes (DP, O(n))."""
     n = len(prof.nodes)
@@ -123,14 +145,11 @@ def plan_cuts(prof: Profile, *, max_weight_bytes: int, max_live_bytes: int | Non
             f"live activations reach {int(prof.live.max())} bytes at one node; no cut helps, "
             f"the smallest live-activation budget that works is {int(prof.live.max())} bytes"
         )
-    # weight bytes per node counted at its first reader (exact sums are checked below)
-    first_reader: dict[str, int] = {}
-    for i, names in enumerate(prof.weights):
-        for name in names:
-            first_reader.setdefault(name, i)
-    per_node = np.zeros(n, dtype=np.int64)
-    for name, i in first_reader.items():
-        per_node[i] += prof.weight_bytes.get(name, 0)
+    # weight bytes per node, a weight read by several nodes counted at each of them: a
+    # segment's sum then bounds its exact (deduplicated) weight bytes from above, so every
+    # segment the DP accepts fits. Only small constants are read more than once here.
+    per_node = np.array([sum(prof.weight_bytes.get(name, 0) for name in names) for names in prof.weights],
+                        dtype=np.int64).reshape(n)
     heaviest = int(per_node.max()) if n else 0
     if heaviest > max_weight_bytes:
         raise PartitionBudgetError(
@@ -163,13 +182,6 @@ def plan_cuts(prof: Profile, *, max_weight_bytes: int, max_live_bytes: int | Non
         if p > 0:
             cuts.append(p)
     cuts.reverse()
-    bounds = [0, *cuts, n]
-    for a, b in zip(bounds, bounds[1:]):  # shared weights are counted in every partition
-        if _segment_weights(prof, a, b) > max_weight_bytes:
-            raise PartitionBudgetError(
-                f"partition of nodes {a}..{b} needs {_segment_weights(prof, a, b)} bytes of weights "
-                f"(shared constants counted twice); raise the weight budget"
-            )
     return cuts
 
 
@@ -178,45 +190,58 @@ def partition_weights(prof: Profile, cuts: list[int]) -> list[set[str]]:
     return [set().union(*prof.weights[a:b]) if b > a else set() for a, b in zip(bounds, bounds[1:])]
 
 
-def align_cuts(prof: Profile, reference: list[set[str]]) -> list[int]:
-    """Cuts for another graph so that every weight of one reference partition sits in the
-    same partition here (constants shared by several partitions may go anywhere); within
-    the feasible range, the cheapest cut."""
+def cuts_to_parts(prof: Profile, cuts: list[int]) -> list[int]:
+    """The partition of every node for contiguous cuts."""
+    bounds = [0, *cuts, len(prof.nodes)]
+    parts = []
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        parts += [k] * (b - a)
+    return parts
+
+
+# Initializers below this size (axes, scalars, small shapes) are copied into every partition
+# that reads them instead of belonging to one.
+OWNED_WEIGHT_BYTES = 4096
+
+
+def align_parts(prof: Profile, reference: list[set[str]]) -> list[int]:
+    """Partitions for another graph with the same weights: each node goes to the latest of
+    the partitions owning its weights and of its producers' partitions, so every weight of
+    reference partition k is read in partition k only and tensors only flow forward (the
+    quotient graph stays a chain). Small constants and ones several partitions read are free."""
     seen: dict[str, int] = {}
     for names in reference:
         for w in names:
             seen[w] = seen.get(w, 0) + 1
-    owner = {w: k for k, names in enumerate(reference) for w in names if seen[w] == 1}
-    n = len(prof.nodes)
-    first = [n] * len(reference)  # first node reading a weight of partition k
-    last = [-1] * len(reference)  # last node reading a weight of partition k
-    for i, names in enumerate(prof.weights):
-        for name in names:
-            k = owner.get(name)
-            if k is not None:
-                first[k] = min(first[k], i)
-                last[k] = max(last[k], i)
-    cuts = []
-    for k in range(1, len(reference)):
-        lo, hi = last[k - 1] + 1, first[k]
-        if lo > hi:
+    owner = {
+        w: k
+        for k, names in enumerate(reference)
+        for w in names
+        if seen[w] == 1 and prof.weight_bytes.get(w, 0) >= OWNED_WEIGHT_BYTES
+    }
+    part_of: dict[ir.Node, int] = {}
+    parts = []
+    for node, names in zip(prof.nodes, prof.weights):
+        owners = {owner[w] for w in names if w in owner}
+        producers = {part_of[v.producer()] for v in node.inputs if v is not None and v.producer() in part_of}
+        k = max(owners | producers | {0})
+        if owners and k != max(owners) or len(owners) > 1:
             raise PartitionBudgetError(
-                f"partition {k - 1}'s weights are still read after partition {k}'s first weight: "
-                "this graph orders its weights differently from the reference"
+                f"node {node.name} reads weights of partitions {sorted(owners)} but needs inputs from "
+                f"partition {k}: this graph does not split where the reference does"
             )
-        cuts.append(lo + int(np.argmin(prof.crossing[lo : hi + 1])))
-    return cuts
+        part_of[node] = k
+        parts.append(k)
+    return parts
 
 
-def annotate(model: ir.Model, prof: Profile, cuts: list[int]) -> bool:
+def annotate(model: ir.Model, prof: Profile, parts: list[int]) -> bool:
     """Record each node's partition in its metadata; True if anything changed."""
-    bounds = [0, *cuts, len(prof.nodes)]
     changed = False
-    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        for node in prof.nodes[a:b]:
-            if node.metadata_props.get(PARTITION_KEY) != str(k):
-                node.metadata_props[PARTITION_KEY] = str(k)
-                changed = True
+    for node, k in zip(prof.nodes, parts):
+        if node.metadata_props.get(PARTITION_KEY) != str(k):
+            node.metadata_props[PARTITION_KEY] = str(k)
+            changed = True
     return changed
 
 

@@ -141,8 +141,12 @@ _NEODRAGON = DenoiserConfig(name="neodragon")
 
 _BASELINE = DenoiserConfig(name="baseline", mmdit=MMDiTConfig(num_layers=24))
 
+# Full width and the real geometry with two blocks: what the HTP simulator can run at each
+# stage's real sequence length in minutes (the fidelity benchmark's model).
+_TWO_BLOCK = DenoiserConfig(name="neodragon-2block", mmdit=MMDiTConfig(num_layers=2))
+
 DENOISER_CONFIGS: dict[str, DenoiserConfig] = {
-    c.name: c for c in (_TINY, _NEODRAGON, _BASELINE)
+    c.name: c for c in (_TINY, _NEODRAGON, _BASELINE, _TWO_BLOCK)
 }
 
 

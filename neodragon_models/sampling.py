@@ -162,8 +162,13 @@ def collect_samples(
     stages: tuple[int, ...] | None = None,
     *,
     progress: Callable[[int, int], None] | None = None,
+    units_per_prompt: dict[int, int] | None = None,
 ) -> dict[int, list[StageSample]]:
-    """Samples of the given stages from full rollouts, one per (prompt, unit)."""
+    """Samples of the given stages from rollouts, one per (prompt, unit).
+
+    ``units_per_prompt`` stops a prompt's rollout after that many units (each unit makes
+    one call per stage), so a full-size model only runs the calls that are needed.
+    """
     stages = tuple(range(denoiser.config.geometry.num_stages)) if stages is None else stages
     samples: dict[int, list[StageSample]] = {s: [] for s in stages}
     for i, seed in enumerate(prompt_seeds):
@@ -172,7 +177,9 @@ def collect_samples(
             if stage in samples:
                 samples[stage].append(StageSample(seed, unit, stage, inputs, out))
 
-        rollout(denoiser, synthetic_prompt(denoiser, seed), seed, on_call=keep)
+        limit = (units_per_prompt or {}).get(seed)
+        max_unit = None if limit is None else denoiser.config.geometry.denoised_units[0] + limit - 1
+        rollout(denoiser, synthetic_prompt(denoiser, seed), seed, on_call=keep, max_unit=max_unit)
         if progress is not None:
             progress(i + 1, len(prompt_seeds))
     return samples

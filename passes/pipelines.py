@@ -13,6 +13,7 @@ from passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
 from passes.onnx.fold_constants import FoldConstantsPass
 from passes.onnx.fuse_rms_norm import FuseRMSNormPass
 from passes.onnx.fuse_rotary_embedding import FuseRotaryEmbeddingPass
+from passes.onnx.name_weights_by_content import NameWeightsByContentPass
 from passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
 
 
@@ -63,6 +64,9 @@ def denoiser_onnx() -> list[Pass]:
         FuseRotaryEmbeddingPass(),
         # Folding leaves dead producers and unused initializers behind.
         RemoveUnusedNodesPass(),
+        # The three stage graphs must name shared weights alike (QNN weight sharing, frozen
+        # encodings and partition alignment match by name; export counters differ).
+        NameWeightsByContentPass(),
     ]
 
 

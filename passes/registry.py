@@ -20,6 +20,7 @@ from passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
 from passes.onnx.fold_constants import FoldConstantsPass
 from passes.onnx.fuse_rms_norm import FuseRMSNormPass
 from passes.onnx.fuse_rotary_embedding import FuseRotaryEmbeddingPass
+from passes.onnx.name_weights_by_content import NameWeightsByContentPass
 from passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
 from passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
 from passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
@@ -39,6 +40,7 @@ PASSES: dict[str, type[Pass]] = {
         FuseRMSNormPass,
         FuseRotaryEmbeddingPass,
         RemoveUnusedNodesPass,
+        NameWeightsByContentPass,
         QuantizeW8A16Pass,
         RequantizeMatMulOperandPass,
     )

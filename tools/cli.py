@@ -59,6 +59,7 @@ def _cmd_build_all_stages(args: argparse.Namespace) -> int:
         seed=args.seed,
         calibration_samples=args.calibration_samples,
         check_prompts=args.check_prompts,
+        check_samples=args.check_samples,
         max_partition_weight_bytes=_parse_bytes(args.partition_budget),
         kv_bits=args.kv_bits,
         high_precision=_high_precision(args),
@@ -148,6 +149,23 @@ def _cmd_importance(args: argparse.Namespace) -> int:
     print(f"least important first: {data['ranking_least_important_first']}")
     print(f"{data['samples_per_stage']} samples per stage in {data['seconds']} s, peak RSS {data['peak_rss_bytes'] / 1e9:.2f} GB")
     print(f"wrote {Path(args.out) / 'importance.json'}, bi_image.png, bi_text.png")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from passes.flows.bench import fidelity_benchmark, format_fidelity
+
+    if args.benchmark != "fidelity":
+        raise ValueError(f"unknown benchmark {args.benchmark!r}; available: fidelity")
+    results = fidelity_benchmark(
+        args.config,
+        variants=args.variant,
+        target=args.target,
+        calibration_samples=args.calibration_samples,
+        check_samples=args.check_samples,
+        work_dir=args.work_dir,
+    )
+    print(format_fidelity(args.config, results))
     return 0
 
 
@@ -241,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--all-stages", action="store_true", help="all three stage graphs, partitioned, shared weights")
     b.add_argument("--calibration-samples", type=int, default=8, help="--all-stages: calibration samples per stage")
     b.add_argument("--partition-budget", default="768M", help="--all-stages: fp32 weight bytes per partition")
+    b.add_argument("--check-samples", type=int, default=2, help="--all-stages: check calls per stage")
     b.add_argument("--kv-bits", type=int, default=16, choices=(8, 16), help="bits of K and V in attention")
     b.add_argument(
         "--high-precision", action="append",
@@ -282,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--checkpoint", help="folder holding diffusion_transformer_320p/ and context_adapter/")
     im.add_argument("--seed", type=int, default=0)
     im.set_defaults(func=_cmd_importance)
+
+    be = sub.add_parser("bench", help="benchmarks that print figures (fidelity)")
+    be.add_argument("benchmark", help="fidelity")
+    be.add_argument("--config", default="neodragon-2block")
+    be.add_argument("--variant", action="append", help="'all fixes', 'no adaLN split', '8-bit K/V' (default: all)")
+    be.add_argument("--target", default=DEFAULT_TARGET)
+    be.add_argument("--calibration-samples", type=int, default=8)
+    be.add_argument("--check-samples", type=int, default=1)
+    be.add_argument("--work-dir")
+    be.set_defaults(func=_cmd_bench)
 
     r = sub.add_parser("report", help="stage graphs before and after the stage-graph passes")
     r.add_argument("pipeline", help="pipeline name (denoiser)")

@@ -70,6 +70,7 @@ class AllStagesOptions:
     seed: int = 0
     calibration_samples: int = 8  # per stage
     check_prompts: int = 1
+    check_samples: int | None = 2  # per stage (None: every call of the check prompts)
     max_partition_weight_bytes: int = DEFAULT_PARTITION_WEIGHT_BYTES
     kv_bits: int = 16
     high_precision: tuple[str, ...] = DENOISER_HIGH_PRECISION
@@ -112,9 +113,15 @@ def _stage_samples(denoiser, opts: AllStagesOptions, stages):
     n_prompts = math.ceil(opts.calibration_samples / units)
     calib_seeds = list(range(1000, 1000 + n_prompts))
     check_seeds = list(range(2000, 2000 + opts.check_prompts))
-    samples = collect_samples(denoiser, calib_seeds + check_seeds, stages, progress=lambda i, n: count("prompt", i, n))
+    # each prompt runs only the units (calls per stage) that are needed
+    limits = {seed: min(units, opts.calibration_samples - i * units) for i, seed in enumerate(calib_seeds)}
+    if opts.check_samples is not None:
+        limits.update({seed: min(units, opts.check_samples) for seed in check_seeds})
+    samples = collect_samples(
+        denoiser, calib_seeds + check_seeds, stages, progress=lambda i, n: count("prompt", i, n), units_per_prompt=limits
+    )
     calib = {s: [x for x in samples[s] if x.prompt_seed in calib_seeds][: opts.calibration_samples] for s in stages}
-    check = {s: [x for x in samples[s] if x.prompt_seed in check_seeds] for s in stages}
+    check = {s: [x for x in samples[s] if x.prompt_seed in check_seeds][: opts.check_samples] for s in stages}
     return calib, check
 
 
@@ -229,8 +236,8 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
             for s in sorted(stages, reverse=True):
                 model = ref_model if s == ref_stage else partition.prepare(onnx_io.load(float_paths[s]))
                 prof = ref_prof if s == ref_stage else partition.profile(model)
-                stage_cuts = cuts if s == ref_stage else partition.align_cuts(prof, weights)
-                partition.annotate(model, prof, stage_cuts)
+                parts = partition.cuts_to_parts(prof, cuts) if s == ref_stage else partition.align_parts(prof, weights)
+                partition.annotate(model, prof, parts)
                 part_paths[s] = []
                 for k, part in enumerate(partition.split(model)):
                     path = work / f"stage{s}_part{k}_float.onnx"

@@ -45,12 +45,13 @@ class PartitionGraphPass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         prof = partition.profile(partition.prepare(model), activation_bytes=self.activation_bytes)
         if self.reference is not None:
-            cuts = partition.align_cuts(prof, self.reference)
+            parts = partition.align_parts(prof, self.reference)
         else:
             cuts = partition.plan_cuts(
                 prof, max_weight_bytes=self.max_weight_bytes, max_live_bytes=self.max_live_bytes
             )
-        return PassResult(model, partition.annotate(model, prof, cuts))
+            parts = partition.cuts_to_parts(prof, cuts)
+        return PassResult(model, partition.annotate(model, prof, parts))
 
     def ensures(self, model: ir.Model) -> None:
         import networkx as nx

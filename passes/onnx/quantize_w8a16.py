@@ -6,7 +6,9 @@ import contextlib
 import fnmatch
 import gc
 import io
+import json
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -121,6 +123,7 @@ class QuantizeW8A16Pass(Pass):
         if is_quantized(model):
             return PassResult(model, False)
         samples = self._samples()
+        ir.external_data.load_to_model(model)  # aimet takes a proto: weights in memory (< 2 GB)
         proto = ir.serde.serialize_model(model)
         # aimet prints a banner, progress and an optional-dependency notice on import.
         with contextlib.redirect_stdout(io.StringIO()), _quiet("Quant", "Utils"), warnings.catch_warnings():
@@ -137,7 +140,8 @@ class QuantizeW8A16Pass(Pass):
             )
             self._set_precisions(sim, model)
             if self.param_encodings is not None:
-                sim.set_and_freeze_param_encodings(str(self.param_encodings))
+                with tempfile.TemporaryDirectory() as tmp:
+                    sim.set_and_freeze_param_encodings(_encodings_for(self.param_encodings, sim.param_names, Path(tmp)))
             input_names = [i.name for i in sim.session.get_inputs()]
             sim.compute_encodings([{n: s[n] for n in input_names} for s in samples])
             if self.range_margin != 1.0:
@@ -166,16 +170,38 @@ class QuantizeW8A16Pass(Pass):
                         sim.qc_quantize_op_dict[name].set_precision("int16")
 
 
+def _encodings_for(path: str | Path, param_names, tmp: Path) -> str:
+    """Write the weight encodings of ``path`` that name a parameter of this model into
+    ``tmp`` and return that file: a graph shares weights with the one the encodings came
+    from, but may lack some of them (a stage without the padding branch, a pruned block)."""
+    data = json.loads(Path(path).read_text())
+    names = set(param_names)
+    encodings = data.get("param_encodings", [])
+    if isinstance(encodings, dict):  # the older layout: {name: [encoding, ...]}
+        data["param_encodings"] = {k: v for k, v in encodings.items() if k in names}
+    else:
+        data["param_encodings"] = [e for e in encodings if e["name"] in names]
+    data["activation_encodings"] = [] if isinstance(data.get("activation_encodings"), list) else {}
+    out = tmp / "frozen_param.encodings"
+    out.write_text(json.dumps(data))
+    return str(out)
+
+
 def widen_activation_ranges(sim, margin: float) -> int:
     """Scale every calibrated activation range [lo, hi] to [lo*m, hi*m] (signs kept, zero
-    stays exact); quantizers with fixed ranges (softmax, sigmoid) are left alone."""
+    stays exact), once per quantizer; quantizers with fixed ranges (softmax, sigmoid) are
+    left alone."""
     from aimet_onnx.common import libpymo
 
     widened = 0
+    done: set[int] = set()
     for name in sim.activation_names:
         quantizer = sim.qc_quantize_op_dict.get(name)
         if quantizer is None or not quantizer.enabled or getattr(quantizer, "_encoding_min_max_fixed_vals", None):
             continue
+        if id(quantizer) in done:  # tied quantizers (a Concat and its inputs) are one object
+            continue
+        done.add(id(quantizer))
         encodings = quantizer.get_encodings()
         if not encodings:
             continue

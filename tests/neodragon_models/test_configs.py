@@ -26,5 +26,5 @@ def test_real_configs_have_the_published_architecture():
 
 
 def test_unknown_config_names_the_known_ones():
-    with pytest.raises(ValueError, match="known configs: baseline, neodragon, tiny"):
+    with pytest.raises(ValueError, match="known configs: baseline, neodragon, neodragon-2block, tiny"):
         get_denoiser_config("huge")
