@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 import numpy as np
 import onnx_ir as ir
 
@@ -59,3 +61,18 @@ def require_opset(model: ir.Model, version: int) -> bool:
     model.opset_imports[""] = version
     model.graph.opset_imports[""] = version
     return True
+
+
+def matches_any(node: ir.Node, patterns, weight_names=None) -> bool:
+    """True if an fnmatch pattern matches the node's name, the name of a weight it reads
+    (initializers, or the names in ``weight_names``), or a graph input it reads directly
+    (``latent_tokens`` picks the patch embedding, whatever the exporter named it)."""
+    if not patterns:
+        return False
+    names = [node.name or ""]
+    for value in node.inputs:
+        if value is None:
+            continue
+        if value.is_initializer() or value.is_graph_input() or (weight_names is not None and value.name in weight_names):
+            names.append(value.name)
+    return any(fnmatch.fnmatch(n, p) for n in names for p in patterns)

@@ -24,6 +24,7 @@ from passes.onnx.name_weights_by_content import NameWeightsByContentPass
 from passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
 from passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
 from passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
+from passes.onnx.round_weights_gptq import RoundWeightsGPTQPass
 
 PASSES: dict[str, type[Pass]] = {
     cls.pass_name(): cls
@@ -41,6 +42,7 @@ PASSES: dict[str, type[Pass]] = {
         FuseRotaryEmbeddingPass,
         RemoveUnusedNodesPass,
         NameWeightsByContentPass,
+        RoundWeightsGPTQPass,
         QuantizeW8A16Pass,
         RequantizeMatMulOperandPass,
     )

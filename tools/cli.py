@@ -62,6 +62,7 @@ def _cmd_build_all_stages(args: argparse.Namespace) -> int:
         check_samples=args.check_samples,
         max_partition_weight_bytes=_parse_bytes(args.partition_budget),
         kv_bits=args.kv_bits,
+        weight_rounding=args.weight_rounding,
         high_precision=_high_precision(args),
         remove_blocks=args.remove_blocks,
         importance=Path(args.importance) if args.importance else None,
@@ -118,6 +119,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         importance=Path(args.importance) if args.importance else None,
         skip_passes=tuple(args.skip_pass or ()),
         kv_bits=args.kv_bits,
+        weight_rounding=args.weight_rounding,
         high_precision=_high_precision(args),
         verify_each_pass=args.verify_each_pass,
         dump_dir=Path(args.dump_dir) if args.dump_dir else None,
@@ -262,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--check-samples", type=int, default=2, help="--all-stages: check calls per stage")
     b.add_argument("--kv-bits", type=int, default=16, choices=(8, 16), help="bits of K and V in attention")
     b.add_argument(
+        "--weight-rounding", default="gptq", choices=("gptq", "nearest"),
+        help="int8 weight rounding: gptq uses the calibration activations (default), nearest does not",
+    )
+    b.add_argument(
         "--high-precision", action="append",
         help="node or weight name pattern whose weights stay 16-bit, added to the default (the "
         "conditioning embedders); 'none' quantizes every weight to 8 bit",
@@ -305,7 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="benchmarks that print figures (fidelity)")
     be.add_argument("benchmark", help="fidelity")
     be.add_argument("--config", default="neodragon-2block")
-    be.add_argument("--variant", action="append", help="'all fixes', 'no adaLN split', '8-bit K/V' (default: all)")
+    be.add_argument(
+        "--variant", action="append",
+        help="'all fixes', 'no adaLN split', '8-bit K/V' or 'nearest rounding'; repeatable (default: all)",
+    )
     be.add_argument("--target", default=DEFAULT_TARGET)
     be.add_argument("--calibration-samples", type=int, default=8)
     be.add_argument("--check-samples", type=int, default=1)

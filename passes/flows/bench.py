@@ -21,6 +21,7 @@ VARIANTS = {
     "all fixes": {},
     "no adaLN split": {"skip_passes": ("split_adaln",)},
     "8-bit K/V": {"kv_bits": 8},
+    "nearest rounding": {"weight_rounding": "nearest"},
 }
 
 

@@ -19,6 +19,7 @@ import torch
 from graphs import artifacts, onnx_io, qnn
 from graphs import fx as fx_utils
 from graphs.export import export_onnx
+from graphs.gptq import HessianSet
 from graphs.progress import Steps, count
 from graphs.samples import save_samples, to_numpy_feed
 from graphs.stats import fx_stats, onnx_stats
@@ -33,6 +34,7 @@ from passes import pipelines
 from passes.base import PassManager
 from passes.flows.report import write_report
 from passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
+from passes.onnx.round_weights_gptq import RoundWeightsGPTQPass
 
 logger = logging.getLogger("neodragon_npu")
 
@@ -44,6 +46,12 @@ FX_PIPELINES = ("optimized", "baseline")
 MAX_RANK = 4
 # The simulated W8A16 binary must stay this close to the fp32 PyTorch model.
 MIN_SQNR_DB = 30.0
+WEIGHT_ROUNDING = ("gptq", "nearest")  # int8 weight rounding: data-aware (graphs.gptq) or nearest
+
+
+def check_weight_rounding(name: str) -> None:
+    if name not in WEIGHT_ROUNDING:
+        raise ValueError(f"unknown weight rounding {name!r}; known: {', '.join(WEIGHT_ROUNDING)}")
 
 
 @dataclass
@@ -65,6 +73,7 @@ class DenoiserBuildOptions:
     skip_passes: tuple[str, ...] = ()  # passes to leave out (ablations)
     kv_bits: int = 16
     high_precision: tuple[str, ...] = pipelines.DENOISER_HIGH_PRECISION
+    weight_rounding: str = "gptq"  # or "nearest"
     verify_each_pass: bool = False
     dump_dir: Path | None = None
     min_sqnr_db: float = MIN_SQNR_DB
@@ -73,6 +82,7 @@ class DenoiserBuildOptions:
         cfg = get_denoiser_config(self.config)
         cfg.geometry.stage_latent_hw(self.stage)
         get_target(self.target)
+        check_weight_rounding(self.weight_rounding)
         if self.until not in UNTIL:
             raise ValueError(f"unknown --until step {self.until!r}; expected one of {UNTIL}")
         if self.fx_pipeline not in FX_PIPELINES:
@@ -240,18 +250,29 @@ def build_denoiser_stage(opts: DenoiserBuildOptions, out_dir: str | Path) -> Bui
             # 6. W8A16 with aimet-onnx, calibrated on the pipeline's own stage inputs.
             qdq_path = work / f"{name}_w8a16.onnx"
             with steps.step(f"quantize W8A16 with aimet-onnx ({len(calib)} calibration samples)"):
+                model = onnx_io.load(float_path)
+                if opts.weight_rounding == "gptq":
+                    hessians = HessianSet()
+                    hessians.accumulate(float_path, calib, opts.high_precision)
+                    RoundWeightsGPTQPass(hessians=hessians, skip=opts.high_precision)(model)
+                    del hessians
                 quant = QuantizeW8A16Pass(
                     calibration=calib, htp_arch=target.htp_arch,
                     encodings_dir=work, encodings_prefix=f"{name}_w8a16",
                     kv_bits=opts.kv_bits, high_precision=opts.high_precision,
                 )
-                qdq = quant(onnx_io.load(float_path)).model
+                qdq = quant(model).model
+                del model
                 onnx_io.save(qdq, qdq_path)
                 report["qdq"] = onnx_stats(qdq)
                 del qdq
                 gc.collect()
             manifest["qdq_model"] = qdq_path.name
             manifest["encodings"] = f"{name}_w8a16.encodings"
+            manifest["quantization"] = {
+                "weights": "int8 per-channel symmetric", "activations": "uint16", "kv_bits": opts.kv_bits,
+                "high_precision": list(opts.high_precision), "weight_rounding": opts.weight_rounding,
+            }
 
         if opts.until in ("compile", "verify"):
             # 7. The QNN HTP compiler writes the EPContext model and the context binary.

@@ -25,6 +25,7 @@ import numpy as np
 
 from graphs import artifacts, onnx_io, partition, qnn
 from graphs import fx as fx_utils
+from graphs.gptq import HessianSet
 from graphs.layerwise import layer_errors
 from graphs.progress import Steps, count
 from graphs.samples import save_samples, to_numpy_feed
@@ -41,11 +42,13 @@ from passes.flows.denoiser import (
     BuildCheckError,
     OUTPUT_NAME,
     _run_passes,
+    check_weight_rounding,
     export_stage_graph,
     load_denoiser,
     stage_fx_passes,
 )
 from passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
+from passes.onnx.round_weights_gptq import RoundWeightsGPTQPass
 from passes.pipelines import DENOISER_HIGH_PRECISION
 
 logger = logging.getLogger("neodragon_npu")
@@ -74,6 +77,8 @@ class AllStagesOptions:
     max_partition_weight_bytes: int = DEFAULT_PARTITION_WEIGHT_BYTES
     kv_bits: int = 16
     high_precision: tuple[str, ...] = DENOISER_HIGH_PRECISION
+    weight_rounding: str = "gptq"  # or "nearest"
+    gptq_samples: int = 2  # calibration calls per stage whose inputs feed the GPTQ Hessians
     remove_blocks: str | None = None
     importance: Path | None = None
     skip_passes: tuple[str, ...] = ()
@@ -97,6 +102,9 @@ class AllStagesOptions:
             raise ValueError(f"unknown FX pipeline {self.fx_pipeline!r}")
         if self.max_partition_weight_bytes <= 0:
             raise ValueError("the partition weight budget must be positive")
+        check_weight_rounding(self.weight_rounding)
+        if self.gptq_samples < 1:
+            raise ValueError("gptq_samples must be at least 1")
         del cfg
 
 
@@ -180,7 +188,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         },
         "targets": [{"name": t.name, "soc_model": t.soc_model, "htp_arch": t.htp_arch} for t in targets],
         "quantization": {"weights": "int8 per-channel symmetric", "activations": "uint16", "kv_bits": opts.kv_bits,
-                         "high_precision": list(opts.high_precision)},
+                         "high_precision": list(opts.high_precision), "weight_rounding": opts.weight_rounding},
     }
     result = StagesResult(Path(out_dir), manifest)
 
@@ -255,8 +263,16 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         with steps.step(f"quantize W8A16 per partition ({opts.calibration_samples} samples per stage)"):
             for k in range(n_parts):
                 param_encodings = None
+                hessians = None
+                if opts.weight_rounding == "gptq":  # one rounding for the weights all stages share
+                    hessians = HessianSet(total_feeds=opts.gptq_samples * len(stages))
+                    for s in stages:
+                        hessians.accumulate(part_paths[s][k], envs[s][: opts.gptq_samples], opts.high_precision)
                 for s in sorted(stages, reverse=True):
                     part = onnx_io.load(part_paths[s][k])
+                    if hessians is not None:
+                        RoundWeightsGPTQPass(hessians=hessians, skip=opts.high_precision)(part)
+                        hessians.release()  # the largest stage holds every shared weight
                     names = [v.name for v in part.graph.inputs]
                     prefix = f"stage{s}_part{k}_w8a16"
                     quant = QuantizeW8A16Pass(
@@ -284,6 +300,9 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                         env.update(dict(zip(out_names, results)))
                     del session
                     count(f"partition {k} stage", s, max(stages))
+                if hessians is not None:
+                    logger.info("      partition %d: %d weights GPTQ-rounded", k, len(hessians.rounded))
+                del hessians
             del envs
 
         # 5. One shared-weight context binary per partition and target.

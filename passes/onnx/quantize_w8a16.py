@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import gc
 import io
 import json
@@ -16,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from graphs.onnx_edit import matches_any
 from graphs.samples import load_samples
 from passes.base import Pass, PassResult, PreconditionError
 from passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
@@ -63,8 +63,8 @@ class QuantizeW8A16Pass(Pass):
     (``RequantizeMatMulOperandPass``): the QNN EP converts an unsigned 16-bit second operand
     to 8 bit but keeps a signed one. ``kv_bits=8`` skips that, which is what lets QNN drop
     K and V to 8 bit; it is there to measure what 16-bit K/V is worth.
-    ``high_precision`` lists fnmatch patterns of node or weight names whose weights stay at
-    16 bit (the mixed-precision override the per-layer report points to). ``param_encodings``
+    ``high_precision`` lists fnmatch patterns of node, weight or graph-input names (see
+    :func:`graphs.onnx_edit.matches_any`) whose weights stay at 16 bit (the mixed-precision override the per-layer report points to). ``param_encodings``
     freezes the weight encodings from an ``.encodings`` file, so graphs that share weights
     (the three stage graphs) quantize them identically and only calibrate activations.
 
@@ -159,12 +159,12 @@ class QuantizeW8A16Pass(Pass):
 
 
     def _set_precisions(self, sim, model: ir.Model) -> None:
+        if not self.high_precision:
+            return
+        param_names = set(sim.param_names)
         for node in model.graph:
-            if not self.high_precision:
-                continue
-            params = [v.name for v in node.inputs if v is not None and v.name in sim.param_names]
-            names = [node.name, *params]
-            if any(fnmatch.fnmatch(n, p) for n in names for p in self.high_precision):
+            params = [v.name for v in node.inputs if v is not None and v.name in param_names]
+            if params and matches_any(node, self.high_precision, param_names):
                 for name in params:
                     if name in sim.qc_quantize_op_dict:
                         sim.qc_quantize_op_dict[name].set_precision("int16")

@@ -73,3 +73,27 @@ def test_chained_non_shared_binaries_reproduce_the_check(build):
         k += 1
     assert k >= 2 and sqnr_db(ref, env["noise_pred"]) >= ALL_STAGES_MIN_SQNR_DB
     assert np.isfinite(env["noise_pred"]).all()
+
+
+
+def test_gptq_rounded_weights_are_shared_and_on_the_int8_grid(build):
+    from graphs import gptq
+    from graphs.onnx_edit import const_array
+
+    out, _ = build
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["quantization"]["weight_rounding"] == "gptq"
+    float_model = onnx_io.load(out / "stage2_part1_float.onnx")
+    qdq = [onnx_io.load(out / f"stage{s}_part1_w8a16.onnx").graph.initializers for s in range(3)]
+    moved = 0
+    for site in gptq.weight_sites(float_model, manifest["quantization"]["high_precision"]).values():
+        values = [const_array(q[site.weight]) for q in qdq if site.weight in q]
+        assert len(values) == 3
+        np.testing.assert_array_equal(values[0], values[2])
+        np.testing.assert_array_equal(values[1], values[2])
+        w = const_array(float_model.graph.initializers[site.weight])
+        w_kn, q_kn = (w.T, values[2].T) if site.transposed else (w, values[2])
+        assert gptq.on_grid(q_kn)
+        np.testing.assert_allclose(gptq.channel_scales(q_kn), gptq.channel_scales(w_kn), rtol=1e-5)
+        moved += not np.array_equal(q_kn, gptq.round_to_nearest(w_kn))
+    assert moved > 0  # GPTQ chose other integers than round-to-nearest for some weights

@@ -89,3 +89,39 @@ def test_calibration_must_cover_the_inputs(float_model):
 def test_config_file_matches_the_arch():
     assert aimet_config_file(79).endswith("htp_quantsim_config_v79_per_channel_linear.json")
     assert aimet_config_file(77).endswith("v75_per_channel_linear.json")
+
+
+def _param_bits(folder, prefix):
+    enc = json.loads((folder / f"{prefix}.encodings").read_text())
+    return {e["name"]: e["bw"] for e in enc["param_encodings"] if "MatMul" in e["name"] or "weight" in e["name"]}
+
+
+def test_high_precision_patterns_keep_matching_weights_at_16_bit(float_model, tmp_path):
+    held_out = _feeds(4, 1)
+    model = onnx_io.load(float_model)
+    down = next(n for n in model.graph if n.name.startswith("/down/") and n.op_type == "MatMul").inputs[1].name
+    results = {}
+    for label, patterns in (("int8", ()), ("down16", ("/down/*",))):
+        q = QuantizeW8A16Pass(calibration=_feeds(8, 0), encodings_dir=tmp_path, encodings_prefix=label,
+                              high_precision=patterns)(onnx_io.load(float_model)).model
+        refs = [run_onnx(model, f)[0] for f in held_out]
+        results[label] = np.mean([sqnr_db(r, run_onnx(q, f)[0]) for r, f in zip(refs, held_out)])
+        bits = _param_bits(tmp_path, label)
+        assert bits[down] == (16 if patterns else 8)
+        assert sorted(bits.values()) == ([8, 16] if patterns else [8, 8])
+    assert results["down16"] > results["int8"] + 1.0, results
+
+
+def test_a_graph_input_pattern_selects_the_layer_reading_it(tmp_path):
+    path = tmp_path / "embed.onnx"
+    torch.manual_seed(0)
+    export_onnx(torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)).eval(),
+                [torch.zeros(1, 4, 32)], path, input_names=["tokens"], output_names=["y"])
+    rng = np.random.default_rng(0)
+    cal = [{"tokens": rng.standard_normal((1, 4, 32)).astype(np.float32)} for _ in range(4)]
+    QuantizeW8A16Pass(calibration=cal, encodings_dir=tmp_path, encodings_prefix="e",
+                      high_precision=["tokens"])(onnx_io.load(path))
+    model = onnx_io.load(path)
+    first = next(n for n in model.graph if n.op_type in ("MatMul", "Gemm") and n.inputs[0].name == "tokens").inputs[1].name
+    bits = _param_bits(tmp_path, "e")
+    assert bits.pop(first) == 16 and set(bits.values()) == {8}

@@ -1,0 +1,235 @@
+"""Data-aware rounding of int8 per-channel weights (GPTQ, Frantar et al. 2023).
+
+Round-to-nearest int8 per-channel weights cost about 42 dB per Linear (measured on the
+full-width denoiser), and a 2-block MMDiT chains a dozen of them. GPTQ keeps the grid that
+round-to-nearest would use (symmetric, one scale per output channel, set by the channel's
+extreme value) and chooses the integers column by column, pushing each rounding error onto
+the input channels not yet rounded through the inverse Hessian H = sum(X^T X) of the layer's
+calibration inputs. The weights it returns lie exactly on that grid, so aimet's min-max
+per-channel encodings reproduce it bit for bit and nothing downstream changes.
+
+Measured on the 2-block, full-width denoiser, stage 2, held-out prompt: to_q 41.8 -> 45.9 dB,
+to_out 42.1 -> 47.1 dB (weight error alone). Layers whose calibration inputs hold too few
+rows for their width (the adaLN Linears see one conditioning vector per call) gain nothing
+and are left to round-to-nearest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphs import qnn
+from graphs.onnx_edit import const_array, matches_any
+
+QMIN, QMAX = -128, 127  # aimet's symmetric int8 grid: scale * {-128 .. 127}, zero point 0
+
+
+def channel_scales(w_kn: np.ndarray) -> np.ndarray:
+    """Per-output-channel scale of a [K, N] weight as aimet's min-max encoder sets it: the
+    largest positive value lands on 127 or the most negative on -128, whichever needs the
+    larger step."""
+    scale = np.maximum(w_kn.max(axis=0) / QMAX, w_kn.min(axis=0) / QMIN)
+    return np.where(scale > 0, scale, 1.0)
+
+
+def _defining_rows(w_kn: np.ndarray) -> np.ndarray:
+    """Row of the element that sets each channel's scale (on 127 or -128 after rounding)."""
+    positive = w_kn.max(axis=0) / QMAX >= w_kn.min(axis=0) / QMIN
+    return np.where(positive, w_kn.argmax(axis=0), w_kn.argmin(axis=0))
+
+
+def round_to_nearest(w_kn: np.ndarray) -> np.ndarray:
+    scale = channel_scales(w_kn.astype(np.float64))
+    return (np.clip(np.round(w_kn / scale), QMIN, QMAX) * scale).astype(w_kn.dtype)
+
+
+def on_grid(w_kn: np.ndarray, atol: float = 1e-4) -> bool:
+    """True when every channel already lies on its own int8 grid (a rounded weight)."""
+    scale = channel_scales(w_kn.astype(np.float64))
+    q = w_kn / scale
+    return bool(np.all(np.abs(q - np.round(q)) <= atol))
+
+
+def gptq_round(
+    w_kn: np.ndarray, hessian: np.ndarray, *, block: int = 128, damp: float = 0.01, act_order: bool = True
+) -> np.ndarray:
+    """GPTQ-rounded copy of ``w_kn`` ([K inputs, N output channels]) for ``hessian`` [K, K].
+
+    The result lies on round_to_nearest's grid and keeps the element that sets each
+    channel's scale in place, so a min-max encoder recomputes exactly the same scales.
+    ``act_order`` rounds the input channels with the most energy first (their errors are
+    then spread over the weaker ones): +0.1-0.6 dB per layer on the denoiser's Linears.
+    """
+    if act_order:
+        if hessian.shape != (w_kn.shape[0], w_kn.shape[0]):
+            raise ValueError(f"gptq: hessian {hessian.shape} does not match weight {w_kn.shape}")
+        order = np.argsort(-np.diag(hessian), kind="stable")
+        out = gptq_round(w_kn[order], hessian[np.ix_(order, order)], block=block, damp=damp, act_order=False)
+        return out[np.argsort(order)]
+    w_kn = np.asarray(w_kn)
+    k, _ = w_kn.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"gptq: hessian {hessian.shape} does not match weight {w_kn.shape}")
+    scale64 = channel_scales(w_kn.astype(np.float64))
+    scale = scale64.astype(np.float32)
+    pinned_row = _defining_rows(w_kn)
+    pinned_q = np.round(w_kn[pinned_row, np.arange(w_kn.shape[1])] / scale)
+
+    h = hessian.astype(np.float64, copy=True)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h += damp * float(np.mean(np.diag(h))) * np.eye(k)
+    # upper Cholesky factor of H^-1: row i holds how column i's error spreads to i+1..K
+    h_inv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
+
+    work = w_kn.astype(np.float32, copy=True)
+    work[dead] = 0.0
+    q_out = np.empty_like(work)
+    for i0 in range(0, k, block):
+        i1 = min(i0 + block, k)
+        errors = np.empty((i1 - i0, work.shape[1]), dtype=np.float32)
+        for i in range(i0, i1):
+            row = work[i]
+            q = np.clip(np.round(row / scale), QMIN, QMAX)
+            q_out[i] = q
+            err = (row - q * scale) / h_inv[i, i]
+            errors[i - i0] = err
+            if i + 1 < i1:
+                work[i + 1 : i1] -= np.outer(h_inv[i, i + 1 : i1], err)
+        if i1 < k:
+            work[i1:] -= h_inv[i0:i1, i1:].T @ errors
+    q_out[pinned_row, np.arange(w_kn.shape[1])] = pinned_q
+    q_out[dead] = np.clip(np.round(w_kn[dead] / scale), QMIN, QMAX)
+    return (q_out.astype(np.float64) * scale64).astype(w_kn.dtype)
+
+
+@dataclass
+class _Site:
+    weight: str  # initializer name
+    node: str
+    transposed: bool  # Gemm(transB=1): stored [N, K]
+
+
+@dataclass
+class HessianSet:
+    """Hessians of the inputs of a model's weight-bearing MatMul/Gemm nodes, accumulated over
+    calibration feeds (and over several graphs that share the weights, e.g. the three stage
+    graphs), and the rounded weights computed from them (each weight rounded once).
+
+    ``rows_per_feed`` caps the rows (tokens) taken from each feed, evenly strided, to keep
+    X^T X cheap; an input is used only if it got at least ``min_rows_ratio`` x K rows.
+    """
+
+    rows_per_feed: int = 512
+    min_rows_ratio: float = 0.5
+    total_feeds: int | None = None  # if known: inputs that cannot reach the ratio are not tracked
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)  # input tensor -> X^T X (fp32)
+    rows: dict[str, int] = field(default_factory=dict)
+    inputs_of: dict[str, str] = field(default_factory=dict)  # weight -> input tensor
+    rounded: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def eligible(self, weight: str) -> bool:
+        if weight in self.rounded:
+            return True
+        x = self.inputs_of.get(weight)
+        if x is None or x not in self.hessians:
+            return False
+        return self.rows[x] >= self.min_rows_ratio * self.hessians[x].shape[0]
+
+    def release(self) -> None:
+        """Free the Hessians once every shared weight is rounded (the rounded copies stay)."""
+        self.hessians.clear()
+
+    def accumulate(self, model_path: str | Path, feeds: Sequence[Mapping[str, np.ndarray]],
+                   skip: Iterable[str] = ()) -> int:
+        """Run the float model at ``model_path`` on ``feeds`` and add every weight-bearing
+        MatMul/Gemm input's X^T X. Returns the number of inputs tracked."""
+        path = Path(model_path)
+        proto = onnx.load(str(path), load_external_data=False)
+        sites = weight_sites(ir.serde.deserialize_model(proto), skip)
+        x_of = {}
+        for node in proto.graph.node:
+            if node.name in sites:
+                x_of[sites[node.name].weight] = node.input[0]
+        if not x_of:
+            return 0
+        self.inputs_of.update(x_of)
+        tensors = sorted(set(x_of.values()))
+        del proto.graph.output[:]
+        for name in tensors:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        probe = path.with_name(f".{path.stem}.probe.onnx")  # next to it: same external data
+        try:
+            onnx.save(proto, str(probe))
+            session = qnn.cpu_session(probe)
+            wanted = [i.name for i in session.get_inputs()]
+            for feed in feeds:
+                values = session.run(tensors, {n: feed[n] for n in wanted})
+                for name, x in zip(tensors, values):
+                    rows, k = int(np.prod(x.shape[:-1])), x.shape[-1]
+                    if self.total_feeds and min(rows, self.rows_per_feed) * self.total_feeds < self.min_rows_ratio * k:
+                        continue  # too few rows for its width: it will be rounded to nearest
+                    x2 = np.asarray(x, dtype=np.float32).reshape(-1, k)
+                    if x2.shape[0] > self.rows_per_feed:
+                        x2 = x2[np.linspace(0, x2.shape[0] - 1, self.rows_per_feed).round().astype(int)]
+                    if name not in self.hessians:
+                        self.hessians[name] = np.zeros((x2.shape[1], x2.shape[1]), dtype=np.float32)
+                        self.rows[name] = 0
+                    self.hessians[name] += x2.T @ x2
+                    self.rows[name] += x2.shape[0]
+                del values
+            del session
+        finally:
+            probe.unlink(missing_ok=True)
+        return len(tensors)
+
+
+def weight_sites(model: ir.Model, skip: Iterable[str] = ()) -> dict[str, _Site]:
+    """MatMul(x, W) and Gemm(x, W) nodes with a 2-D initializer weight, by node name;
+    nodes or weights matching a ``skip`` pattern (weights kept at 16 bit) are left out."""
+    patterns = list(skip)
+    sites: dict[str, _Site] = {}
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if w is None or not w.is_initializer() or w.const_value is None or len(w.shape or ()) != 2:
+            continue
+        if node.op_type == "Gemm":
+            attrs = {a.name: a.value for a in node.attributes.values()}
+            if attrs.get("transA", 0):
+                continue
+            transposed = bool(attrs.get("transB", 0))
+        else:
+            transposed = False
+        if matches_any(node, patterns):
+            continue
+        sites[node.name] = _Site(w.name, node.name, transposed)
+    return sites
+
+
+def round_model_weights(model: ir.Model, hessians: HessianSet, skip: Iterable[str] = ()) -> list[str]:
+    """Replace every eligible weight of ``model`` by its GPTQ rounding (computed once per
+    weight name and cached in ``hessians``). Returns the names replaced."""
+    replaced = []
+    for site in weight_sites(model, skip).values():
+        if not hessians.eligible(site.weight):
+            continue
+        value = model.graph.initializers[site.weight]
+        if site.weight not in hessians.rounded:
+            w = const_array(value)
+            w_kn = w.T if site.transposed else w
+            if on_grid(w_kn):
+                continue
+            x = hessians.inputs_of[site.weight]
+            rounded = gptq_round(w_kn, hessians.hessians[x])
+            hessians.rounded[site.weight] = rounded.T.copy() if site.transposed else rounded
+        value.const_value = ir.tensor(hessians.rounded[site.weight], name=site.weight)
+        replaced.append(site.weight)
+    return replaced

@@ -1,0 +1,68 @@
+"""Data-aware int8 weight rounding (GPTQ) ahead of W8A16 quantization."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from graphs import onnx_io
+from graphs.gptq import HessianSet, round_model_weights
+from graphs.samples import load_samples
+from passes.base import Pass, PassResult, PreconditionError
+from passes.onnx.quantize_w8a16 import is_quantized
+
+
+class RoundWeightsGPTQPass(Pass):
+    """Move each MatMul/Gemm weight onto its int8 per-channel grid, choosing the integers
+    with GPTQ so the layer's output error on calibration inputs is smallest::
+
+        before: y = x @ W                      (W float; RTN would give Q_rtn(W))
+        after:  y = x @ W_q,  W_q = s * q      (same per-channel s, q chosen by GPTQ)
+
+    The model stays float: ``quantize_w8a16`` then finds weights already on its grid and
+    keeps them exactly. Either ``calibration`` (feeds or an .npz sample file; the model is
+    run on them) or ``hessians`` (a :class:`graphs.gptq.HessianSet` accumulated elsewhere,
+    e.g. over the three stage graphs that share these weights) must be given. ``skip`` lists
+    fnmatch patterns of node or weight names left alone (the weights kept at 16 bit).
+    Weights already on their grid are not touched, so a second run reports no change.
+    """
+
+    IR = "onnx"
+
+    def __init__(
+        self,
+        *,
+        calibration: Sequence[Mapping[str, np.ndarray]] | str | Path | None = None,
+        hessians: HessianSet | None = None,
+        skip: Sequence[str] = (),
+        rows_per_feed: int = 512,
+    ) -> None:
+        if (calibration is None) == (hessians is None):
+            raise ValueError("round_weights_gptq: give exactly one of calibration or hessians")
+        self.calibration = calibration
+        self.hessians = hessians
+        self.skip = list(skip)
+        self.rows_per_feed = rows_per_feed
+
+    def requires(self, model: ir.Model) -> None:
+        if is_quantized(model):
+            raise PreconditionError("round_weights_gptq: the model already holds Q/DQ nodes; round before quantizing")
+
+    def call(self, model: ir.Model) -> PassResult:
+        hessians = self.hessians
+        if hessians is None:
+            feeds = load_samples(self.calibration) if isinstance(self.calibration, (str, Path)) else list(self.calibration)
+            if not feeds:
+                raise PreconditionError("round_weights_gptq: no calibration samples")
+            hessians = HessianSet(rows_per_feed=self.rows_per_feed)
+            ir.external_data.load_to_model(model)  # weights in memory before the copy is saved
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.onnx"
+                onnx_io.save(model, path)
+                hessians.accumulate(path, feeds, self.skip)
+        replaced = round_model_weights(model, hessians, self.skip)
+        return PassResult(model, bool(replaced))

@@ -1,0 +1,123 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from graphs import gptq, onnx_io
+from graphs.export import export_onnx
+from graphs.onnx_edit import const_array
+from graphs.verify import sqnr_db
+from passes.base import PreconditionError
+from passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
+from passes.onnx.round_weights_gptq import RoundWeightsGPTQPass
+from tests.helpers import check_onnx_pass, clone_onnx
+
+K, N, TOKENS = 96, 64, 256
+
+
+class Proj(torch.nn.Module):
+    """A Linear fed by correlated inputs (a low-rank mix plus a shared offset), like the
+    modulated, normalized hidden states of a DiT block; and a Gemm-style Linear on a vector."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(K, N)
+        self.cond = torch.nn.Linear(K, N)
+
+    def forward(self, x, c):
+        return self.proj(x), self.cond(c)
+
+
+def _feeds(n, seed):
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(99).standard_normal((16, K)).astype(np.float32)
+    feeds = []
+    for _ in range(n):
+        z = rng.standard_normal((TOKENS, 16)).astype(np.float32)
+        x = z @ mix + 0.1 * rng.standard_normal((TOKENS, K)).astype(np.float32) + 0.5
+        feeds.append({"x": x[None], "c": rng.standard_normal((1, K)).astype(np.float32)})
+    return feeds
+
+
+@pytest.fixture(scope="module")
+def float_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gptq") / "proj.onnx"
+    export_onnx(Proj().eval(), [torch.zeros(1, TOKENS, K), torch.zeros(1, K)], path,
+                input_names=["x", "c"], output_names=["y", "yc"])
+    return path
+
+
+def _weights(model):
+    return {n.name: const_array(n.inputs[1]) for n in model.graph if n.op_type in ("MatMul", "Gemm")}
+
+
+def test_gptq_beats_round_to_nearest_on_held_out_inputs_and_stays_on_the_grid(float_path):
+    calib, held_out = _feeds(4, 0), _feeds(2, 1)
+    model = onnx_io.load(float_path)
+    before = _weights(model)
+    check = check_onnx_pass(RoundWeightsGPTQPass(calibration=calib), model, held_out[0])
+    assert check.modified
+    after = _weights(check.model)
+    name = next(n for n in after if "proj" in n and "cond" not in n)
+    w0, w1 = before[name], after[name]
+    w_kn0 = w0 if w0.shape == (K, N) else w0.T
+    w_kn1 = w1 if w1.shape == (K, N) else w1.T
+    assert gptq.on_grid(w_kn1) and not gptq.on_grid(w_kn0)
+    np.testing.assert_allclose(gptq.channel_scales(w_kn1), gptq.channel_scales(w_kn0), rtol=1e-6)
+    x = np.concatenate([f["x"][0] for f in held_out])
+    ref = x @ w_kn0
+    rtn = sqnr_db(ref, x @ gptq.round_to_nearest(w_kn0))
+    data_aware = sqnr_db(ref, x @ w_kn1)
+    assert data_aware > rtn + 3.0, (rtn, data_aware)
+    # the conditioning Linear sees one row per call: too few to trust, left untouched
+    cond = next(n for n in after if "cond" in n)
+    np.testing.assert_array_equal(after[cond], before[cond])
+    # second run: weights already on their grid
+    assert not RoundWeightsGPTQPass(calibration=calib)(check.model).modified
+
+
+def test_aimet_keeps_the_rounded_weights_bit_for_bit(float_path, tmp_path):
+    calib = _feeds(4, 0)
+    rounded = RoundWeightsGPTQPass(calibration=calib)(onnx_io.load(float_path)).model
+    target = _weights(rounded)
+    qdq = QuantizeW8A16Pass(calibration=calib)(clone_onnx(rounded)).model
+    onnx_io.save(qdq, tmp_path / "q.onnx")
+    # the dequantized weight each MatMul sees in the QDQ graph, evaluated by onnxruntime
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    dq_of = {}
+    for node in proto.graph.node:
+        if node.op_type == "MatMul" and node.name in target:
+            dq_of[node.name] = node.input[1]
+    assert dq_of
+    del proto.graph.output[:]
+    for name in dq_of.values():
+        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = sess.run(list(dq_of.values()), {i.name: calib[0][i.name] for i in sess.get_inputs()})
+    for (node, _), value in zip(dq_of.items(), values):
+        np.testing.assert_allclose(value, target[node], rtol=0, atol=1e-7)
+
+
+def test_gptq_round_pins_the_scale_and_handles_dead_inputs():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 8)).astype(np.float32)
+    x = rng.standard_normal((200, 32)).astype(np.float32)
+    x[:, 5] = 0.0  # an input channel that never fires
+    out = gptq.gptq_round(w, x.T.astype(np.float64) @ x)
+    assert gptq.on_grid(out)
+    np.testing.assert_allclose(gptq.channel_scales(out), gptq.channel_scales(w), rtol=1e-6)
+    np.testing.assert_array_equal(out[5], gptq.round_to_nearest(w)[5])
+    with pytest.raises(ValueError, match="does not match"):
+        gptq.gptq_round(w, np.eye(8))
+
+
+def test_bad_arguments_and_quantized_models_are_refused(float_path):
+    with pytest.raises(ValueError, match="exactly one"):
+        RoundWeightsGPTQPass()
+    calib = _feeds(2, 0)
+    qdq = QuantizeW8A16Pass(calibration=calib)(onnx_io.load(float_path)).model
+    with pytest.raises(PreconditionError, match="already holds Q/DQ"):
+        RoundWeightsGPTQPass(calibration=calib)(qdq)
