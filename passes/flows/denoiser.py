@@ -167,6 +167,28 @@ def export_stage_graph(gm, example_list, path: Path, opts, report: dict) -> dict
     return stats
 
 
+def manifest_model(config, opts) -> dict:
+    """The manifest's model entry, shared by the single-stage and all-stages builds."""
+    return {
+        "config": config.name,
+        "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
+        "seed": opts.seed,
+        "transformer_params": count_parameters(config.mmdit),
+        "context_adapter_params": count_parameters(config.context_adapter),
+    }
+
+
+def manifest_target(target) -> dict:
+    return {"name": target.name, "soc_model": target.soc_model, "htp_arch": target.htp_arch}
+
+
+def manifest_quantization(opts) -> dict:
+    return {
+        "weights": "int8 per-channel symmetric", "activations": "uint16", "kv_bits": opts.kv_bits,
+        "high_precision": list(opts.high_precision), "weight_rounding": opts.weight_rounding,
+    }
+
+
 def build_denoiser_stage(opts: DenoiserBuildOptions, out_dir: str | Path) -> BuildResult:
     """Build one stage graph into ``out_dir`` (replaced atomically on success)."""
     opts.validate()
@@ -178,16 +200,10 @@ def build_denoiser_stage(opts: DenoiserBuildOptions, out_dir: str | Path) -> Bui
     steps = Steps(n_steps)
     manifest: dict = {
         "pipeline": "denoiser",
-        "model": {
-            "config": config.name,
-            "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
-            "seed": opts.seed,
-            "transformer_params": count_parameters(config.mmdit),
-            "context_adapter_params": count_parameters(config.context_adapter),
-        },
+        "model": manifest_model(config, opts),
         "stage": stage,
         "fx_pipeline": opts.fx_pipeline,
-        "target": {"name": target.name, "soc_model": target.soc_model, "htp_arch": target.htp_arch},
+        "target": manifest_target(target),
     }
     report: dict = {"title": f"denoiser {config.name} stage {stage} -> {target.description}"}
 
@@ -269,10 +285,7 @@ def build_denoiser_stage(opts: DenoiserBuildOptions, out_dir: str | Path) -> Bui
                 gc.collect()
             manifest["qdq_model"] = qdq_path.name
             manifest["encodings"] = f"{name}_w8a16.encodings"
-            manifest["quantization"] = {
-                "weights": "int8 per-channel symmetric", "activations": "uint16", "kv_bits": opts.kv_bits,
-                "high_precision": list(opts.high_precision), "weight_rounding": opts.weight_rounding,
-            }
+            manifest["quantization"] = manifest_quantization(opts)
 
         if opts.until in ("compile", "verify"):
             # 7. The QNN HTP compiler writes the EPContext model and the context binary.

@@ -34,7 +34,6 @@ from graphs.targets import DEFAULT_TARGET, Target, get_target
 from graphs.verify import sqnr_db
 from neodragon_models import pyramid
 from neodragon_models.configs import get_denoiser_config
-from neodragon_models.denoiser import count_parameters
 from neodragon_models.sampling import collect_samples
 from graphs.verify import verify_fx
 from passes.flows.denoiser import (
@@ -43,6 +42,9 @@ from passes.flows.denoiser import (
     OUTPUT_NAME,
     _run_passes,
     check_weight_rounding,
+    manifest_model,
+    manifest_quantization,
+    manifest_target,
     export_stage_graph,
     load_denoiser,
     stage_fx_passes,
@@ -179,16 +181,9 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
     manifest: dict = {
         "pipeline": "denoiser",
         "mode": "all-stages",
-        "model": {
-            "config": config.name,
-            "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
-            "seed": opts.seed,
-            "transformer_params": count_parameters(config.mmdit),
-            "context_adapter_params": count_parameters(config.context_adapter),
-        },
-        "targets": [{"name": t.name, "soc_model": t.soc_model, "htp_arch": t.htp_arch} for t in targets],
-        "quantization": {"weights": "int8 per-channel symmetric", "activations": "uint16", "kv_bits": opts.kv_bits,
-                         "high_precision": list(opts.high_precision), "weight_rounding": opts.weight_rounding},
+        "model": manifest_model(config, opts),
+        "targets": [manifest_target(t) for t in targets],
+        "quantization": manifest_quantization(opts),
     }
     result = StagesResult(Path(out_dir), manifest)
 

@@ -27,7 +27,8 @@ class RoundWeightsGPTQPass(Pass):
     keeps them exactly. Either ``calibration`` (feeds or an .npz sample file; the model is
     run on them) or ``hessians`` (a :class:`graphs.gptq.HessianSet` accumulated elsewhere,
     e.g. over the three stage graphs that share these weights) must be given. ``skip`` lists
-    fnmatch patterns of node or weight names left alone (the weights kept at 16 bit).
+    fnmatch patterns of node, weight or graph-input names left alone (the weights kept at
+    16 bit; see :func:`graphs.onnx_edit.matches_any`).
     Weights already on their grid are not touched, so a second run reports no change.
     """
 

@@ -86,7 +86,7 @@ def test_gptq_rounded_weights_are_shared_and_on_the_int8_grid(build):
     float_model = onnx_io.load(out / "stage2_part1_float.onnx")
     qdq = [onnx_io.load(out / f"stage{s}_part1_w8a16.onnx").graph.initializers for s in range(3)]
     moved = 0
-    for site in gptq.weight_sites(float_model, manifest["quantization"]["high_precision"]).values():
+    for site in gptq.weight_sites(float_model, manifest["quantization"]["high_precision"]):
         values = [const_array(q[site.weight]) for q in qdq if site.weight in q]
         assert len(values) == 3
         np.testing.assert_array_equal(values[0], values[2])

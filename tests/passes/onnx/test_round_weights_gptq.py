@@ -1,5 +1,6 @@
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -93,8 +94,6 @@ def test_aimet_keeps_the_rounded_weights_bit_for_bit(float_path, tmp_path):
     del proto.graph.output[:]
     for name in dq_of.values():
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    import onnxruntime as ort
-
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     values = sess.run(list(dq_of.values()), {i.name: calib[0][i.name] for i in sess.get_inputs()})
     for (node, _), value in zip(dq_of.items(), values):
@@ -121,3 +120,37 @@ def test_bad_arguments_and_quantized_models_are_refused(float_path):
     qdq = QuantizeW8A16Pass(calibration=calib)(onnx_io.load(float_path)).model
     with pytest.raises(PreconditionError, match="already holds Q/DQ"):
         RoundWeightsGPTQPass(calibration=calib)(qdq)
+
+
+def test_hessians_follow_weights_not_tensor_names_across_graphs(tmp_path):
+    """Separately exported graphs reuse tensor names for different layers; the Hessian of a
+    weight must only see that weight's inputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.helpers import onnx_model
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((8, 4)).astype(np.float32) for _ in range(2))
+
+    def graph(weight_name, weight, path):
+        model = onnx_model(
+            [helper.make_node("MatMul", ["h", weight_name], ["y"], name="mm")],
+            [helper.make_tensor_value_info("h", TensorProto.FLOAT, [16, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 4])],
+            [numpy_helper.from_array(weight, weight_name)],
+        )
+        onnx_io.save(model, path)
+
+    graph("w_a", w1, tmp_path / "a.onnx")
+    graph("w_b", w2, tmp_path / "b.onnx")  # same tensor name "h", another weight
+    xa, xb = rng.standard_normal((16, 8)).astype(np.float32), 5 * rng.standard_normal((16, 8)).astype(np.float32)
+    hessians = gptq.HessianSet()
+    hessians.accumulate(tmp_path / "a.onnx", [{"h": xa}])
+    hessians.accumulate(tmp_path / "b.onnx", [{"h": xb}])
+    np.testing.assert_allclose(hessians.hessians[hessians.inputs_of["w_a"]], xa.T @ xa, rtol=1e-5)
+    np.testing.assert_allclose(hessians.hessians[hessians.inputs_of["w_b"]], xb.T @ xb, rtol=1e-5)
+    # the same weight in a second graph adds its rows to the same Hessian
+    graph("w_a", w1, tmp_path / "a2.onnx")
+    hessians.accumulate(tmp_path / "a2.onnx", [{"h": xb}])
+    np.testing.assert_allclose(hessians.hessians[hessians.inputs_of["w_a"]], xa.T @ xa + xb.T @ xb, rtol=1e-5)
+    assert hessians.rows[hessians.inputs_of["w_a"]] == 32
