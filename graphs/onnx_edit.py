@@ -7,6 +7,8 @@ import fnmatch
 import numpy as np
 import onnx_ir as ir
 
+from graphs.stage_merge import untag
+
 
 def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
     """The node producing ``value`` if its op type is one of ``op_types`` (any if none)."""
@@ -66,7 +68,8 @@ def require_opset(model: ir.Model, version: int) -> bool:
 def matches_any(node: ir.Node, patterns, weight_names=None) -> bool:
     """True if an fnmatch pattern matches the node's name, the name of a weight it reads
     (initializers, or the names in ``weight_names``), or a graph input it reads directly
-    (``latent_tokens`` picks the patch embedding, whatever the exporter named it)."""
+    (``latent_tokens`` picks the patch embedding, whatever the exporter named it). In a
+    merged model (:mod:`graphs.stage_merge`) names are matched without their graph tag."""
     if not patterns:
         return False
     names = [node.name or ""]
@@ -75,4 +78,5 @@ def matches_any(node: ir.Node, patterns, weight_names=None) -> bool:
             continue
         if value.is_initializer() or value.is_graph_input() or (weight_names is not None and value.name in weight_names):
             names.append(value.name)
+    names = [untag(n) for n in names]
     return any(fnmatch.fnmatch(n, p) for n in names for p in patterns)

@@ -140,6 +140,12 @@ def model_files(path: str | Path) -> list[Path]:
     return [p for p in (path, data_path(path)) if p.exists()]
 
 
+def remove(path: str | Path) -> None:
+    """Delete a model written by :func:`save` (the .onnx and its external-data file)."""
+    for file in model_files(path):
+        file.unlink()
+
+
 def sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

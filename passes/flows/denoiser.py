@@ -146,10 +146,21 @@ def stage_fx_passes(opts, config, target, stage: int) -> list:
 
 def export_stage_graph(gm, example_list, path: Path, opts, report: dict) -> dict:
     """Export a traced stage graph, run the ONNX passes, save it; returns its A16 stats."""
+    export_traced_stage(gm, example_list, path, opts)
+    return optimize_stage_graph(path, opts, report)
+
+
+def export_traced_stage(gm, example_list, path: Path, opts) -> None:
+    """The straight ONNX export of a traced stage graph (the ONNX passes come next: a
+    caller can drop the PyTorch model in between, which halves a full-size stage's peak)."""
     export_onnx(
         gm, example_list, path,
         input_names=pyramid.STAGE_INPUT_NAMES, output_names=[OUTPUT_NAME], exporter=opts.exporter,
     )
+
+
+def optimize_stage_graph(path: Path, opts, report: dict) -> dict:
+    """Run the ONNX passes on an exported stage graph and save it; returns its A16 stats."""
     model = onnx_io.load(path)
     report["onnx_before"] = onnx_stats(model)
     onnx_passes = pipelines.denoiser_onnx_baseline() if opts.fx_pipeline == "baseline" else pipelines.denoiser_onnx()

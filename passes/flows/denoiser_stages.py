@@ -2,33 +2,42 @@
 as shared-weight context binaries, one per partition and target.
 
 The three stage graphs hold the same weights at different sequence lengths. They are cut
-at the same places (partition k holds the same weights in every stage), quantized one
-partition at a time -- weight encodings computed once on the largest stage and frozen for
-the others, activation encodings per stage, each partition calibrated on what the
-(quantized) partitions before it produce -- and each partition's three graphs go into one
-context binary that stores the weights once. Every step hands files to the next and
-drops its big objects, so memory stays bounded by one partition's quantization.
+at the same places (partition k holds the same weights in every stage) and quantized one
+partition at a time: the partition's three stage graphs are merged into one model
+(:mod:`graphs.stage_merge`), so aimet handles each weight once -- one GPTQ rounding, one
+encoding for every stage -- while each stage's activations get their own encodings,
+calibrated on what the (quantized) partitions before it produce. Each quantized partition
+is handed to a worker process that compiles its three graphs into one context binary
+storing the weights once, while this process quantizes the next partition; the QNN
+compiler is single-threaded, so the two overlap on two cores. Every step hands files to
+the next and drops its big objects, so memory stays bounded by one partition's
+quantization plus one compile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import gc
 import json
 import logging
 import math
+import multiprocessing
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 
-from graphs import artifacts, onnx_io, partition, qnn
+from graphs import artifacts, onnx_io, partition, qnn, stage_merge
 from graphs import fx as fx_utils
 from graphs.gptq import HessianSet
 from graphs.layerwise import layer_errors
-from graphs.progress import Steps, count
-from graphs.samples import save_samples, to_numpy_feed
+from graphs.progress import Steps, TreePeak, count, release_memory
+from graphs.samples import load_samples, save_samples, to_numpy_feed
 from graphs.stats import format_bytes
 from graphs.targets import DEFAULT_TARGET, Target, get_target
 from graphs.verify import sqnr_db
@@ -45,7 +54,8 @@ from passes.flows.denoiser import (
     manifest_model,
     manifest_quantization,
     manifest_target,
-    export_stage_graph,
+    optimize_stage_graph,
+    export_traced_stage,
     load_denoiser,
     stage_fx_passes,
 )
@@ -135,11 +145,11 @@ def _stage_samples(denoiser, opts: AllStagesOptions, stages):
     return calib, check
 
 
-def _run_chain(parts: list, feeds: list[dict]) -> list[np.ndarray]:
+def _run_chain(parts: list, feeds: list[dict], threads: int | None = None) -> list[np.ndarray]:
     """Run partitions (sessions, or model paths run on the CPU) in order on every feed."""
     outputs = [dict(f) for f in feeds]
     for part in parts:
-        session = qnn.cpu_session(part) if isinstance(part, Path) else part
+        session = qnn.cpu_session(part, threads=threads) if isinstance(part, (str, Path)) else part
         names = [o.name for o in session.get_outputs()]
         for env in outputs:
             env.update(zip(names, qnn.run(session, {x.name: env[x.name] for x in session.get_inputs()})))
@@ -150,10 +160,22 @@ def _pooled(refs: list[np.ndarray], outs: list[np.ndarray]) -> float:
     return sqnr_db(np.concatenate([r.ravel() for r in refs]), np.concatenate([o.ravel() for o in outs]))
 
 
+# --- work done in the background worker process (top-level functions: they are pickled) ---
+
+
+def _float_chain_sqnr(part_paths: list[str], check_npz: str) -> float:
+    """SQNR of the float partitions run in sequence against the fp32 PyTorch outputs."""
+    feeds = load_samples(check_npz)
+    refs = [f.pop(f"{OUTPUT_NAME}_fp32") for f in feeds]
+    return _pooled(refs, _run_chain(part_paths, feeds, threads=1))
+
+
 def _compile_shared(
-    qdq: dict[int, Path], out_dir: Path, target: Target, partition_index: int, compile_seconds: dict
-) -> dict[int, qnn.ContextBinary]:
-    """One context binary for the three stage graphs of a partition (weights stored once)."""
+    qdq: dict[int, Path], out_dir: Path, target_name: str, partition_index: int
+) -> tuple[dict[int, qnn.ContextBinary], dict[int, float]]:
+    """One context binary for the three stage graphs of a partition (weights stored once).
+    Returns the binaries and the seconds each stage graph took."""
+    target = get_target(target_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = sorted(qdq, reverse=True)
     built, seconds = {}, {}
@@ -164,12 +186,67 @@ def _compile_shared(
             qdq[stage], ctx, target, share=True, last_shared=(i == len(stages) - 1)
         )
         seconds[stage] = time.perf_counter() - start
-    compile_seconds.setdefault(target.name, {})
-    for stage, sec in seconds.items():
-        compile_seconds[target.name][stage] = compile_seconds[target.name].get(stage, 0.0) + sec
     if len({b.binary for b in built.values()}) != 1:
         raise RuntimeError(f"partition {partition_index}: the stage graphs did not share one context binary")
-    return built
+    return built, seconds
+
+
+@contextlib.contextmanager
+def _background_worker():
+    """One worker process for the single-threaded work (the QNN compiler, float chain checks)
+    that overlaps the quantization in this process. Spawned, so it holds none of this
+    process's memory; on failure, queued work is cancelled."""
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _tag(stage: int) -> str:
+    return f"stage{stage}"
+
+
+def _merged_feeds(merged, envs: dict[int, list[dict]]) -> list[dict]:
+    """Calibration feeds of a merged model: sample i of every stage side by side (a stage
+    with fewer samples repeats its own, which leaves min-max ranges unchanged)."""
+    names = [v.name for v in merged.graph.inputs]
+    n = max(len(e) for e in envs.values())
+    feeds = []
+    for i in range(n):
+        feed = {}
+        for name in names:
+            stage = int(name.split(stage_merge.SEP, 1)[0].removeprefix("stage"))
+            feed[name] = envs[stage][i % len(envs[stage])][stage_merge.untag(name)]
+        feeds.append(feed)
+    return feeds
+
+
+def _log_compiled(target: str, k: int, n_parts: int):
+    def log(future: Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            logger.info("      %s partition %d/%d compiled in the background (%.0f s)",
+                        target, k + 1, n_parts, sum(future.result()[1].values()))
+    return log
+
+
+def _worker_result(future: Future, what: str):
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise RuntimeError(
+            f"the worker process died while {what} (out of memory? see the kernel log); nothing was written"
+        ) from None
+
+
+def _inputs_needed_after(paths: list[Path]) -> list[set[str]]:
+    """For each partition k, the tensor names partitions after k read (what a chain must keep)."""
+    inputs = [{i.name for i in onnx.load(str(p), load_external_data=False).graph.input} for p in paths]
+    needed, later = [], set()
+    for names in reversed(inputs):
+        needed.append(set(later))
+        later |= names
+    return needed[::-1]
 
 
 def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> StagesResult:
@@ -177,7 +254,8 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
     config = get_denoiser_config(opts.config)
     stages = list(range(config.geometry.num_stages))
     targets = [get_target(t) for t in opts.targets]
-    steps = Steps(8)
+    tree = TreePeak()
+    steps = Steps(8, tree=tree)
     manifest: dict = {
         "pipeline": "denoiser",
         "mode": "all-stages",
@@ -187,7 +265,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
     }
     result = StagesResult(Path(out_dir), manifest)
 
-    with artifacts.staged_dir(out_dir) as work:
+    with artifacts.staged_dir(out_dir) as work, _background_worker() as worker:
         # 1. The PyTorch model and pipeline samples for every stage.
         with steps.step("build the model and run the float pipeline for samples"):
             denoiser = load_denoiser(opts, work, manifest)
@@ -204,7 +282,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
             small = weight_bytes <= (2 << 30)
             if not small:  # every stage rebuilds its own copy: never two full-size models at once
                 del denoiser
-                gc.collect()
+                release_memory()
         verify_htp = opts.verify_htp if opts.verify_htp is not None else weight_bytes <= HTP_VERIFY_LIMIT_BYTES
         layer_report = opts.layer_report if opts.layer_report is not None else weight_bytes <= HTP_VERIFY_LIMIT_BYTES
 
@@ -219,16 +297,19 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                 gm = fx_utils.trace(model_s.stage_module(s), example, share_parameters=True)
                 _run_passes(gm, stage_fx_passes(opts, config, targets[0], s), verify_fx, opts, lambda g: g.code)
                 float_paths[s] = work / f"stage{s}_float.onnx"
-                stage_stats[s] = export_stage_graph(gm, example, float_paths[s], opts, {})
-                del gm, model_s
-                gc.collect()
+                export_traced_stage(gm, example, float_paths[s], opts)
+                del gm, model_s  # the ONNX passes fold weights into new tensors: not both at once
+                release_memory()
+                stage_stats[s] = optimize_stage_graph(float_paths[s], opts, {})
+                release_memory()
                 logger.info("      stage %d: %d nodes, %s op-output bytes per call (A16)", s,
                             stage_stats[s]["node_count"], format_bytes(stage_stats[s]["op_output_bytes"]))
             if small:
                 del denoiser
-            gc.collect()
+            release_memory()
 
-        # 3. The same cuts in every stage graph (the largest stage decides), partitions saved.
+        # 3. The same cuts in every stage graph (the largest stage decides), partitions saved;
+        #    the unpartitioned graphs are then dropped (the partitions chain to them exactly).
         part_paths: dict[int, list[Path]] = {}
         with steps.step("partition the stage graphs under the memory budget"):
             ref_stage = max(stages)
@@ -247,77 +328,97 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                     onnx_io.save(part, path)
                     part_paths[s].append(path)
                 del model, prof
-                gc.collect()
+                release_memory()
             del ref_model, ref_prof
+            for path in float_paths.values():
+                onnx_io.remove(path)
             n_parts = len(cuts) + 1
             logger.info("      %d partition(s) per stage", n_parts)
 
-        # 4. Quantize partition by partition; weights once (largest stage), activations per stage.
+        # The worker checks the float chains now and compiles each partition once quantized.
+        float_checks = {
+            s: worker.submit(_float_chain_sqnr, [str(p) for p in part_paths[s]], str(work / f"stage{s}_check_samples.npz"))
+            for s in stages
+        }
+        compiles: dict[tuple[str, int], Future] = {}
+
+        # 4. Quantize partition by partition; weights once (largest stage), activations per
+        #    stage. Calibration and check feeds go through each quantized partition in turn.
         qdq_paths: dict[int, list[Path]] = {s: [] for s in stages}
         envs = {s: [to_numpy_feed(x.inputs) for x in calib[s]] for s in stages}
-        with steps.step(f"quantize W8A16 per partition ({opts.calibration_samples} samples per stage)"):
+        check_envs = {s: [to_numpy_feed(x.inputs) for x in check[s]] for s in stages}
+        keep = {s: _inputs_needed_after(part_paths[s]) for s in stages}
+        with steps.step(f"quantize W8A16 per partition ({opts.calibration_samples} samples per stage); compile behind it"):
             for k in range(n_parts):
-                param_encodings = None
                 hessians = None
                 if opts.weight_rounding == "gptq":  # one rounding for the weights all stages share
                     hessians = HessianSet(total_feeds=opts.gptq_samples * len(stages))
                     for s in stages:
                         hessians.accumulate(part_paths[s][k], envs[s][: opts.gptq_samples], opts.high_precision)
+                # the three stage graphs as one model: each weight quantized once, for all stages
+                merged = stage_merge.merge({_tag(s): onnx_io.load(part_paths[s][k]) for s in sorted(stages, reverse=True)})
+                if hessians is not None:
+                    RoundWeightsGPTQPass(hessians=hessians, skip=opts.high_precision)(merged)
+                    hessians.release()
+                prefix = f"part{k}_w8a16"
+                quant = QuantizeW8A16Pass(
+                    calibration=_merged_feeds(merged, {s: envs[s] for s in stages}),
+                    htp_arch=targets[0].htp_arch,
+                    encodings_dir=work,
+                    encodings_prefix=prefix,
+                    kv_bits=opts.kv_bits,
+                    high_precision=opts.high_precision,
+                )
+                qdq = ir.serde.serialize_model(quant(merged).model)
+                del merged, quant
+                release_memory()
+                merged_encodings = work / f"{prefix}.encodings"
                 for s in sorted(stages, reverse=True):
-                    part = onnx_io.load(part_paths[s][k])
-                    if hessians is not None:
-                        RoundWeightsGPTQPass(hessians=hessians, skip=opts.high_precision)(part)
-                        hessians.release()  # the largest stage holds every shared weight
-                    names = [v.name for v in part.graph.inputs]
-                    prefix = f"stage{s}_part{k}_w8a16"
-                    quant = QuantizeW8A16Pass(
-                        calibration=[{n: env[n] for n in names} for env in envs[s]],
-                        htp_arch=targets[0].htp_arch,
-                        encodings_dir=work,
-                        encodings_prefix=prefix,
-                        kv_bits=opts.kv_bits,
-                        high_precision=opts.high_precision,
-                        param_encodings=param_encodings,
-                    )
-                    qdq = quant(part).model
-                    path = work / f"{prefix}.onnx"
-                    onnx_io.save(qdq, path)
+                    stage_qdq = stage_merge.split(qdq, _tag(s))
+                    path = work / f"stage{s}_part{k}_w8a16.onnx"
+                    onnx_io.save_proto(stage_qdq, path)
+                    stage_merge.split_encodings(merged_encodings, _tag(s), {t.name for t in stage_qdq.graph.initializer},
+                                                path.with_suffix(".encodings"))
                     qdq_paths[s].append(path)
-                    if param_encodings is None:
-                        param_encodings = work / f"{prefix}.encodings"
-                    del qdq, part, quant
-                    gc.collect()
+                    del stage_qdq
                     # the next partition calibrates on what this quantized one produces
                     session = qnn.cpu_session(path)
                     out_names = [o.name for o in session.get_outputs()]
-                    for env in envs[s]:
+                    for env in envs[s] + check_envs[s]:
                         results = qnn.run(session, {x.name: env[x.name] for x in session.get_inputs()})
                         env.update(dict(zip(out_names, results)))
+                        for name in set(env) - keep[s][k] - {OUTPUT_NAME}:
+                            del env[name]
                     del session
-                    count(f"partition {k} stage", s, max(stages))
-                if hessians is not None:
-                    logger.info("      partition %d: %d weights GPTQ-rounded", k, len(hessians.rounded))
+                merged_encodings.unlink()
+                del qdq
+                release_memory()
+                rounded = f", {len(hessians.rounded)} weights GPTQ-rounded" if hessians is not None else ""
+                logger.info("      partition %d/%d quantized%s", k + 1, n_parts, rounded)
                 del hessians
-            del envs
-
-        # 5. One shared-weight context binary per partition and target.
-        binaries: dict[str, dict[int, dict[int, qnn.ContextBinary]]] = {}
-        compile_seconds: dict[str, dict[int, float]] = {}
-        with steps.step(f"compile shared-weight context binaries for {', '.join(t.name for t in targets)}"):
-            for target in targets:
-                binaries[target.name] = {}
-                for k in range(n_parts):
+                for target in targets:
                     qdq = {s: qdq_paths[s][k] for s in stages}
-                    binaries[target.name][k] = _compile_shared(qdq, work / target.name, target, k, compile_seconds)
-                    count(f"{target.name} partition", k + 1, n_parts)
+                    future = worker.submit(_compile_shared, qdq, work / target.name, target.name, k)
+                    future.add_done_callback(_log_compiled(target.name, k, n_parts))
+                    compiles[target.name, k] = future
+            del envs
+            release_memory()
+
+        # 5. One shared-weight context binary per partition and target (started in step 4).
+        binaries: dict[str, dict[int, dict[int, qnn.ContextBinary]]] = {t.name: {} for t in targets}
+        compile_seconds: dict[str, dict[int, float]] = {t.name: {} for t in targets}
+        with steps.step(f"finish the shared-weight context binaries for {', '.join(t.name for t in targets)}"):
+            for (name, k), future in compiles.items():
+                binaries[name][k], seconds = _worker_result(future, f"compiling partition {k} for {name}")
+                for s, sec in seconds.items():
+                    compile_seconds[name][s] = compile_seconds[name].get(s, 0.0) + sec
 
         # 6. Numbers: float chain, QDQ chain (aimet simulation on the CPU), per-layer report.
         with steps.step("check the float and quantized chains against fp32"):
             for s in stages:
                 refs = [x.output.numpy() for x in check[s]]
-                feeds = [to_numpy_feed(x.inputs) for x in check[s]]
-                result.sqnr_db.setdefault("float_chain", {})[s] = _pooled(refs, _run_chain(part_paths[s], feeds))
-                result.sqnr_db.setdefault("w8a16_cpu", {})[s] = _pooled(refs, _run_chain(qdq_paths[s], feeds))
+                result.sqnr_db.setdefault("float_chain", {})[s] = _worker_result(float_checks[s], f"checking the stage {s} float chain")
+                result.sqnr_db.setdefault("w8a16_cpu", {})[s] = _pooled(refs, [env[OUTPUT_NAME] for env in check_envs[s]])
             if layer_report:
                 manifest["worst_layers"] = _layer_report(work, part_paths, qdq_paths, calib)
 
@@ -342,7 +443,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         # 8. Manifest and report.
         with steps.step("write the manifest and report"):
             manifest["partitions"] = _partition_entries(work, part_paths, qdq_paths, binaries, stages, n_parts)
-            manifest["stage_graphs"] = {str(s): {"float_model": float_paths[s].name, "stats_a16": stage_stats[s]} for s in stages}
+            manifest["stage_graphs"] = {str(s): {"stats_a16": stage_stats[s]} for s in stages}
             manifest["compile_seconds"] = {t: {str(s): round(v, 1) for s, v in per.items()} for t, per in compile_seconds.items()}
             manifest["verification"] = {
                 kind: {str(s): round(v, 2) for s, v in per.items()} for kind, per in result.sqnr_db.items()
@@ -353,6 +454,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
             manifest["verification"]["gate"] = {"kind": gate, "threshold_db": opts.min_sqnr_db, "passed": not failing}
             (work / "report.txt").write_text(_render(config.name, targets, n_parts, result, steps, manifest))
             artifacts.write_manifest(work, manifest)
+    tree.stop()
     if failing:
         worst = ", ".join(f"stage {s} {v:.1f} dB" for s, v in sorted(failing.items()))
         raise BuildCheckError(

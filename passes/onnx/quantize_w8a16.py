@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import json
 import logging
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -64,9 +62,9 @@ class QuantizeW8A16Pass(Pass):
     to 8 bit but keeps a signed one. ``kv_bits=8`` skips that, which is what lets QNN drop
     K and V to 8 bit; it is there to measure what 16-bit K/V is worth.
     ``high_precision`` lists fnmatch patterns of node, weight or graph-input names (see
-    :func:`graphs.onnx_edit.matches_any`) whose weights stay at 16 bit (the mixed-precision override the per-layer report points to). ``param_encodings``
-    freezes the weight encodings from an ``.encodings`` file, so graphs that share weights
-    (the three stage graphs) quantize them identically and only calibrate activations.
+    :func:`graphs.onnx_edit.matches_any`) whose weights stay at 16 bit (the mixed-precision override the per-layer report points to). Graphs that share
+    weights (the three stage graphs) are quantized as one merged model
+    (:mod:`graphs.stage_merge`), so each weight gets one encoding.
 
     ``encodings_dir`` also receives the AIMET ``.encodings`` JSON (the format AI Hub and
     QAIRT tools read). A model that already holds Q/DQ nodes is left unchanged.
@@ -87,7 +85,6 @@ class QuantizeW8A16Pass(Pass):
         range_margin: float = 2.0,
         kv_bits: int = 16,
         high_precision: Sequence[str] = (),
-        param_encodings: str | Path | None = None,
     ) -> None:
         if kv_bits not in (8, 16):
             raise ValueError(f"quantize_w8a16: kv_bits must be 8 or 16, got {kv_bits}")
@@ -97,7 +94,6 @@ class QuantizeW8A16Pass(Pass):
         self.range_margin = range_margin
         self.kv_bits = kv_bits
         self.high_precision = list(high_precision)
-        self.param_encodings = param_encodings
         self.htp_arch = htp_arch
         self.quant_scheme = quant_scheme
         self.encodings_dir = encodings_dir
@@ -139,9 +135,6 @@ class QuantizeW8A16Pass(Pass):
                 providers=["CPUExecutionProvider"],
             )
             self._set_precisions(sim, model)
-            if self.param_encodings is not None:
-                with tempfile.TemporaryDirectory() as tmp:
-                    sim.set_and_freeze_param_encodings(_encodings_for(self.param_encodings, sim.param_names, Path(tmp)))
             input_names = [i.name for i in sim.session.get_inputs()]
             sim.compute_encodings([{n: s[n] for n in input_names} for s in samples])
             if self.range_margin != 1.0:
@@ -168,23 +161,6 @@ class QuantizeW8A16Pass(Pass):
                 for name in params:
                     if name in sim.qc_quantize_op_dict:
                         sim.qc_quantize_op_dict[name].set_precision("int16")
-
-
-def _encodings_for(path: str | Path, param_names, tmp: Path) -> str:
-    """Write the weight encodings of ``path`` that name a parameter of this model into
-    ``tmp`` and return that file: a graph shares weights with the one the encodings came
-    from, but may lack some of them (a stage without the padding branch, a pruned block)."""
-    data = json.loads(Path(path).read_text())
-    names = set(param_names)
-    encodings = data.get("param_encodings", [])
-    if isinstance(encodings, dict):  # the older layout: {name: [encoding, ...]}
-        data["param_encodings"] = {k: v for k, v in encodings.items() if k in names}
-    else:
-        data["param_encodings"] = [e for e in encodings if e["name"] in names]
-    data["activation_encodings"] = [] if isinstance(data.get("activation_encodings"), list) else {}
-    out = tmp / "frozen_param.encodings"
-    out.write_text(json.dumps(data))
-    return str(out)
 
 
 def widen_activation_ranges(sim, margin: float) -> int:

@@ -1,6 +1,8 @@
 """All three tiny stage graphs: partitioned, quantized per partition, shared-weight binaries."""
 
 import json
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
@@ -11,7 +13,13 @@ from graphs.samples import load_samples
 from graphs.targets import get_target
 from graphs.verify import sqnr_db
 from passes.flows.denoiser import MIN_SQNR_DB
-from passes.flows.denoiser_stages import ALL_STAGES_MIN_SQNR_DB, AllStagesOptions, build_denoiser_stages
+from passes.flows.denoiser_stages import (
+    ALL_STAGES_MIN_SQNR_DB,
+    AllStagesOptions,
+    _run_chain,
+    _worker_result,
+    build_denoiser_stages,
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +105,24 @@ def test_gptq_rounded_weights_are_shared_and_on_the_int8_grid(build):
         np.testing.assert_allclose(gptq.channel_scales(q_kn), gptq.channel_scales(w_kn), rtol=1e-5)
         moved += not np.array_equal(q_kn, gptq.round_to_nearest(w_kn))
     assert moved > 0  # GPTQ chose other integers than round-to-nearest for some weights
+
+
+def test_cpu_check_matches_the_chained_qdq_files_and_stage_graphs_are_dropped(build):
+    out, result = build
+    manifest = json.loads((out / MANIFEST).read_text())
+    for s in range(3):
+        assert not (out / f"stage{s}_float.onnx").exists()  # the partitions replace it
+        samples = load_samples(out / f"stage{s}_check_samples.npz")
+        refs = [x.pop("noise_pred_fp32") for x in samples]
+        qdq = [out / g["graphs"][str(s)]["qdq_model"] for g in manifest["partitions"]]
+        outs = _run_chain(qdq, samples)
+        assert abs(sqnr_db(np.concatenate([r.ravel() for r in refs]), np.concatenate([o.ravel() for o in outs]))
+                   - result.sqnr_db["w8a16_cpu"][s]) < 0.01
+    assert all(step["peak_rss_bytes"] > 0 for step in manifest["steps"])
+
+
+def test_a_dead_worker_process_is_reported_in_one_sentence():
+    future = Future()
+    future.set_exception(BrokenProcessPool("A child process terminated abruptly"))
+    with pytest.raises(RuntimeError, match="worker process died while compiling partition 3"):
+        _worker_result(future, "compiling partition 3 for sm8750")

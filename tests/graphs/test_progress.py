@@ -1,0 +1,27 @@
+"""Peak memory of a process tree: a build's worker processes count too."""
+
+import subprocess
+import sys
+import time
+
+from graphs.progress import Steps, TreePeak, tree_rss_bytes
+
+CHILD = "import sys, time; x = bytearray(300 << 20); x[::4096] = b'1' * len(x[::4096]); print('ready', flush=True); time.sleep(30)"
+
+
+def test_tree_peak_counts_the_memory_of_child_processes():
+    before = tree_rss_bytes()
+    tree = TreePeak(interval=0.05)
+    steps = Steps(1, tree=tree)
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+    try:
+        with steps.step("hold 300 MB in a child"):
+            assert child.stdout.readline().strip() == "ready"
+            time.sleep(0.3)
+            assert tree_rss_bytes() - before > 250 << 20
+    finally:
+        child.kill()
+        child.wait()
+        tree.stop()
+    assert steps.records[0].peak_rss_bytes - before > 250 << 20
+    assert tree_rss_bytes() - before < 100 << 20  # the child is gone
