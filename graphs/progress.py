@@ -88,6 +88,12 @@ class TreePeak:
     def stop(self) -> None:
         self._stop.set()
 
+    def __enter__(self) -> "TreePeak":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 @dataclass
 class StepRecord:

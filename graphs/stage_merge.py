@@ -94,6 +94,22 @@ def merge(models: dict[str, ir.Model]) -> ir.Model:
     return ir.Model(merged, ir_version=first.ir_version, producer_name=first.producer_name)
 
 
+def merged_feeds(merged: ir.Model, feeds: dict[str, list[dict]]) -> list[dict]:
+    """Feeds for a merged model from each graph's own feeds (tag -> list of feeds): feed i
+    holds feed i of every graph side by side. A graph with fewer feeds repeats its own
+    (which leaves min-max calibration ranges unchanged)."""
+    n = max(len(f) for f in feeds.values())
+    out = []
+    for i in range(n):
+        feed = {}
+        for value in merged.graph.inputs:
+            graph_tag, name = value.name.split(SEP, 1)
+            own = feeds[graph_tag]
+            feed[value.name] = own[i % len(own)][name]
+        out.append(feed)
+    return out
+
+
 def split(merged: onnx.ModelProto, graph_tag: str) -> onnx.ModelProto:
     """The graph tagged ``graph_tag``, cut out of a merged model (with the tags removed)."""
     g = merged.graph

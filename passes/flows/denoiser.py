@@ -20,7 +20,7 @@ from graphs import artifacts, onnx_io, qnn
 from graphs import fx as fx_utils
 from graphs.export import export_onnx
 from graphs.gptq import HessianSet
-from graphs.progress import Steps, count
+from graphs.progress import Steps, count, release_memory
 from graphs.samples import save_samples, to_numpy_feed
 from graphs.stats import fx_stats, onnx_stats
 from graphs.targets import DEFAULT_TARGET, get_target
@@ -144,12 +144,6 @@ def stage_fx_passes(opts, config, target, stage: int) -> list:
     return [p for p in passes if p.pass_name() not in opts.skip_passes]
 
 
-def export_stage_graph(gm, example_list, path: Path, opts, report: dict) -> dict:
-    """Export a traced stage graph, run the ONNX passes, save it; returns its A16 stats."""
-    export_traced_stage(gm, example_list, path, opts)
-    return optimize_stage_graph(path, opts, report)
-
-
 def export_traced_stage(gm, example_list, path: Path, opts) -> None:
     """The straight ONNX export of a traced stage graph (the ONNX passes come next: a
     caller can drop the PyTorch model in between, which halves a full-size stage's peak)."""
@@ -259,9 +253,10 @@ def build_denoiser_stage(opts: DenoiserBuildOptions, out_dir: str | Path) -> Bui
         float_path = work / f"{name}_float.onnx"
         with steps.step("export to ONNX and run ONNX passes"):
             del stage_module, denoiser
-            manifest["graph_stats_a16"] = export_stage_graph(gm, example_list, float_path, opts, report)
-            del gm
-            gc.collect()
+            export_traced_stage(gm, example_list, float_path, opts)
+            del gm  # the ONNX passes fold weights into new tensors: not with the torch copy
+            release_memory()
+            manifest["graph_stats_a16"] = optimize_stage_graph(float_path, opts, report)
         manifest["float_model"] = float_path.name
 
         if opts.until != "export":

@@ -207,21 +207,6 @@ def _tag(stage: int) -> str:
     return f"stage{stage}"
 
 
-def _merged_feeds(merged, envs: dict[int, list[dict]]) -> list[dict]:
-    """Calibration feeds of a merged model: sample i of every stage side by side (a stage
-    with fewer samples repeats its own, which leaves min-max ranges unchanged)."""
-    names = [v.name for v in merged.graph.inputs]
-    n = max(len(e) for e in envs.values())
-    feeds = []
-    for i in range(n):
-        feed = {}
-        for name in names:
-            stage = int(name.split(stage_merge.SEP, 1)[0].removeprefix("stage"))
-            feed[name] = envs[stage][i % len(envs[stage])][stage_merge.untag(name)]
-        feeds.append(feed)
-    return feeds
-
-
 def _log_compiled(target: str, k: int, n_parts: int):
     def log(future: Future) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -254,7 +239,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
     config = get_denoiser_config(opts.config)
     stages = list(range(config.geometry.num_stages))
     targets = [get_target(t) for t in opts.targets]
-    tree = TreePeak()
+    tree = TreePeak()  # worker processes count towards the peak
     steps = Steps(8, tree=tree)
     manifest: dict = {
         "pipeline": "denoiser",
@@ -265,7 +250,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
     }
     result = StagesResult(Path(out_dir), manifest)
 
-    with artifacts.staged_dir(out_dir) as work, _background_worker() as worker:
+    with tree, artifacts.staged_dir(out_dir) as work, _background_worker() as worker:
         # 1. The PyTorch model and pipeline samples for every stage.
         with steps.step("build the model and run the float pipeline for samples"):
             denoiser = load_denoiser(opts, work, manifest)
@@ -362,7 +347,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                     hessians.release()
                 prefix = f"part{k}_w8a16"
                 quant = QuantizeW8A16Pass(
-                    calibration=_merged_feeds(merged, {s: envs[s] for s in stages}),
+                    calibration=stage_merge.merged_feeds(merged, {_tag(s): envs[s] for s in stages}),
                     htp_arch=targets[0].htp_arch,
                     encodings_dir=work,
                     encodings_prefix=prefix,
@@ -454,7 +439,6 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
             manifest["verification"]["gate"] = {"kind": gate, "threshold_db": opts.min_sqnr_db, "passed": not failing}
             (work / "report.txt").write_text(_render(config.name, targets, n_parts, result, steps, manifest))
             artifacts.write_manifest(work, manifest)
-    tree.stop()
     if failing:
         worst = ", ".join(f"stage {s} {v:.1f} dB" for s, v in sorted(failing.items()))
         raise BuildCheckError(

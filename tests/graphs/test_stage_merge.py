@@ -49,9 +49,9 @@ def test_merged_model_stores_shared_weights_once_and_runs_every_graph(stages):
     assert len(inits) == 3
     assert [v.name for v in merged.graph.inputs] == ["stage2::x", "stage0::x"]
     assert all(n.name.startswith(("stage2::", "stage0::")) for n in merged.graph)
-    out = _session(ir.serde.serialize_model(merged)).run(
-        None, {f"{t}::x": feeds[t]["x"] for t in stages}
-    )
+    merged_feed = stage_merge.merged_feeds(merged, {t: [f] for t, f in feeds.items()})
+    assert len(merged_feed) == 1 and set(merged_feed[0]) == {"stage2::x", "stage0::x"}
+    out = _session(ir.serde.serialize_model(merged)).run(None, merged_feed[0])
     assert np.array_equal(out[0], expected["stage2"]) and np.array_equal(out[1], expected["stage0"])
 
 
@@ -92,3 +92,12 @@ def test_high_precision_patterns_match_names_without_their_graph_tag(stages):
     assert all(matches_any(n, ["/proj/*"]) for n in proj)
     assert all(matches_any(n, ["x"]) for n in proj)  # a graph input read directly
     assert not any(matches_any(n, ["/other/*"]) for n in proj)
+
+
+def test_merged_feeds_repeat_the_graph_with_fewer_feeds(stages):
+    merged = stage_merge.merge(stages)
+    a, b, c = (np.full((16, 8), v, np.float32) for v in (1, 2, 3))
+    z = np.zeros((4, 8), np.float32)
+    feeds = stage_merge.merged_feeds(merged, {"stage2": [{"x": a}, {"x": b}, {"x": c}], "stage0": [{"x": z}]})
+    assert [f["stage2::x"][0, 0] for f in feeds] == [1, 2, 3]
+    assert all(f["stage0::x"] is z for f in feeds)
