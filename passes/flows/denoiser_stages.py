@@ -39,7 +39,7 @@ from graphs.layerwise import layer_errors
 from graphs.progress import Steps, TreePeak, count, release_memory
 from graphs.samples import load_samples, save_samples, to_numpy_feed
 from graphs.stats import format_bytes
-from graphs.targets import DEFAULT_TARGET, Target, get_target
+from graphs.targets import DEFAULT_TARGET, get_target
 from graphs.verify import sqnr_db
 from neodragon_models import pyramid
 from neodragon_models.configs import get_denoiser_config
@@ -145,14 +145,23 @@ def _stage_samples(denoiser, opts: AllStagesOptions, stages):
     return calib, check
 
 
+def _advance(session, envs: list[dict], keep: set[str] | None = None) -> None:
+    """Run one partition on every environment (tensor name -> value) and add its outputs;
+    with ``keep``, drop every tensor but those and the final output afterwards."""
+    inputs = [x.name for x in session.get_inputs()]
+    names = [o.name for o in session.get_outputs()]
+    for env in envs:
+        env.update(zip(names, qnn.run(session, {n: env[n] for n in inputs})))
+        if keep is not None:
+            for name in set(env) - keep - {OUTPUT_NAME}:
+                del env[name]
+
+
 def _run_chain(parts: list, feeds: list[dict], threads: int | None = None) -> list[np.ndarray]:
     """Run partitions (sessions, or model paths run on the CPU) in order on every feed."""
     outputs = [dict(f) for f in feeds]
     for part in parts:
-        session = qnn.cpu_session(part, threads=threads) if isinstance(part, (str, Path)) else part
-        names = [o.name for o in session.get_outputs()]
-        for env in outputs:
-            env.update(zip(names, qnn.run(session, {x.name: env[x.name] for x in session.get_inputs()})))
+        _advance(qnn.cpu_session(part, threads=threads) if isinstance(part, (str, Path)) else part, outputs)
     return [env[OUTPUT_NAME] for env in outputs]
 
 
@@ -327,8 +336,9 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         }
         compiles: dict[tuple[str, int], Future] = {}
 
-        # 4. Quantize partition by partition; weights once (largest stage), activations per
-        #    stage. Calibration and check feeds go through each quantized partition in turn.
+        # 4. Quantize partition by partition, the three stages merged: weights once,
+        #    activations per stage. Calibration and check feeds go through each quantized
+        #    partition in turn.
         qdq_paths: dict[int, list[Path]] = {s: [] for s in stages}
         envs = {s: [to_numpy_feed(x.inputs) for x in calib[s]] for s in stages}
         check_envs = {s: [to_numpy_feed(x.inputs) for x in check[s]] for s in stages}
@@ -367,14 +377,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                     qdq_paths[s].append(path)
                     del stage_qdq
                     # the next partition calibrates on what this quantized one produces
-                    session = qnn.cpu_session(path)
-                    out_names = [o.name for o in session.get_outputs()]
-                    for env in envs[s] + check_envs[s]:
-                        results = qnn.run(session, {x.name: env[x.name] for x in session.get_inputs()})
-                        env.update(dict(zip(out_names, results)))
-                        for name in set(env) - keep[s][k] - {OUTPUT_NAME}:
-                            del env[name]
-                    del session
+                    _advance(qnn.cpu_session(path), envs[s] + check_envs[s], keep[s][k])
                 merged_encodings.unlink()
                 del qdq
                 release_memory()
@@ -483,9 +486,7 @@ def _layer_report(work: Path, part_paths, qdq_paths, calib, top: int = 10) -> li
             for e in errors:
                 rows.append({"stage": s, "partition": k, "tensor": e.tensor, "op": e.op_type, "node": e.node,
                              "sqnr_db": round(e.sqnr_db, 2)})
-            names = [o.name for o in session.get_outputs()]
-            for env in envs:
-                env.update(dict(zip(names, qnn.run(session, {x.name: env[x.name] for x in session.get_inputs()}))))
+            _advance(session, envs)
             del session
     rows = [r for r in rows if math.isfinite(r["sqnr_db"])]
     worst = sorted(rows, key=lambda r: r["sqnr_db"])[:top]

@@ -62,9 +62,10 @@ class QuantizeW8A16Pass(Pass):
     to 8 bit but keeps a signed one. ``kv_bits=8`` skips that, which is what lets QNN drop
     K and V to 8 bit; it is there to measure what 16-bit K/V is worth.
     ``high_precision`` lists fnmatch patterns of node, weight or graph-input names (see
-    :func:`graphs.onnx_edit.matches_any`) whose weights stay at 16 bit (the mixed-precision override the per-layer report points to). Graphs that share
-    weights (the three stage graphs) are quantized as one merged model
-    (:mod:`graphs.stage_merge`), so each weight gets one encoding.
+    :func:`graphs.onnx_edit.matches_any`) whose weights stay at 16 bit: the mixed-precision
+    override the per-layer report points to. Graphs that share weights (the three stage
+    graphs) are quantized as one merged model (:mod:`graphs.stage_merge`), so each weight
+    gets one encoding.
 
     ``encodings_dir`` also receives the AIMET ``.encodings`` JSON (the format AI Hub and
     QAIRT tools read). A model that already holds Q/DQ nodes is left unchanged.
