@@ -19,6 +19,7 @@ setup(
         "onnxruntime-qnn>=2.7",
         "aimet-onnx>=2.42",
         "networkx>=3",
+        "scipy",
         "qai-hub",
         "safetensors",
         "matplotlib",

@@ -24,6 +24,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
+import scipy.linalg
 
 from graphs import qnn
 from graphs.onnx_edit import const_array, matches_any
@@ -45,6 +46,19 @@ def _defining_rows(w_kn: np.ndarray) -> np.ndarray:
     return np.where(positive, w_kn.argmax(axis=0), w_kn.argmin(axis=0))
 
 
+def inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
+    """The upper-triangular U with U^T U = H^-1, for a symmetric positive definite H,
+    without forming H^-1: the Cholesky factor of H with its index order reversed is an
+    upper R with H = R R^T, and U = R^-1 (a triangular inverse). A third of the work of
+    inverting H and factoring the inverse (K = 6144: the GPTQ of one FF2 weight)."""
+    lower_flipped = np.linalg.cholesky(h[::-1, ::-1])
+    r = np.ascontiguousarray(lower_flipped[::-1, ::-1])
+    u, info = scipy.linalg.lapack.dtrtri(r, lower=0)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"triangular inverse failed (info {info})")
+    return u
+
+
 def round_to_nearest(w_kn: np.ndarray) -> np.ndarray:
     scale = channel_scales(w_kn.astype(np.float64))
     return (np.clip(np.round(w_kn / scale), QMIN, QMAX) * scale).astype(w_kn.dtype)
@@ -58,34 +72,49 @@ def on_grid(w_kn: np.ndarray, atol: float = 1e-4) -> bool:
 
 
 def gptq_round(
-    w_kn: np.ndarray, hessian: np.ndarray, *, block: int = 128, damp: float = 0.01, act_order: bool = True
+    w_kn: np.ndarray, hessian: np.ndarray, *, cross: np.ndarray | None = None, block: int = 128,
+    damp: float = 0.01, act_order: bool = True,
 ) -> np.ndarray:
-    """GPTQ-rounded copy of ``w_kn`` ([K inputs, N output channels]) for ``hessian`` [K, K].
+    """GPTQ-rounded copy of ``w_kn`` ([K inputs, N output channels]) for ``hessian`` [K, K]
+    (H = X~^T X~ of the inputs the layer will see).
 
     The result lies on round_to_nearest's grid and keeps the element that sets each
     channel's scale in place, so a min-max encoder recomputes exactly the same scales.
     ``act_order`` rounds the input channels with the most energy first (their errors are
     then spread over the weaker ones): +0.1-0.6 dB per layer on the denoiser's Linears.
+
+    ``cross`` = X~^T (X - X~), with X the inputs the float model gives the layer, aims the
+    rounding at the float layer's output X W instead of X~ W (asymmetric calibration, as
+    in GPTAQ, Li et al. 2025): the weight first moves to the least-squares optimum
+    W + H^-1 X~^T (X - X~) W, absorbing part of the error the quantized layers before left
+    in X~, and is then rounded on its own grid (which moves with it).
     """
     w_kn = np.asarray(w_kn)
     k = w_kn.shape[0]
-    if hessian.shape != (k, k):
+    if hessian.shape != (k, k) or (cross is not None and cross.shape != (k, k)):
         raise ValueError(f"gptq: hessian {hessian.shape} does not match weight {w_kn.shape}")
     if act_order:
         order = np.argsort(-np.diag(hessian), kind="stable")
-        out = gptq_round(w_kn[order], hessian[np.ix_(order, order)], block=block, damp=damp, act_order=False)
+        permuted = None if cross is None else cross[np.ix_(order, order)]
+        out = gptq_round(w_kn[order], hessian[np.ix_(order, order)], cross=permuted, block=block, damp=damp,
+                         act_order=False)
         return out[np.argsort(order)]
-    scale64 = channel_scales(w_kn.astype(np.float64))
-    scale = scale64.astype(np.float32)
-    pinned_row = _defining_rows(w_kn)
-    pinned_q = np.round(w_kn[pinned_row, np.arange(w_kn.shape[1])] / scale)
-
     h = hessian.astype(np.float64, copy=True)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h += damp * float(np.mean(np.diag(h))) * np.eye(k)
-    # upper Cholesky factor of H^-1: row i holds how column i's error spreads to i+1..K
-    h_inv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
+    # upper Cholesky factor of H^-1 (H^-1 = U^T U): row i holds how column i's error
+    # spreads to i+1..K
+    h_inv = inverse_upper_cholesky(h).astype(np.float32)
+    if cross is not None:
+        shift = h_inv.T @ (h_inv @ (cross.astype(np.float32) @ w_kn.astype(np.float32)))
+        shift[dead] = 0.0
+        w_kn = (w_kn.astype(np.float32) + shift).astype(w_kn.dtype)
+
+    scale64 = channel_scales(w_kn.astype(np.float64))
+    scale = scale64.astype(np.float32)
+    pinned_row = _defining_rows(w_kn)
+    pinned_q = np.round(w_kn[pinned_row, np.arange(w_kn.shape[1])] / scale)
 
     work = w_kn.astype(np.float32, copy=True)
     work[dead] = 0.0
@@ -131,6 +160,8 @@ class HessianSet:
     # X^T X (fp32) per input, keyed by the first name (sorted) of the weights reading that
     # input: tensor names differ between separately exported graphs, weight names do not
     hessians: dict[str, np.ndarray] = field(default_factory=dict)
+    # X~^T (X - X~) per input when float-chain feeds were given (see gptq_round's cross)
+    cross: dict[str, np.ndarray] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
     inputs_of: dict[str, str] = field(default_factory=dict)  # weight -> its input's key
     rounded: dict[str, np.ndarray] = field(default_factory=dict)
@@ -146,11 +177,19 @@ class HessianSet:
     def release(self) -> None:
         """Free the Hessians once every shared weight is rounded (the rounded copies stay)."""
         self.hessians.clear()
+        self.cross.clear()
 
     def accumulate(self, model_path: str | Path, feeds: Sequence[Mapping[str, np.ndarray]],
-                   skip: Iterable[str] = ()) -> int:
+                   skip: Iterable[str] = (), float_feeds: Sequence[dict[str, np.ndarray]] | None = None) -> int:
         """Run the float model at ``model_path`` on ``feeds`` and add every weight-bearing
-        MatMul/Gemm input's X^T X. Returns the number of inputs tracked."""
+        MatMul/Gemm input's X^T X. Returns the number of inputs tracked.
+
+        ``float_feeds`` are the same samples as the float chain (unquantized partitions)
+        delivers them: the model runs on them too, adds X~^T (X - X~) per input (the
+        rounding then aims at the float layer's output) and writes its graph outputs into
+        them, so they are ready for the next partition."""
+        if float_feeds is not None and len(float_feeds) != len(feeds):
+            raise ValueError(f"accumulate: {len(feeds)} feeds but {len(float_feeds)} float feeds")
         path = Path(model_path)
         proto = onnx.load(str(path), load_external_data=False)
         readers: dict[str, list[str]] = {}  # input tensor -> weights reading it
@@ -161,30 +200,46 @@ class HessianSet:
         tensors = sorted(readers)
         key_of = {x: min(readers[x]) for x in tensors}
         self.inputs_of.update({w: key_of[x] for x in tensors for w in readers[x]})
+        outputs = [o.name for o in proto.graph.output]
         del proto.graph.output[:]
-        for name in tensors:
+        for name in tensors + ([o for o in outputs if o not in readers] if float_feeds is not None else []):
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         probe = path.with_name(f".{path.stem}.probe.onnx")  # next to it: same external data
         try:
             onnx.save(proto, str(probe))
             session = qnn.cpu_session(probe)
             wanted = [i.name for i in session.get_inputs()]
-            for feed in feeds:
+            for i, feed in enumerate(feeds):
                 values = session.run(tensors, {n: feed[n] for n in wanted})
-                for tensor, x in zip(tensors, values):
+                targets = None
+                if float_feeds is not None:
+                    env = float_feeds[i]
+                    names = [o.name for o in session.get_outputs()]
+                    run = dict(zip(names, session.run(names, {n: env[n] for n in wanted})))
+                    env.update({o: run[o] for o in outputs})
+                    targets = [run[t] for t in tensors]
+                for j, (tensor, x) in enumerate(zip(tensors, values)):
                     name = key_of[tensor]
                     rows, k = int(np.prod(x.shape[:-1])), x.shape[-1]
                     if self.total_feeds and min(rows, self.rows_per_feed) * self.total_feeds < self.min_rows_ratio * k:
                         continue  # too few rows for its width: it will be rounded to nearest
+                    pick = None
+                    if rows > self.rows_per_feed:
+                        pick = np.linspace(0, rows - 1, self.rows_per_feed).round().astype(int)
                     x2 = np.asarray(x, dtype=np.float32).reshape(-1, k)
-                    if x2.shape[0] > self.rows_per_feed:
-                        x2 = x2[np.linspace(0, x2.shape[0] - 1, self.rows_per_feed).round().astype(int)]
+                    x2 = x2 if pick is None else x2[pick]
                     if name not in self.hessians:
-                        self.hessians[name] = np.zeros((x2.shape[1], x2.shape[1]), dtype=np.float32)
+                        self.hessians[name] = np.zeros((k, k), dtype=np.float32)
                         self.rows[name] = 0
                     self.hessians[name] += x2.T @ x2
                     self.rows[name] += x2.shape[0]
-                del values
+                    if targets is not None:
+                        t2 = np.asarray(targets[j], dtype=np.float32).reshape(-1, k)
+                        t2 = t2 if pick is None else t2[pick]
+                        if name not in self.cross:
+                            self.cross[name] = np.zeros((k, k), dtype=np.float32)
+                        self.cross[name] += x2.T @ (t2 - x2)
+                del values, targets
             del session
         finally:
             probe.unlink(missing_ok=True)
@@ -229,7 +284,8 @@ def round_model_weights(model: ir.Model, hessians: HessianSet, skip: Iterable[st
             w_kn = w.T if site.transposed else w
             if on_grid(w_kn):
                 continue
-            rounded = gptq_round(w_kn, hessians.hessians[hessians.inputs_of[site.weight]])
+            key = hessians.inputs_of[site.weight]
+            rounded = gptq_round(w_kn, hessians.hessians[key], cross=hessians.cross.get(key))
             hessians.rounded[site.weight] = rounded.T.copy() if site.transposed else rounded
         value.const_value = ir.tensor(hessians.rounded[site.weight], name=site.weight)
         replaced.append(site.weight)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from graphs.targets import DEFAULT_TARGET, TARGETS
@@ -63,6 +65,7 @@ def _cmd_build_all_stages(args: argparse.Namespace) -> int:
         max_partition_weight_bytes=_parse_bytes(args.partition_budget),
         kv_bits=args.kv_bits,
         weight_rounding=args.weight_rounding,
+        gptq_target=args.gptq_target,
         high_precision=_high_precision(args),
         remove_blocks=args.remove_blocks,
         importance=Path(args.importance) if args.importance else None,
@@ -268,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8 weight rounding: gptq uses the calibration activations (default), nearest does not",
     )
     b.add_argument(
+        "--gptq-target", default="quantized", choices=("quantized", "float"),
+        help="--all-stages: GPTQ aims each layer at its float weights on the quantized chain's inputs "
+        "(plain GPTQ, default) or at the float chain's layer output (asymmetric; overfits on few samples)",
+    )
+    b.add_argument(
         "--high-precision", action="append",
         help="node or weight name pattern whose weights stay 16-bit, added to the default (the "
         "conditioning embedders); 'none' quantizes every weight to 8 bit",
@@ -361,10 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: staging directories removed, workers stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(-1 if args.quiet else args.verbose)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -376,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"neodragon-npu: error: {message}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

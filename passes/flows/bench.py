@@ -22,6 +22,7 @@ VARIANTS = {
     "no adaLN split": {"skip_passes": ("split_adaln",)},
     "8-bit K/V": {"kv_bits": 8},
     "nearest rounding": {"weight_rounding": "nearest"},
+    "float-target GPTQ": {"gptq_target": "float"},
 }
 
 

@@ -111,12 +111,14 @@ def _run_passes(model, passes, check, opts: DenoiserBuildOptions, dump) -> list[
     return [{"pass": r.name, "modified": r.modified, "seconds": round(r.seconds, 3)} for r in result.records]
 
 
-def load_denoiser(opts, work: Path, manifest: dict):
+def load_denoiser(opts, work: Path | None = None, manifest: dict | None = None):
     """The PyTorch model (synthetic or released weights), pruned when asked to.
 
     Pruning happens before anything runs: calibration and the fp32 reference then come
-    from the pruned model, which is what the binaries must reproduce.
+    from the pruned model, which is what the binaries must reproduce. With ``work`` and
+    ``manifest``, the pruning is recorded there (once per build: other copies pass neither).
     """
+    manifest = manifest if manifest is not None else {"model": {}}
     denoiser = build_denoiser(get_denoiser_config(opts.config), checkpoint=opts.checkpoint, seed=opts.seed)
     if opts.remove_blocks:
         n_blocks = denoiser.config.mmdit.num_layers
@@ -125,10 +127,9 @@ def load_denoiser(opts, work: Path, manifest: dict):
         manifest["model"]["removed_blocks"] = removed
         manifest["model"]["block_mapping"] = {str(k): v for k, v in mapping.items()}
         manifest["model"]["transformer_params"] = count_parameters(denoiser.config.mmdit)
-        (work / "block_mapping.json").write_text(
-            json.dumps({"original_blocks": n_blocks, "old_to_new": manifest["model"]["block_mapping"]}, indent=2)
-            + "\n"
-        )
+        if work is not None:
+            mapping_json = {"original_blocks": n_blocks, "old_to_new": manifest["model"]["block_mapping"]}
+            (work / "block_mapping.json").write_text(json.dumps(mapping_json, indent=2) + "\n")
     return denoiser
 
 
@@ -192,6 +193,7 @@ def manifest_quantization(opts) -> dict:
     return {
         "weights": "int8 per-channel symmetric", "activations": "uint16", "kv_bits": opts.kv_bits,
         "high_precision": list(opts.high_precision), "weight_rounding": opts.weight_rounding,
+        **({"gptq_target": opts.gptq_target} if hasattr(opts, "gptq_target") and opts.weight_rounding == "gptq" else {}),
     }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ from graphs.targets import DEFAULT_TARGET, get_target
 from graphs.verify import sqnr_db
 from neodragon_models import pyramid
 from neodragon_models.configs import get_denoiser_config
-from neodragon_models.sampling import collect_samples
+from neodragon_models.sampling import collect_samples, example_stage_inputs
 from graphs.verify import verify_fx
 from passes.flows.denoiser import (
     FX_PIPELINES,
@@ -75,6 +76,7 @@ ALL_STAGES_MIN_SQNR_DB = 25.0
 # Simulating the HTP is slow (~98 s per full-width block at 1728 tokens): by default the
 # chained binaries are run in the simulator only for models up to this many weight bytes.
 HTP_VERIFY_LIMIT_BYTES = 256 << 20
+GPTQ_TARGETS = ("float", "quantized")
 
 
 @dataclass
@@ -91,6 +93,9 @@ class AllStagesOptions:
     high_precision: tuple[str, ...] = DENOISER_HIGH_PRECISION
     weight_rounding: str = "gptq"  # or "nearest"
     gptq_samples: int = 2  # calibration calls per stage whose inputs feed the GPTQ Hessians
+    # "quantized": plain GPTQ on the quantized chain's inputs; "float": aimed at the float
+    # chain's layer outputs (measured worse with 2 GPTQ calls per stage: it overfits)
+    gptq_target: str = "quantized"
     remove_blocks: str | None = None
     importance: Path | None = None
     skip_passes: tuple[str, ...] = ()
@@ -117,6 +122,8 @@ class AllStagesOptions:
         check_weight_rounding(self.weight_rounding)
         if self.gptq_samples < 1:
             raise ValueError("gptq_samples must be at least 1")
+        if self.gptq_target not in GPTQ_TARGETS:
+            raise ValueError(f"gptq_target must be one of {GPTQ_TARGETS}, got {self.gptq_target!r}")
         del cfg
 
 
@@ -145,6 +152,44 @@ def _stage_samples(denoiser, opts: AllStagesOptions, stages):
     return calib, check
 
 
+def _write_stage_samples(denoiser, opts: AllStagesOptions, work: Path, stages: list[int]) -> None:
+    """Run the float pipeline and write each stage's calibration and check sample files
+    (the check files hold the fp32 outputs too)."""
+    calib, check = _stage_samples(denoiser, opts, stages)
+    for s in stages:
+        save_samples(work / f"stage{s}_calibration_inputs.npz", [to_numpy_feed(x.inputs) for x in calib[s]])
+        save_samples(
+            work / f"stage{s}_check_samples.npz",
+            [{**to_numpy_feed(x.inputs), f"{OUTPUT_NAME}_fp32": x.output.numpy()} for x in check[s]],
+        )
+
+
+def _export_stage(opts: AllStagesOptions, stage: int, path: Path, make) -> dict:
+    """Trace one stage graph at its envelope shapes, run the FX passes, export it to ``path``
+    and run the ONNX passes; returns its A16 stats. ``make()`` gives the PyTorch model to
+    trace (the FX passes edit its parameters); only this function holds it."""
+    model = make()
+    config = model.config
+    inputs = example_stage_inputs(model, stage)
+    example = [inputs[n] for n in pyramid.STAGE_INPUT_NAMES]
+    gm = fx_utils.trace(model.stage_module(stage), example, share_parameters=True)
+    del model, inputs
+    _run_passes(gm, stage_fx_passes(opts, config, get_target(opts.targets[0]), stage), verify_fx, opts, lambda g: g.code)
+    export_traced_stage(gm, example, path, opts)
+    del gm  # the ONNX passes fold weights into new tensors: not both at once
+    release_memory()
+    stats = optimize_stage_graph(path, opts, {})
+    release_memory()
+    return stats
+
+
+def _drop_unneeded(envs: list[dict], keep: set[str]) -> None:
+    """Drop every tensor but those in ``keep`` and the final output from each environment."""
+    for env in envs:
+        for name in set(env) - keep - {OUTPUT_NAME}:
+            del env[name]
+
+
 def _advance(session, envs: list[dict], keep: set[str] | None = None) -> None:
     """Run one partition on every environment (tensor name -> value) and add its outputs;
     with ``keep``, drop every tensor but those and the final output afterwards."""
@@ -152,9 +197,8 @@ def _advance(session, envs: list[dict], keep: set[str] | None = None) -> None:
     names = [o.name for o in session.get_outputs()]
     for env in envs:
         env.update(zip(names, qnn.run(session, {n: env[n] for n in inputs})))
-        if keep is not None:
-            for name in set(env) - keep - {OUTPUT_NAME}:
-                del env[name]
+    if keep is not None:
+        _drop_unneeded(envs, keep)
 
 
 def _run_chain(parts: list, feeds: list[dict], threads: int | None = None) -> list[np.ndarray]:
@@ -264,43 +308,34 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         with steps.step("build the model and run the float pipeline for samples"):
             denoiser = load_denoiser(opts, work, manifest)
             config = denoiser.config
-            calib, check = _stage_samples(denoiser, opts, stages)
-            for s in stages:
-                save_samples(work / f"stage{s}_calibration_inputs.npz", [to_numpy_feed(x.inputs) for x in calib[s]])
-                save_samples(
-                    work / f"stage{s}_check_samples.npz",
-                    [{**to_numpy_feed(x.inputs), f"{OUTPUT_NAME}_fp32": x.output.numpy()} for x in check[s]],
-                )
+            _write_stage_samples(denoiser, opts, work, stages)
             weight_bytes = sum(p.numel() * 4 for p in denoiser.transformer.parameters())
             weight_bytes += sum(p.numel() * 4 for p in denoiser.context_adapter.parameters())
             small = weight_bytes <= (2 << 30)
             if not small:  # every stage rebuilds its own copy: never two full-size models at once
                 del denoiser
                 release_memory()
-        verify_htp = opts.verify_htp if opts.verify_htp is not None else weight_bytes <= HTP_VERIFY_LIMIT_BYTES
-        layer_report = opts.layer_report if opts.layer_report is not None else weight_bytes <= HTP_VERIFY_LIMIT_BYTES
 
         # 2. One float graph per stage: FX passes (they edit parameters, so each stage traces
         #    its own copy, or a rebuilt model when a copy would not fit), export, ONNX passes.
-        float_paths: dict[int, Path] = {}
+        #    (Running the samples in the worker beside the exports saved 22 s at full size,
+        #    862 s against 884 s, and peaked at 18.2 GB against 9.3 GB: both are memory-bound.)
+        float_paths = {s: work / f"stage{s}_float.onnx" for s in stages}
         stage_stats: dict[int, dict] = {}
         with steps.step("trace, optimize and export the three stage graphs"):
             for s in sorted(stages, reverse=True):
-                model_s = copy.deepcopy(denoiser) if small else load_denoiser(opts, work, {"model": {}})
-                example = [calib[s][0].inputs[n] for n in pyramid.STAGE_INPUT_NAMES]
-                gm = fx_utils.trace(model_s.stage_module(s), example, share_parameters=True)
-                _run_passes(gm, stage_fx_passes(opts, config, targets[0], s), verify_fx, opts, lambda g: g.code)
-                float_paths[s] = work / f"stage{s}_float.onnx"
-                export_traced_stage(gm, example, float_paths[s], opts)
-                del gm, model_s  # the ONNX passes fold weights into new tensors: not both at once
-                release_memory()
-                stage_stats[s] = optimize_stage_graph(float_paths[s], opts, {})
-                release_memory()
+                make = functools.partial(copy.deepcopy, denoiser) if small else functools.partial(load_denoiser, opts)
+                stage_stats[s] = _export_stage(opts, s, float_paths[s], make)
                 logger.info("      stage %d: %d nodes, %s op-output bytes per call (A16)", s,
                             stage_stats[s]["node_count"], format_bytes(stage_stats[s]["op_output_bytes"]))
             if small:
                 del denoiser
             release_memory()
+        calib = {s: load_samples(work / f"stage{s}_calibration_inputs.npz") for s in stages}
+        check = {s: load_samples(work / f"stage{s}_check_samples.npz") for s in stages}
+        refs = {s: [feed.pop(f"{OUTPUT_NAME}_fp32") for feed in check[s]] for s in stages}
+        verify_htp = opts.verify_htp if opts.verify_htp is not None else weight_bytes <= HTP_VERIFY_LIMIT_BYTES
+        layer_report = opts.layer_report if opts.layer_report is not None else weight_bytes <= HTP_VERIFY_LIMIT_BYTES
 
         # 3. The same cuts in every stage graph (the largest stage decides), partitions saved;
         #    the unpartitioned graphs are then dropped (the partitions chain to them exactly).
@@ -340,16 +375,21 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         #    activations per stage. Calibration and check feeds go through each quantized
         #    partition in turn.
         qdq_paths: dict[int, list[Path]] = {s: [] for s in stages}
-        envs = {s: [to_numpy_feed(x.inputs) for x in calib[s]] for s in stages}
-        check_envs = {s: [to_numpy_feed(x.inputs) for x in check[s]] for s in stages}
+        envs = {s: [dict(feed) for feed in calib[s]] for s in stages}
+        check_envs = {s: [dict(feed) for feed in check[s]] for s in stages}
         keep = {s: _inputs_needed_after(part_paths[s]) for s in stages}
+        # the GPTQ samples as the float partitions deliver them: GPTQ's target
+        float_envs = {s: [dict(f) for f in calib[s][: opts.gptq_samples]] for s in stages}
+        float_target = opts.weight_rounding == "gptq" and opts.gptq_target == "float"
         with steps.step(f"quantize W8A16 per partition ({opts.calibration_samples} samples per stage); compile behind it"):
             for k in range(n_parts):
                 hessians = None
                 if opts.weight_rounding == "gptq":  # one rounding for the weights all stages share
                     hessians = HessianSet(total_feeds=opts.gptq_samples * len(stages))
                     for s in stages:
-                        hessians.accumulate(part_paths[s][k], envs[s][: opts.gptq_samples], opts.high_precision)
+                        hessians.accumulate(part_paths[s][k], envs[s][: opts.gptq_samples], opts.high_precision,
+                                            float_feeds=float_envs[s] if float_target else None)
+                        _drop_unneeded(float_envs[s], keep[s][k])
                 # the three stage graphs as one model: each weight quantized once, for all stages
                 merged = stage_merge.merge({_tag(s): onnx_io.load(part_paths[s][k]) for s in sorted(stages, reverse=True)})
                 if hessians is not None:
@@ -389,7 +429,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                     future = worker.submit(_compile_shared, qdq, work / target.name, target.name, k)
                     future.add_done_callback(_log_compiled(target.name, k, n_parts))
                     compiles[target.name, k] = future
-            del envs
+            del envs, float_envs
             release_memory()
 
         # 5. One shared-weight context binary per partition and target (started in step 4).
@@ -404,9 +444,8 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         # 6. Numbers: float chain, QDQ chain (aimet simulation on the CPU), per-layer report.
         with steps.step("check the float and quantized chains against fp32"):
             for s in stages:
-                refs = [x.output.numpy() for x in check[s]]
                 result.sqnr_db.setdefault("float_chain", {})[s] = _worker_result(float_checks[s], f"checking the stage {s} float chain")
-                result.sqnr_db.setdefault("w8a16_cpu", {})[s] = _pooled(refs, [env[OUTPUT_NAME] for env in check_envs[s]])
+                result.sqnr_db.setdefault("w8a16_cpu", {})[s] = _pooled(refs[s], [env[OUTPUT_NAME] for env in check_envs[s]])
             if layer_report:
                 manifest["worst_layers"] = _layer_report(work, part_paths, qdq_paths, calib)
 
@@ -421,9 +460,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                             qdq_paths[s][k], work / "htp_check" / f"stage{s}_part{k}_ctx.onnx", target
                         )
                         sessions.append(qnn.htp_session(ctx.epcontext_model, target))
-                    refs = [x.output.numpy() for x in check[s]]
-                    feeds = [to_numpy_feed(x.inputs) for x in check[s]]
-                    result.sqnr_db.setdefault("htp_simulator", {})[s] = _pooled(refs, _run_chain(sessions, feeds))
+                    result.sqnr_db.setdefault("htp_simulator", {})[s] = _pooled(refs[s], _run_chain(sessions, check[s]))
                     del sessions
         else:
             logger.info("      HTP simulator check skipped for a model this size (--verify-htp forces it)")
@@ -477,8 +514,7 @@ def _layer_report(work: Path, part_paths, qdq_paths, calib, top: int = 10) -> li
     """Tensors where the quantized graph loses most SQNR relative to its inputs."""
     rows = []
     for s, parts in part_paths.items():
-        feeds_all = [to_numpy_feed(x.inputs) for x in calib[s][:2]]
-        envs = [dict(f) for f in feeds_all]
+        envs = [dict(f) for f in calib[s][:2]]
         for k, path in enumerate(parts):
             session = qnn.cpu_session(path)
             feeds = [{x.name: env[x.name] for x in session.get_inputs()} for env in envs]

@@ -59,3 +59,28 @@ def test_corrupt_model_and_unknown_pass_in_a_pipeline_file(tmp_path, capsys):
     assert main(["apply", str(pipeline), "denoiser:tiny:0", "--out", str(tmp_path / "o.onnx")]) == EXIT_ERROR
     assert "unknown pass 'make_it_fast'" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_terminated_build_leaves_nothing_behind(tmp_path):
+    """SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: the staging directory is removed
+    and the worker process stopped; the exit status says it was interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "build"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "build", "denoiser", "--all-stages", "--config", "tiny", "--out", str(out)],
+        cwd=os.getcwd(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".build.partial-*/*.npz")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    assert "neodragon-npu: interrupted" in err
+    assert list(tmp_path.iterdir()) == []

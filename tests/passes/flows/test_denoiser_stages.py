@@ -91,6 +91,7 @@ def test_gptq_rounded_weights_are_shared_and_on_the_int8_grid(build):
     out, _ = build
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["quantization"]["weight_rounding"] == "gptq"
+    assert manifest["quantization"]["gptq_target"] == "quantized"
     float_model = onnx_io.load(out / "stage2_part1_float.onnx")
     qdq = [onnx_io.load(out / f"stage{s}_part1_w8a16.onnx").graph.initializers for s in range(3)]
     moved = 0

@@ -154,3 +154,61 @@ def test_hessians_follow_weights_not_tensor_names_across_graphs(tmp_path):
     hessians.accumulate(tmp_path / "a2.onnx", [{"h": xb}])
     np.testing.assert_allclose(hessians.hessians[hessians.inputs_of["w_a"]], xa.T @ xa + xb.T @ xb, rtol=1e-5)
     assert hessians.rows[hessians.inputs_of["w_a"]] == 32
+
+
+def _distorted(feeds, seed):
+    """The feeds as a quantized chain would deliver them: a systematic distortion (what the
+    layers before leave behind) plus independent noise."""
+    rng = np.random.default_rng(seed)
+    mix = 0.03 * np.random.default_rng(7).standard_normal((K, K)).astype(np.float32)
+    out = []
+    for f in feeds:
+        x = f["x"]
+        out.append({"x": x + x @ mix + 0.01 * rng.standard_normal(x.shape).astype(np.float32), "c": f["c"]})
+    return out
+
+
+def test_float_target_absorbs_upstream_error_on_held_out_inputs(float_path):
+    """Rounded towards the float layer's output (the float chain's inputs as the target),
+    the weights undo part of the upstream distortion: better on held-out data than plain
+    GPTQ on the distorted inputs, and the float feeds come back holding the outputs."""
+    clean, held_clean = _feeds(4, 0), _feeds(2, 1)
+    noisy, held_noisy = _distorted(clean, 2), _distorted(held_clean, 3)
+    model = onnx_io.load(float_path)
+    w_kn = _weights(model)["/proj/MatMul"]  # [K, N]
+    bias = const_array(model.graph.initializers["proj.bias"])
+
+    plain = gptq.HessianSet()
+    plain.accumulate(float_path, noisy)
+    targeted = gptq.HessianSet()
+    float_feeds = [dict(f) for f in clean]
+    targeted.accumulate(float_path, noisy, float_feeds=float_feeds)
+    for f, c in zip(float_feeds, clean):  # the float model's outputs on the clean inputs
+        np.testing.assert_allclose(f["y"][0], c["x"][0] @ w_kn + bias, rtol=0, atol=1e-4)
+    x_key = "onnx::MatMul_10"  # the x input's key: the weight reading it
+    h = plain.hessians[x_key]
+    q_plain = gptq.gptq_round(w_kn, h)
+    q_target = gptq.gptq_round(w_kn, targeted.hessians[x_key], cross=targeted.cross[x_key])
+    assert gptq.on_grid(q_target)
+
+    xs_noisy = np.concatenate([f["x"][0] for f in held_noisy])
+    ref = np.concatenate([f["x"][0] for f in held_clean]) @ w_kn
+    gain = sqnr_db(ref, xs_noisy @ q_target) - sqnr_db(ref, xs_noisy @ q_plain)
+    assert gain > 10.0, gain
+
+    # identical feeds: nothing to absorb, the correction vanishes
+    same = gptq.HessianSet()
+    same.accumulate(float_path, clean, float_feeds=[dict(f) for f in clean])
+    assert np.abs(same.cross[x_key]).max() == 0.0
+    np.testing.assert_array_equal(gptq.gptq_round(w_kn, same.hessians[x_key], cross=same.cross[x_key]),
+                                  gptq.gptq_round(w_kn, same.hessians[x_key]))
+
+
+def test_inverse_upper_cholesky_matches_the_factor_of_the_inverse():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 120))
+    h = x.T @ x + 0.1 * np.eye(120)
+    u = gptq.inverse_upper_cholesky(h)
+    np.testing.assert_array_equal(u, np.triu(u))
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(u, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=1e-8, atol=1e-12)
