@@ -49,8 +49,8 @@ def _defining_rows(w_kn: np.ndarray) -> np.ndarray:
 def inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
     """The upper-triangular U with U^T U = H^-1, for a symmetric positive definite H,
     without forming H^-1: the Cholesky factor of H with its index order reversed is an
-    upper R with H = R R^T, and U = R^-1 (a triangular inverse). A third of the work of
-    inverting H and factoring the inverse (K = 6144: the GPTQ of one FF2 weight)."""
+    upper R with H = R R^T, and U = R^-1 (a triangular inverse): about 2K^3/3 flops
+    against 7K^3/3 for inverting H and factoring the inverse (K = 6144 for an FF2 weight)."""
     lower_flipped = np.linalg.cholesky(h[::-1, ::-1])
     r = np.ascontiguousarray(lower_flipped[::-1, ::-1])
     u, info = scipy.linalg.lapack.dtrtri(r, lower=0)

@@ -193,7 +193,6 @@ def manifest_quantization(opts) -> dict:
     return {
         "weights": "int8 per-channel symmetric", "activations": "uint16", "kv_bits": opts.kv_bits,
         "high_precision": list(opts.high_precision), "weight_rounding": opts.weight_rounding,
-        **({"gptq_target": opts.gptq_target} if hasattr(opts, "gptq_target") and opts.weight_rounding == "gptq" else {}),
     }
 
 

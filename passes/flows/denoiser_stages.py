@@ -299,7 +299,10 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         "mode": "all-stages",
         "model": manifest_model(config, opts),
         "targets": [manifest_target(t) for t in targets],
-        "quantization": manifest_quantization(opts),
+        "quantization": {
+            **manifest_quantization(opts),
+            **({"gptq_target": opts.gptq_target} if opts.weight_rounding == "gptq" else {}),
+        },
     }
     result = StagesResult(Path(out_dir), manifest)
 
@@ -378,9 +381,10 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         envs = {s: [dict(feed) for feed in calib[s]] for s in stages}
         check_envs = {s: [dict(feed) for feed in check[s]] for s in stages}
         keep = {s: _inputs_needed_after(part_paths[s]) for s in stages}
-        # the GPTQ samples as the float partitions deliver them: GPTQ's target
-        float_envs = {s: [dict(f) for f in calib[s][: opts.gptq_samples]] for s in stages}
-        float_target = opts.weight_rounding == "gptq" and opts.gptq_target == "float"
+        # with a float GPTQ target: the GPTQ samples as the float partitions deliver them
+        float_envs = None
+        if opts.weight_rounding == "gptq" and opts.gptq_target == "float":
+            float_envs = {s: [dict(f) for f in calib[s][: opts.gptq_samples]] for s in stages}
         with steps.step(f"quantize W8A16 per partition ({opts.calibration_samples} samples per stage); compile behind it"):
             for k in range(n_parts):
                 hessians = None
@@ -388,8 +392,9 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                     hessians = HessianSet(total_feeds=opts.gptq_samples * len(stages))
                     for s in stages:
                         hessians.accumulate(part_paths[s][k], envs[s][: opts.gptq_samples], opts.high_precision,
-                                            float_feeds=float_envs[s] if float_target else None)
-                        _drop_unneeded(float_envs[s], keep[s][k])
+                                            float_feeds=float_envs[s] if float_envs else None)
+                        if float_envs:
+                            _drop_unneeded(float_envs[s], keep[s][k])
                 # the three stage graphs as one model: each weight quantized once, for all stages
                 merged = stage_merge.merge({_tag(s): onnx_io.load(part_paths[s][k]) for s in sorted(stages, reverse=True)})
                 if hessians is not None:

@@ -127,3 +127,32 @@ def test_a_dead_worker_process_is_reported_in_one_sentence():
     future.set_exception(BrokenProcessPool("A child process terminated abruptly"))
     with pytest.raises(RuntimeError, match="worker process died while compiling partition 3"):
         _worker_result(future, "compiling partition 3 for sm8750")
+
+
+def test_float_target_gptq_moves_later_partitions_only(tmp_path):
+    """--gptq-target float: the first partition's inputs are exact (nothing to absorb), so
+    its weights equal plain GPTQ's; later partitions' weights move, stay on the grid and
+    stay shared by the three stages."""
+    from graphs import gptq
+    from graphs.onnx_edit import const_array
+
+    weights = {}
+    for target in ("quantized", "float"):
+        opts = AllStagesOptions(config="tiny", calibration_samples=4, max_partition_weight_bytes=220_000,
+                                gptq_target=target, verify_htp=False, layer_report=False, min_sqnr_db=0.0)
+        out = tmp_path / target
+        build_denoiser_stages(opts, out)
+        assert json.loads((out / MANIFEST).read_text())["quantization"]["gptq_target"] == target
+        weights[target] = {
+            (s, k): {n: const_array(v) for n, v in onnx_io.load(out / f"stage{s}_part{k}_w8a16.onnx").graph.initializers.items()
+                     if n.startswith("w_")}
+            for s in range(3) for k in (0, 1)
+        }
+    plain, aimed = weights["quantized"], weights["float"]
+    for name, value in aimed[2, 0].items():
+        np.testing.assert_array_equal(value, plain[2, 0][name])
+    moved = [n for n, v in aimed[2, 1].items() if v.ndim == 2 and not np.array_equal(v, plain[2, 1][n])]
+    assert moved
+    for name in moved:
+        np.testing.assert_array_equal(aimed[0, 1][name], aimed[2, 1][name])
+        assert gptq.on_grid(aimed[2, 1][name]) or gptq.on_grid(aimed[2, 1][name].T), name
