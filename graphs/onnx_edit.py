@@ -80,3 +80,27 @@ def matches_any(node: ir.Node, patterns, weight_names=None) -> bool:
             names.append(value.name)
     names = [untag(n) for n in names]
     return any(fnmatch.fnmatch(n, p) for n in names for p in patterns)
+
+
+def weight_values(model: ir.Model) -> dict[str, np.ndarray]:
+    """Every 2-D-or-larger initializer as the float values the graph computes with: float
+    weights as stored, integer weights (a folded QDQ model) through the DequantizeLinear
+    that reads them."""
+    values = {}
+    for node in model.graph:
+        if node.op_type != "DequantizeLinear" or not node.inputs[0].is_initializer():
+            continue
+        q, scale = const_array(node.inputs[0]), const_array(node.inputs[1])
+        zp = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
+        zp = np.zeros_like(scale) if zp is None else zp.astype(np.float32)
+        axis = next((a.value for a in node.attributes.values() if a.name == "axis"), 1)
+        if scale.ndim == 1 and q.ndim > 1:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        values[node.inputs[0].name] = ((q.astype(np.float32) - zp) * scale).astype(np.float32)
+    for name, value in model.graph.initializers.items():
+        if name not in values and value.const_value is not None and value.dtype == ir.DataType.FLOAT \
+                and len(value.shape or ()) >= 2:
+            values[name] = const_array(value)
+    return values

@@ -135,3 +135,22 @@ class Steps:
 def count(label: str, i: int, n: int) -> None:
     """Progress inside a step (one line per item)."""
     logger.info("      %s %d/%d", label, i, n)
+
+
+class Stopwatch:
+    """Seconds spent in named parts of a repeated step: ``with watch("gptq"): ...``; the
+    parts keep their first-use order, and time adds up over repeated uses."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+
+    def summary(self) -> str:
+        return ", ".join(f"{part} {s:.0f} s" for part, s in self.seconds.items())

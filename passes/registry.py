@@ -18,6 +18,7 @@ from passes.fx.split_adaln import SplitAdaLNPass
 from passes.fx.split_attention import SplitAttentionPass
 from passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
 from passes.onnx.fold_constants import FoldConstantsPass
+from passes.onnx.fold_weight_quantization import FoldWeightQuantizationPass
 from passes.onnx.fuse_rms_norm import FuseRMSNormPass
 from passes.onnx.fuse_rotary_embedding import FuseRotaryEmbeddingPass
 from passes.onnx.name_weights_by_content import NameWeightsByContentPass
@@ -45,6 +46,7 @@ PASSES: dict[str, type[Pass]] = {
         RoundWeightsGPTQPass,
         QuantizeW8A16Pass,
         RequantizeMatMulOperandPass,
+        FoldWeightQuantizationPass,
     )
 }
 

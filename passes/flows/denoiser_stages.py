@@ -37,7 +37,7 @@ from graphs import artifacts, onnx_io, partition, qnn, stage_merge
 from graphs import fx as fx_utils
 from graphs.gptq import HessianSet
 from graphs.layerwise import layer_errors
-from graphs.progress import Steps, TreePeak, count, release_memory
+from graphs.progress import Steps, Stopwatch, TreePeak, count, release_memory
 from graphs.samples import load_samples, save_samples, to_numpy_feed
 from graphs.stats import format_bytes
 from graphs.targets import DEFAULT_TARGET, get_target
@@ -273,7 +273,8 @@ def _worker_result(future: Future, what: str):
         return future.result()
     except BrokenProcessPool:
         raise RuntimeError(
-            f"the worker process died while {what} (out of memory? see the kernel log); nothing was written"
+            f"the worker process died while {what} (a Python error it hit is printed above; "
+            "if none is, the kernel killed it, usually for memory: see dmesg); nothing was written"
         ) from None
 
 
@@ -378,6 +379,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         #    activations per stage. Calibration and check feeds go through each quantized
         #    partition in turn.
         qdq_paths: dict[int, list[Path]] = {s: [] for s in stages}
+        quantize_seconds: list[dict[str, float]] = []  # per partition: where the time went
         envs = {s: [dict(feed) for feed in calib[s]] for s in stages}
         check_envs = {s: [dict(feed) for feed in check[s]] for s in stages}
         keep = {s: _inputs_needed_after(part_paths[s]) for s in stages}
@@ -387,47 +389,55 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
             float_envs = {s: [dict(f) for f in calib[s][: opts.gptq_samples]] for s in stages}
         with steps.step(f"quantize W8A16 per partition ({opts.calibration_samples} samples per stage); compile behind it"):
             for k in range(n_parts):
+                watch = Stopwatch()
                 hessians = None
                 if opts.weight_rounding == "gptq":  # one rounding for the weights all stages share
-                    hessians = HessianSet(total_feeds=opts.gptq_samples * len(stages))
-                    for s in stages:
-                        hessians.accumulate(part_paths[s][k], envs[s][: opts.gptq_samples], opts.high_precision,
-                                            float_feeds=float_envs[s] if float_envs else None)
-                        if float_envs:
-                            _drop_unneeded(float_envs[s], keep[s][k])
+                    with watch("GPTQ statistics"):
+                        hessians = HessianSet(total_feeds=opts.gptq_samples * len(stages))
+                        for s in stages:
+                            hessians.accumulate(part_paths[s][k], envs[s][: opts.gptq_samples], opts.high_precision,
+                                                float_feeds=float_envs[s] if float_envs else None)
+                            if float_envs:
+                                _drop_unneeded(float_envs[s], keep[s][k])
                 # the three stage graphs as one model: each weight quantized once, for all stages
-                merged = stage_merge.merge({_tag(s): onnx_io.load(part_paths[s][k]) for s in sorted(stages, reverse=True)})
+                with watch("merge"):
+                    merged = stage_merge.merge({_tag(s): onnx_io.load(part_paths[s][k]) for s in sorted(stages, reverse=True)})
                 if hessians is not None:
-                    RoundWeightsGPTQPass(hessians=hessians, skip=opts.high_precision)(merged)
-                    hessians.release()
+                    with watch("GPTQ rounding"):
+                        RoundWeightsGPTQPass(hessians=hessians, skip=opts.high_precision)(merged)
+                        hessians.release()
                 prefix = f"part{k}_w8a16"
-                quant = QuantizeW8A16Pass(
-                    calibration=stage_merge.merged_feeds(merged, {_tag(s): envs[s] for s in stages}),
-                    htp_arch=targets[0].htp_arch,
-                    encodings_dir=work,
-                    encodings_prefix=prefix,
-                    kv_bits=opts.kv_bits,
-                    high_precision=opts.high_precision,
-                )
-                qdq = ir.serde.serialize_model(quant(merged).model)
-                del merged, quant
-                release_memory()
+                with watch("aimet"):
+                    quant = QuantizeW8A16Pass(
+                        calibration=stage_merge.merged_feeds(merged, {_tag(s): envs[s] for s in stages}),
+                        htp_arch=targets[0].htp_arch,
+                        encodings_dir=work,
+                        encodings_prefix=prefix,
+                        kv_bits=opts.kv_bits,
+                        high_precision=opts.high_precision,
+                    )
+                    qdq = ir.serde.serialize_model(quant(merged).model)
+                    del merged, quant
+                    release_memory()
                 merged_encodings = work / f"{prefix}.encodings"
                 for s in sorted(stages, reverse=True):
-                    stage_qdq = stage_merge.split(qdq, _tag(s))
-                    path = work / f"stage{s}_part{k}_w8a16.onnx"
-                    onnx_io.save_proto(stage_qdq, path)
-                    stage_merge.split_encodings(merged_encodings, _tag(s), {t.name for t in stage_qdq.graph.initializer},
-                                                path.with_suffix(".encodings"))
-                    qdq_paths[s].append(path)
-                    del stage_qdq
+                    with watch("split and save"):
+                        stage_qdq = stage_merge.split(qdq, _tag(s))
+                        path = work / f"stage{s}_part{k}_w8a16.onnx"
+                        onnx_io.save_proto(stage_qdq, path)
+                        stage_merge.split_encodings(merged_encodings, _tag(s), {t.name for t in stage_qdq.graph.initializer},
+                                                    path.with_suffix(".encodings"))
+                        qdq_paths[s].append(path)
+                        del stage_qdq
                     # the next partition calibrates on what this quantized one produces
-                    _advance(qnn.cpu_session(path), envs[s] + check_envs[s], keep[s][k])
+                    with watch("QDQ chain"):
+                        _advance(qnn.cpu_session(path), envs[s] + check_envs[s], keep[s][k])
                 merged_encodings.unlink()
                 del qdq
                 release_memory()
                 rounded = f", {len(hessians.rounded)} weights GPTQ-rounded" if hessians is not None else ""
-                logger.info("      partition %d/%d quantized%s", k + 1, n_parts, rounded)
+                logger.info("      partition %d/%d quantized%s (%s)", k + 1, n_parts, rounded, watch.summary())
+                quantize_seconds.append({part: round(sec, 1) for part, sec in watch.seconds.items()})
                 del hessians
                 for target in targets:
                     qdq = {s: qdq_paths[s][k] for s in stages}
@@ -474,6 +484,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         with steps.step("write the manifest and report"):
             manifest["partitions"] = _partition_entries(work, part_paths, qdq_paths, binaries, stages, n_parts)
             manifest["stage_graphs"] = {str(s): {"stats_a16": stage_stats[s]} for s in stages}
+            manifest["quantize_seconds"] = quantize_seconds
             manifest["compile_seconds"] = {t: {str(s): round(v, 1) for s, v in per.items()} for t, per in compile_seconds.items()}
             manifest["verification"] = {
                 kind: {str(s): round(v, 2) for s, v in per.items()} for kind, per in result.sqnr_db.items()
@@ -543,6 +554,11 @@ def _render(config, targets, n_parts, result, steps, manifest) -> str:
     lines += ["", f"{n_parts} partition(s) per stage; weights per partition (QDQ):"]
     for p in manifest["partitions"]:
         lines.append(f"  partition {p['index']}: {format_bytes(p['weight_bytes_qdq'])}")
+    totals: dict[str, float] = {}
+    for per in manifest["quantize_seconds"]:
+        for part, sec in per.items():
+            totals[part] = totals.get(part, 0.0) + sec
+    lines += ["", "Quantization time (all partitions): " + ", ".join(f"{p} {s:.0f} s" for p, s in totals.items())]
     lines += ["", "Context binary build time per stage graph (all partitions):"]
     for t, per in manifest["compile_seconds"].items():
         lines.append(f"  {t:<10} " + "   ".join(f"stage {s}: {v:7.1f} s" for s, v in sorted(per.items())))

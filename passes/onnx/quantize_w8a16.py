@@ -16,6 +16,7 @@ import onnx_ir as ir
 from graphs.onnx_edit import matches_any
 from graphs.samples import load_samples
 from passes.base import Pass, PassResult, PreconditionError
+from passes.onnx.fold_weight_quantization import FoldWeightQuantizationPass
 from passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
 
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
@@ -149,6 +150,7 @@ class QuantizeW8A16Pass(Pass):
         result = ir.serde.deserialize_model(qdq)
         if self.kv_bits == 16:
             RequantizeMatMulOperandPass()(result)
+        FoldWeightQuantizationPass()(result)  # weights stored as the integers the NPU holds
         return PassResult(result, True)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphs import onnx_io
-from graphs.gptq import HessianSet, round_model_weights
+from graphs.gptq import DEFAULT_ROWS_PER_FEED, HessianSet, round_model_weights
 from graphs.samples import load_samples
 from passes.base import Pass, PassResult, PreconditionError
 from passes.onnx.quantize_w8a16 import is_quantized
@@ -40,7 +40,7 @@ class RoundWeightsGPTQPass(Pass):
         calibration: Sequence[Mapping[str, np.ndarray]] | str | Path | None = None,
         hessians: HessianSet | None = None,
         skip: Sequence[str] = (),
-        rows_per_feed: int = 512,
+        rows_per_feed: int = DEFAULT_ROWS_PER_FEED,
     ) -> None:
         if (calibration is None) == (hessians is None):
             raise ValueError("round_weights_gptq: give exactly one of calibration or hessians")

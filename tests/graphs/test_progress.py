@@ -1,10 +1,12 @@
-"""Peak memory of a process tree: a build's worker processes count too."""
+"""Peak memory of a process tree (a build's worker processes count too) and step timing."""
 
 import subprocess
 import sys
 import time
 
-from graphs.progress import Steps, TreePeak, tree_rss_bytes
+import pytest
+
+from graphs.progress import Steps, Stopwatch, TreePeak, tree_rss_bytes
 
 CHILD = "import sys, time; x = bytearray(300 << 20); x[::4096] = b'1' * len(x[::4096]); print('ready', flush=True); time.sleep(30)"
 
@@ -25,3 +27,18 @@ def test_tree_peak_counts_the_memory_of_child_processes():
         tree.stop()
     assert steps.records[0].peak_rss_bytes - before > 250 << 20
     assert tree_rss_bytes() - before < 100 << 20  # the child is gone
+
+
+def test_stopwatch_adds_up_repeated_parts_in_first_use_order():
+    watch = Stopwatch()
+    for _ in range(2):
+        with watch("first"):
+            time.sleep(0.02)
+    with watch("second"):
+        pass
+    with pytest.raises(ValueError):
+        with watch("failing"):
+            raise ValueError("timed anyway")
+    assert list(watch.seconds) == ["first", "second", "failing"]
+    assert watch.seconds["first"] >= 0.04 > watch.seconds["second"]
+    assert watch.summary().startswith("first 0 s, second 0 s")

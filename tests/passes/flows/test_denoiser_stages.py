@@ -56,6 +56,10 @@ def test_partitions_share_weights_and_one_binary_per_target(build):
     for entry in manifest["files"]:
         assert (out / entry["path"]).stat().st_size == entry["bytes"]
     assert manifest["verification"]["gate"]["passed"]
+    # where each partition's quantization time went, and the sum in the report
+    assert len(manifest["quantize_seconds"]) == len(parts)
+    assert all({"GPTQ statistics", "aimet", "QDQ chain"} <= set(t) for t in manifest["quantize_seconds"])
+    assert "Quantization time (all partitions): GPTQ statistics" in (out / "report.txt").read_text()
 
 
 def test_weight_encodings_are_identical_across_stages(build):
@@ -86,17 +90,17 @@ def test_chained_non_shared_binaries_reproduce_the_check(build):
 
 def test_gptq_rounded_weights_are_shared_and_on_the_int8_grid(build):
     from graphs import gptq
-    from graphs.onnx_edit import const_array
+    from graphs.onnx_edit import const_array, weight_values
 
     out, _ = build
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["quantization"]["weight_rounding"] == "gptq"
     assert manifest["quantization"]["gptq_target"] == "quantized"
     float_model = onnx_io.load(out / "stage2_part1_float.onnx")
-    qdq = [onnx_io.load(out / f"stage{s}_part1_w8a16.onnx").graph.initializers for s in range(3)]
+    qdq = [weight_values(onnx_io.load(out / f"stage{s}_part1_w8a16.onnx")) for s in range(3)]
     moved = 0
     for site in gptq.weight_sites(float_model, manifest["quantization"]["high_precision"]):
-        values = [const_array(q[site.weight]) for q in qdq if site.weight in q]
+        values = [q[site.weight] for q in qdq if site.weight in q]
         assert len(values) == 3
         np.testing.assert_array_equal(values[0], values[2])
         np.testing.assert_array_equal(values[1], values[2])
@@ -134,7 +138,7 @@ def test_float_target_gptq_moves_later_partitions_only(tmp_path):
     its weights equal plain GPTQ's; later partitions' weights move, stay on the grid and
     stay shared by the three stages."""
     from graphs import gptq
-    from graphs.onnx_edit import const_array
+    from graphs.onnx_edit import weight_values
 
     weights = {}
     for target in ("quantized", "float"):
@@ -144,7 +148,7 @@ def test_float_target_gptq_moves_later_partitions_only(tmp_path):
         build_denoiser_stages(opts, out)
         assert json.loads((out / MANIFEST).read_text())["quantization"]["gptq_target"] == target
         weights[target] = {
-            (s, k): {n: const_array(v) for n, v in onnx_io.load(out / f"stage{s}_part{k}_w8a16.onnx").graph.initializers.items()
+            (s, k): {n: v for n, v in weight_values(onnx_io.load(out / f"stage{s}_part{k}_w8a16.onnx")).items()
                      if n.startswith("w_")}
             for s in range(3) for k in (0, 1)
         }

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 
@@ -46,6 +47,9 @@ def test_w8a16_is_close_to_fp32_on_held_out_inputs(float_model, tmp_path):
     assert result.modified and is_quantized(result.model)
     ops = {n.op_type for n in result.model.graph}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # the Linear weights are stored as int8 (folded), under the names the encodings use
+    int8 = {n for n, v in result.model.graph.initializers.items() if v.dtype == ir.DataType.INT8 and v.shape.rank() == 2}
+    assert len(int8) == 2
     for feed in _feeds(4, 1):
         ref = run_onnx(model, feed)[0]
         assert sqnr_db(ref, run_onnx(result.model, feed)[0]) >= MIN_SQNR_DB
@@ -53,7 +57,7 @@ def test_w8a16_is_close_to_fp32_on_held_out_inputs(float_model, tmp_path):
     bitwidths = {e["bw"] for e in enc["activation_encodings"]}
     assert bitwidths == {16}
     linear_weights = [e for e in enc["param_encodings"] if "MatMul" in e["name"]]
-    assert len(linear_weights) == 2
+    assert len(linear_weights) == 2 and {e["name"] for e in linear_weights} == int8
     assert all((e["bw"], e["enc_type"], e["is_sym"]) == (8, "PER_CHANNEL", True) for e in linear_weights)
 
 
