@@ -82,10 +82,20 @@ def matches_any(node: ir.Node, patterns, weight_names=None) -> bool:
     return any(fnmatch.fnmatch(n, p) for n in names for p in patterns)
 
 
+def along_axis(per_slice: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """A Q/DQ scale or zero point ready to broadcast against an ``ndim``-D tensor: a 1-D
+    (per-axis) one is laid along ``axis``, a scalar is returned as it is."""
+    if per_slice.ndim != 1 or ndim == 0:
+        return per_slice
+    shape = [1] * ndim
+    shape[axis] = -1
+    return per_slice.reshape(shape)
+
+
 def weight_values(model: ir.Model) -> dict[str, np.ndarray]:
-    """Every 2-D-or-larger initializer as the float values the graph computes with: float
-    weights as stored, integer weights (a folded QDQ model) through the DequantizeLinear
-    that reads them."""
+    """Weights as the float values the graph computes with: integer initializers (a folded
+    QDQ model) through the DequantizeLinear that reads them, float initializers of rank 2
+    or more as stored."""
     values = {}
     for node in model.graph:
         if node.op_type != "DequantizeLinear" or not node.inputs[0].is_initializer():
@@ -94,10 +104,8 @@ def weight_values(model: ir.Model) -> dict[str, np.ndarray]:
         zp = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
         zp = np.zeros_like(scale) if zp is None else zp.astype(np.float32)
         axis = next((a.value for a in node.attributes.values() if a.name == "axis"), 1)
-        if scale.ndim == 1 and q.ndim > 1:
-            shape = [1] * q.ndim
-            shape[axis] = -1
-            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        axis = axis + q.ndim if axis < 0 else axis
+        scale, zp = along_axis(scale, q.ndim, axis), along_axis(zp, q.ndim, axis)
         values[node.inputs[0].name] = ((q.astype(np.float32) - zp) * scale).astype(np.float32)
     for name, value in model.graph.initializers.items():
         if name not in values and value.const_value is not None and value.dtype == ir.DataType.FLOAT \

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphs.onnx_edit import const_array
+from graphs.onnx_edit import along_axis, const_array
 from passes.base import Pass, PassResult
 
 _INTEGER = {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16}
@@ -16,14 +16,9 @@ def quantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, ax
     per tensor (scalar scale) or per slice along ``axis``; computed in float32 like
     onnxruntime's kernel."""
     x = np.asarray(x, dtype=np.float32)
-    scale = np.asarray(scale, dtype=np.float32)
     zero_point = np.asarray(zero_point)
-    if scale.ndim == 1 and x.ndim > 0:
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        scale, zp = scale.reshape(shape), zero_point.reshape(shape)
-    else:
-        zp = zero_point
+    scale = along_axis(np.asarray(scale, dtype=np.float32), x.ndim, axis)
+    zp = along_axis(zero_point, x.ndim, axis)
     info = np.iinfo(zero_point.dtype)
     q = np.rint(x / scale) + zp.astype(np.float32)
     return np.clip(q, info.min, info.max).astype(zero_point.dtype)
