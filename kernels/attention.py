@@ -12,6 +12,7 @@ finite, computed on the host) and ``out: [B, H, Sq, D]``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -69,6 +70,8 @@ def attention_split(
     :func:`attention_sdpa` whenever the mask honours the chunks' contract.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if _trace_as_one_node and torch.jit.is_tracing():
+        return _SplitAttentionNode.apply(q, k, v, bias, tuple(tuple(int(x) for x in c) for c in chunks), float(scale))
     if scale != 1.0:
         q = q * scale
     sizes = [q1 - q0 for q0, q1, _, _ in chunks]
@@ -95,6 +98,51 @@ def attention_split(
             outs.append(torch.softmax(scores, dim=-1) @ values[key_end])  # [B, 1, c, D]
         heads.append(torch.cat(outs, dim=2))
     return torch.cat(heads, dim=1)
+
+
+# --- tracing attention_split as one node --------------------------------------------------
+# Traced op by op, the split attention of the full-size stage-2 graph is tens of thousands of
+# small ops: the TorchScript tracer runs each one at full size and the exporter then
+# optimises them one by one. Its export with the ONNX passes took 212 s that way and 96 s
+# with one node per attention (same graph, same outputs bit for bit). Inside
+# :func:`traced_as_one_node` the tracer records one ``neodragon::SplitAttention`` node per
+# attention instead, and :func:`graphs.onnx_attention.expand_split_attention` writes the
+# same chunked graph into the ONNX model afterwards.
+
+SPLIT_ATTENTION_DOMAIN = "neodragon"
+SPLIT_ATTENTION_OP = "SplitAttention"
+_trace_as_one_node = False
+
+
+@contextlib.contextmanager
+def traced_as_one_node():
+    """While active, a traced :func:`attention_split` becomes one ``neodragon::SplitAttention``
+    node (attributes: ``chunks`` flattened, ``scale``, the inputs' static shapes) whose
+    traced value is zeros of the output's shape: only the graph is wanted, not the values.
+    Eager calls are unaffected."""
+    global _trace_as_one_node
+    previous, _trace_as_one_node = _trace_as_one_node, True
+    try:
+        yield
+    finally:
+        _trace_as_one_node = previous
+
+
+class _SplitAttentionNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, chunks, scale):  # the arguments symbolic() receives
+        return q.new_zeros((*q.shape[:-1], v.shape[-1]))
+
+    @staticmethod
+    def symbolic(g, q, k, v, bias, chunks, scale):
+        no_bias = bias is None or (hasattr(bias, "node") and bias.node().mustBeNone())
+        inputs = [q, k, v] if no_bias else [q, k, v, bias]
+        flat = [x for chunk in chunks for x in chunk]
+        # the exported model keeps no intermediate shapes: the node carries its inputs' shapes
+        shapes = {f"{n}_shape_i": list(t.type().sizes()) for n, t in zip(("q", "k", "v", "bias"), inputs)}
+        out = g.op(f"{SPLIT_ATTENTION_DOMAIN}::{SPLIT_ATTENTION_OP}", *inputs, chunks_i=flat, scale_f=scale, **shapes)
+        out.setType(q.type().with_sizes([*q.type().sizes()[:-1], v.type().sizes()[-1]]))
+        return out
 
 
 def plan_chunks(

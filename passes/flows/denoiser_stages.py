@@ -429,9 +429,11 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                                                     path.with_suffix(".encodings"))
                         qdq_paths[s].append(path)
                         del stage_qdq
-                    # the next partition calibrates on what this quantized one produces
+                    # the next partition calibrates on what this quantized one produces (the
+                    # last one only carries the check feeds on, to the output)
                     with watch("QDQ chain"):
-                        _advance(qnn.cpu_session(path), envs[s] + check_envs[s], keep[s][k])
+                        chained = check_envs[s] if k == n_parts - 1 else envs[s] + check_envs[s]
+                        _advance(qnn.cpu_session(path), chained, keep[s][k])
                 merged_encodings.unlink()
                 del qdq
                 release_memory()
