@@ -209,6 +209,24 @@ def test_inverse_upper_cholesky_matches_the_factor_of_the_inverse():
     x = rng.standard_normal((300, 120))
     h = x.T @ x + 0.1 * np.eye(120)
     u = gptq.inverse_upper_cholesky(h)
+    assert u.dtype == np.float32  # computed in float32, as GPTQ does
     np.testing.assert_array_equal(u, np.triu(u))
-    np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(u, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=1e-8, atol=1e-12)
+    inv = np.linalg.inv(h)
+    u64 = u.astype(np.float64)
+    np.testing.assert_allclose(u64.T @ u64, inv, rtol=0, atol=1e-5 * np.abs(inv).max())
+    np.testing.assert_allclose(u64, np.linalg.cholesky(inv).T, rtol=0, atol=1e-5 * np.abs(u64).max())
+
+
+def test_inverse_upper_cholesky_falls_back_to_float64():
+    """A Hessian too ill-conditioned for a float32 Cholesky is factored in float64."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((40, 60))  # rank 40 of 60
+    h = x.T @ x + 1e-7 * np.eye(60)
+    import torch
+
+    assert int(torch.linalg.cholesky_ex(torch.from_numpy(h.astype(np.float32)))[1]) != 0
+    u = gptq.inverse_upper_cholesky(h)
+    assert np.isfinite(u).all()
+    lower_flipped = np.linalg.cholesky(h[::-1, ::-1])
+    expected = np.linalg.inv(lower_flipped[::-1, ::-1])
+    np.testing.assert_allclose(u, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
