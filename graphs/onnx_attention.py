@@ -35,7 +35,9 @@ class _Writer:
     def const(self, array: np.ndarray) -> ir.Value:
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self.constants:
-            value = ir.Value(name=f"split_attention_const_{len(self.constants)}", const_value=ir.tensor(array))
+            # a generated name ("/..."): name_weights_by_content renames it after its contents,
+            # so stage graphs holding the same constant share it
+            value = ir.Value(name=f"/SplitAttention/Constant_{len(self.constants)}", const_value=ir.tensor(array))
             value.shape, value.dtype = ir.Shape(array.shape), ir.tensor(array).dtype
             self.graph.register_initializer(value)
             self.constants[key] = value

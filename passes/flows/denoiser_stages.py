@@ -248,10 +248,17 @@ def _compile_shared(
 def _background_worker():
     """One worker process for the single-threaded work (the QNN compiler, float chain checks)
     that overlaps the quantization in this process. Spawned, so it holds none of this
-    process's memory; on failure, queued work is cancelled."""
+    process's memory; on failure or Ctrl-C, queued work is cancelled and the running task
+    stopped."""
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     try:
         yield pool
+    except BaseException:
+        # A failed or interrupted build discards the worker's results: stop it now instead
+        # of waiting for the compile under way (about two minutes per full-size partition).
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

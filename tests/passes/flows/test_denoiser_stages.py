@@ -16,6 +16,7 @@ from passes.flows.denoiser import MIN_SQNR_DB
 from passes.flows.denoiser_stages import (
     ALL_STAGES_MIN_SQNR_DB,
     AllStagesOptions,
+    _background_worker,
     _run_chain,
     _worker_result,
     build_denoiser_stages,
@@ -131,6 +132,22 @@ def test_a_dead_worker_process_is_reported_in_one_sentence():
     future.set_exception(BrokenProcessPool("A child process terminated abruptly"))
     with pytest.raises(RuntimeError, match="worker process died while compiling partition 3"):
         _worker_result(future, "compiling partition 3 for sm8750")
+
+
+def test_an_interrupted_build_does_not_wait_for_the_worker():
+    """Ctrl-C (or an error) while the worker runs a long task stops the worker at once."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        with _background_worker() as worker:
+            running = worker.submit(time.sleep, 120)
+            while not running.running():
+                time.sleep(0.05)
+            time.sleep(0.5)  # the worker is inside the task
+            raise KeyboardInterrupt
+    assert time.perf_counter() - start < 60
+    assert running.done()
 
 
 def test_float_target_gptq_moves_later_partitions_only(tmp_path):
