@@ -58,9 +58,10 @@ def inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
     upper R with H = R R^T, and U = R^-1 (a triangular solve): about 2K^3/3 flops
     against 7K^3/3 for inverting H and factoring the inverse (K = 6144 for an FF2 weight).
 
-    Computed in float32 with torch's LAPACK, as GPTQ itself does (relative difference to
-    float64: 2e-7 on an FF2 Hessian; numpy's float64 Cholesky and triangular inverse took
-    2.5x as long), and again in float64 if the float32 factorisation fails."""
+    Computed in float32 with torch's LAPACK, as GPTQ itself does, and again in float64 if
+    the float32 factorisation fails. On a K = 6144 Hessian the float32 factor differs from
+    the float64 one by 2e-7 (relative), and with a full build running beside it took 7.3 s
+    against 18.3 s for numpy's float64 Cholesky and triangular inverse."""
     k = h.shape[0]
     h32 = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32))
     lower_flipped, info = torch.linalg.cholesky_ex(h32.flip(0, 1))

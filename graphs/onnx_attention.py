@@ -46,18 +46,18 @@ class _Writer:
     def ints(self, values) -> ir.Value:
         return self.const(np.asarray(values, dtype=np.int64))
 
-    def op(self, op_type: str, inputs, shapes, dtype, attributes=None, label: str = "") -> list[ir.Value]:
+    def op(self, op_type: str, inputs, shapes, dtype, attributes=None) -> list[ir.Value]:
         self.count += 1
         node = ir.node(op_type, list(inputs), attributes or {}, num_outputs=len(shapes),
-                       name=f"{self.prefix}/{label or op_type}_{self.count}")
+                       name=f"{self.prefix}/{op_type}_{self.count}")
         self.graph.insert_before(self.anchor, node)
         for out, shape in zip(node.outputs, shapes):
             out.shape, out.dtype = ir.Shape(shape), dtype
             out.name = node.name + (f"_output_{out.index()}" if len(shapes) > 1 else "_output")
         return list(node.outputs)
 
-    def one(self, op_type, inputs, shape, dtype, attributes=None, label: str = "") -> ir.Value:
-        return self.op(op_type, inputs, [shape], dtype, attributes, label)[0]
+    def one(self, op_type, inputs, shape, dtype, attributes=None) -> ir.Value:
+        return self.op(op_type, inputs, [shape], dtype, attributes)[0]
 
     def slice(self, x: ir.Value, starts, ends, axes, shape) -> ir.Value:
         return self.one("Slice", [x, self.ints(starts), self.ints(ends), self.ints(axes)], shape, self.dtype)
