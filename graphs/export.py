@@ -47,30 +47,15 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         raw = Path(tmp) / "model.onnx"
+        common = dict(input_names=list(input_names), output_names=list(output_names), opset_version=opset)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if exporter == "legacy":
                 with traced_as_one_node():
-                    torch.onnx.export(
-                        module,
-                        tuple(example_inputs),
-                        str(raw),
-                        input_names=list(input_names),
-                        output_names=list(output_names),
-                        opset_version=opset,
-                        do_constant_folding=True,
-                        dynamo=False,
-                    )
+                    torch.onnx.export(module, tuple(example_inputs), str(raw), do_constant_folding=True, dynamo=False,
+                                      **common)
             else:
-                program = torch.onnx.export(
-                    module,
-                    tuple(example_inputs),
-                    input_names=list(input_names),
-                    output_names=list(output_names),
-                    opset_version=opset,
-                    dynamo=True,
-                    optimize=True,
-                )
+                program = torch.onnx.export(module, tuple(example_inputs), dynamo=True, optimize=True, **common)
                 program.save(str(raw), external_data=True)
         gc.collect()
         # Re-save inside the temporary directory's lifetime: external tensors stream from it.

@@ -37,8 +37,9 @@ class _Writer:
         if key not in self.constants:
             # a generated name ("/..."): name_weights_by_content renames it after its contents,
             # so stage graphs holding the same constant share it
-            value = ir.Value(name=f"/SplitAttention/Constant_{len(self.constants)}", const_value=ir.tensor(array))
-            value.shape, value.dtype = ir.Shape(array.shape), ir.tensor(array).dtype
+            tensor = ir.tensor(array)
+            value = ir.Value(name=f"/SplitAttention/Constant_{len(self.constants)}", const_value=tensor)
+            value.shape, value.dtype = ir.Shape(array.shape), tensor.dtype
             self.graph.register_initializer(value)
             self.constants[key] = value
         return self.constants[key]
@@ -46,21 +47,21 @@ class _Writer:
     def ints(self, values) -> ir.Value:
         return self.const(np.asarray(values, dtype=np.int64))
 
-    def op(self, op_type: str, inputs, shapes, dtype, attributes=None) -> list[ir.Value]:
+    def op(self, op_type: str, inputs, shapes, attributes=None) -> list[ir.Value]:
         self.count += 1
         node = ir.node(op_type, list(inputs), attributes or {}, num_outputs=len(shapes),
                        name=f"{self.prefix}/{op_type}_{self.count}")
         self.graph.insert_before(self.anchor, node)
         for out, shape in zip(node.outputs, shapes):
-            out.shape, out.dtype = ir.Shape(shape), dtype
+            out.shape, out.dtype = ir.Shape(shape), self.dtype
             out.name = node.name + (f"_output_{out.index()}" if len(shapes) > 1 else "_output")
         return list(node.outputs)
 
-    def one(self, op_type, inputs, shape, dtype, attributes=None) -> ir.Value:
-        return self.op(op_type, inputs, [shape], dtype, attributes)[0]
+    def one(self, op_type, inputs, shape, attributes=None) -> ir.Value:
+        return self.op(op_type, inputs, [shape], attributes)[0]
 
     def slice(self, x: ir.Value, starts, ends, axes, shape) -> ir.Value:
-        return self.one("Slice", [x, self.ints(starts), self.ints(ends), self.ints(axes)], shape, self.dtype)
+        return self.one("Slice", [x, self.ints(starts), self.ints(ends), self.ints(axes)], shape)
 
     def split(self, x: ir.Value, axis: int, sizes: list[int], shape) -> list[ir.Value]:
         if len(sizes) == 1:
@@ -70,12 +71,12 @@ class _Writer:
             s = list(shape)
             s[axis] = size
             shapes.append(s)
-        return self.op("Split", [x, self.ints(sizes)], shapes, self.dtype, {"axis": axis})
+        return self.op("Split", [x, self.ints(sizes)], shapes, {"axis": axis})
 
     def concat(self, parts: list[ir.Value], axis: int, shape) -> ir.Value:
         if len(parts) == 1:
             return parts[0]
-        return self.one("Concat", parts, shape, self.dtype, {"axis": axis})
+        return self.one("Concat", parts, shape, {"axis": axis})
 
 
 def _shape(node: ir.Node, which: str, value: ir.Value) -> list[int]:
@@ -114,7 +115,7 @@ def _expand(graph: ir.Graph, node: ir.Node, constants: dict) -> None:
     w = _Writer(graph, node, node.name or "SplitAttention", constants, dtype)
 
     if scale != 1.0:
-        q = w.one("Mul", [q, w.const(np.array(scale, dtype=np.float32))], [b, heads, seq, d], dtype)
+        q = w.one("Mul", [q, w.const(np.array(scale, dtype=np.float32))], [b, heads, seq, d])
     folded: dict[tuple[int, int], ir.Value] = {}
     for _, _, key_end, row in chunks:
         if row >= 0 and (key_end, row) not in folded:
@@ -122,7 +123,7 @@ def _expand(graph: ir.Graph, node: ir.Node, constants: dict) -> None:
                 raise ValueError(f"{node.name}: chunk folds bias row {row} but the node has no bias")
             sliced = w.slice(bias, [row, 0], [row + 1, key_end], [2, 3], [bb, 1, 1, key_end])
             folded[key_end, row] = w.one("Div", [sliced, w.const(np.array(FOLD_SCALE, np.float32))],
-                                         [bb, 1, 1, key_end], dtype)
+                                         [bb, 1, 1, key_end])
     one_head = [[b, 1, seq, d], [b, 1, keys_len, d], [b, 1, keys_len, dv]]
     q_heads = w.split(q, 1, [1] * heads, one_head[0])
     k_heads = w.split(k, 1, [1] * heads, one_head[1])
@@ -130,7 +131,7 @@ def _expand(graph: ir.Graph, node: ir.Node, constants: dict) -> None:
     sizes = [q1 - q0 for q0, q1, _, _ in chunks]
     head_outs = []
     for qh, kh, vh in zip(q_heads, k_heads, v_heads):
-        kt = w.one("Transpose", [kh], [b, 1, d, keys_len], dtype, {"perm": [0, 1, 3, 2]})
+        kt = w.one("Transpose", [kh], [b, 1, d, keys_len], {"perm": [0, 1, 3, 2]})
         keys: dict = {}
         values: dict = {}
         outs = []
@@ -145,14 +146,14 @@ def _expand(graph: ir.Graph, node: ir.Node, constants: dict) -> None:
                     keys[key_end, row] = w.concat([keys[key_end], folded[key_end, row]], 2, [b, 1, d + 1, key_end])
                 ones = w.const(np.full((b, 1, rows, 1), FOLD_SCALE, dtype=np.float32))
                 q_ext = w.concat([q_c, ones], 3, [b, 1, rows, d + 1])
-                scores = w.one("MatMul", [q_ext, keys[key_end, row]], [b, 1, rows, key_end], dtype)
+                scores = w.one("MatMul", [q_ext, keys[key_end, row]], [b, 1, rows, key_end])
             else:
-                scores = w.one("MatMul", [q_c, keys[key_end]], [b, 1, rows, key_end], dtype)
+                scores = w.one("MatMul", [q_c, keys[key_end]], [b, 1, rows, key_end])
                 if bias is not None:
                     bias_c = w.slice(bias, [q0, 0], [q1, key_end], [2, 3], [bb, 1, rows, key_end])
-                    scores = w.one("Add", [scores, bias_c], [b, 1, rows, key_end], dtype)
-            probs = w.one("Softmax", [scores], [b, 1, rows, key_end], dtype, {"axis": -1})
-            outs.append(w.one("MatMul", [probs, values[key_end]], [b, 1, rows, dv], dtype))
+                    scores = w.one("Add", [scores, bias_c], [b, 1, rows, key_end])
+            probs = w.one("Softmax", [scores], [b, 1, rows, key_end], {"axis": -1})
+            outs.append(w.one("MatMul", [probs, values[key_end]], [b, 1, rows, dv]))
         head_outs.append(w.concat(outs, 2, [b, 1, seq, dv]))
     result = w.concat(head_outs, 1, [b, heads, seq, dv])
     old = node.outputs[0]

@@ -69,6 +69,13 @@ def test_expanded_graph_equals_the_kernel_and_the_op_by_op_export(tmp_path, monk
     assert not [n for n in proto.graph.node if n.domain == SPLIT_ATTENTION_DOMAIN]
     assert SPLIT_ATTENTION_DOMAIN not in {o.domain for o in proto.opset_import}
     onnx.checker.check_model(proto, full_check=True)  # every new value's shape and type agree
+    # its constants carry generated names, which the weight naming replaces by content names
+    # (so the stage graphs of one model share them)
+    from passes.onnx.name_weights_by_content import NameWeightsByContentPass
+
+    named = NameWeightsByContentPass()(ir.load(str(one_node))).model
+    assert all(n.startswith("w_") or n.startswith("proj.") for n in named.graph.initializers), \
+        sorted(named.graph.initializers)
     np.testing.assert_allclose(_run(one_node, feeds), ref, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
 
     # the same graph traced op by op (what the export did before) gives the same numbers
