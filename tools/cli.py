@@ -369,8 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler. It unwinds like Ctrl-C (staging directories removed,
+    workers stopped) but is not a KeyboardInterrupt: under `python -m`, CPython remembers a
+    KeyboardInterrupt that passed through `exec` of a string (dataclasses and torch do that
+    while importing) and exits by SIGINT even after we handled it, not with our status 130."""
+
+
 def _terminated(signum, frame):
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: staging directories removed, workers stopped
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         print("neodragon-npu: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one line for the user; --debug for the traceback

@@ -84,3 +84,27 @@ def test_a_terminated_build_leaves_nothing_behind(tmp_path):
     assert proc.returncode == 130, err
     assert "neodragon-npu: interrupted" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_inside_exec_of_a_string_still_exits_130(tmp_path):
+    """CPython run with -m exits by SIGINT (status -2) once a KeyboardInterrupt has passed
+    through `exec` of a string, even when the program handled it; dataclasses and torch run
+    such code while importing. So SIGTERM must not become a KeyboardInterrupt, or the test
+    above fails whenever the signal lands in one of those imports."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "killed_in_exec.py").write_text(
+        "import sys\n"
+        "from tools import cli\n"
+        "def killed_in_exec(args):\n"
+        "    exec('import os, signal, time\\nos.kill(os.getpid(), signal.SIGTERM)\\ntime.sleep(30)')\n"
+        "cli._cmd_targets = killed_in_exec\n"
+        "sys.exit(cli.main(['targets']))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.getcwd()]))
+    done = subprocess.run([sys.executable, "-m", "killed_in_exec"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 130, done.stderr
+    assert "neodragon-npu: interrupted" in done.stderr
