@@ -76,6 +76,10 @@ ALL_STAGES_MIN_SQNR_DB = 25.0
 # Simulating the HTP is slow (~98 s per full-width block at 1728 tokens): by default the
 # chained binaries are run in the simulator only for models up to this many weight bytes.
 HTP_VERIFY_LIMIT_BYTES = 256 << 20
+# fp32 weights up to which the stage exports copy the sampled model instead of rebuilding it
+# (full size, 6.1 GB: the export step took 324 s against 380 s with a rebuild per stage, and
+# peaked at 15.5 GB against 9.3 GB, below the quantization step's peak)
+COPY_FOR_EXPORT_LIMIT_BYTES = 7 << 30
 GPTQ_TARGETS = ("float", "quantized")
 
 
@@ -181,6 +185,12 @@ def _export_stage(opts: AllStagesOptions, stage: int, path: Path, make) -> dict:
     stats = optimize_stage_graph(path, opts, {})
     release_memory()
     return stats
+
+
+def _hand_over(obj):
+    """A ``make()`` that returns ``obj`` once and keeps no reference to it afterwards."""
+    box = [obj]
+    return box.pop
 
 
 def _drop_unneeded(envs: list[dict], keep: set[str]) -> None:
@@ -314,7 +324,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
     }
     result = StagesResult(Path(out_dir), manifest)
 
-    with tree, artifacts.staged_dir(out_dir) as work, _background_worker() as worker:
+    with tree, artifacts.staged_dir(out_dir) as work, _background_worker() as worker, artifacts.Digests() as digests:
         # 1. The PyTorch model and pipeline samples for every stage.
         with steps.step("build the model and run the float pipeline for samples"):
             denoiser = load_denoiser(opts, work, manifest)
@@ -322,25 +332,31 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
             _write_stage_samples(denoiser, opts, work, stages)
             weight_bytes = sum(p.numel() * 4 for p in denoiser.transformer.parameters())
             weight_bytes += sum(p.numel() * 4 for p in denoiser.context_adapter.parameters())
-            small = weight_bytes <= (2 << 30)
-            if not small:  # every stage rebuilds its own copy: never two full-size models at once
+            # the stage exports below trace copies of this model; past this size each rebuilds its own
+            keep_model = weight_bytes <= COPY_FOR_EXPORT_LIMIT_BYTES
+            if not keep_model:
                 del denoiser
                 release_memory()
 
-        # 2. One float graph per stage: FX passes (they edit parameters, so each stage traces
-        #    its own copy, or a rebuilt model when a copy would not fit), export, ONNX passes.
+        # 2. One float graph per stage: FX passes (they edit parameters, so each stage but the
+        #    last traces a copy of the model, or a rebuilt one past COPY_FOR_EXPORT_LIMIT_BYTES),
+        #    export, ONNX passes.
         #    (Running the samples in the worker beside the exports saved 22 s at full size,
         #    862 s against 884 s, and peaked at 18.2 GB against 9.3 GB: both are memory-bound.)
         float_paths = {s: work / f"stage{s}_float.onnx" for s in stages}
         stage_stats: dict[int, dict] = {}
         with steps.step("trace, optimize and export the three stage graphs"):
-            for s in sorted(stages, reverse=True):
-                make = functools.partial(copy.deepcopy, denoiser) if small else functools.partial(load_denoiser, opts)
+            order = sorted(stages, reverse=True)
+            for s in order:
+                if not keep_model:
+                    make = functools.partial(load_denoiser, opts)
+                elif s != order[-1]:
+                    make = functools.partial(copy.deepcopy, denoiser)
+                else:  # the last stage takes the model itself: _export_stage frees it when done
+                    make, denoiser = _hand_over(denoiser), None
                 stage_stats[s] = _export_stage(opts, s, float_paths[s], make)
                 logger.info("      stage %d: %d nodes, %s op-output bytes per call (A16)", s,
                             stage_stats[s]["node_count"], format_bytes(stage_stats[s]["op_output_bytes"]))
-            if small:
-                del denoiser
             release_memory()
         calib = {s: load_samples(work / f"stage{s}_calibration_inputs.npz") for s in stages}
         check = {s: load_samples(work / f"stage{s}_check_samples.npz") for s in stages}
@@ -460,6 +476,9 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         binaries: dict[str, dict[int, dict[int, qnn.ContextBinary]]] = {t.name: {} for t in targets}
         compile_seconds: dict[str, dict[int, float]] = {t.name: {} for t in targets}
         with steps.step(f"finish the shared-weight context binaries for {', '.join(t.name for t in targets)}"):
+            # the worker compiles on one core: hash the manifest's finished files on the other
+            compiling = [work / t.name for t in targets]
+            digests.start(p for p in sorted(work.rglob("*")) if p.is_file() and not any(d in p.parents for d in compiling))
             for (name, k), future in compiles.items():
                 binaries[name][k], seconds = _worker_result(future, f"compiling partition {k} for {name}")
                 for s, sec in seconds.items():
@@ -503,7 +522,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
             failing = {s: v for s, v in result.sqnr_db[gate].items() if v < opts.min_sqnr_db}
             manifest["verification"]["gate"] = {"kind": gate, "threshold_db": opts.min_sqnr_db, "passed": not failing}
             (work / "report.txt").write_text(_render(config.name, targets, n_parts, result, steps, manifest))
-            artifacts.write_manifest(work, manifest)
+            artifacts.write_manifest(work, manifest, digests)
     if failing:
         worst = ", ".join(f"stage {s} {v:.1f} dB" for s, v in sorted(failing.items()))
         raise BuildCheckError(
