@@ -89,9 +89,11 @@ class Digests:
                 self._pending[path] = (_stamp(path), self._pool.submit(sha256, path))
 
     def get(self, path: Path) -> str | None:
-        """The digest of ``path`` if it was hashed ahead and has not changed since."""
+        """The digest of ``path`` if it was hashed ahead and has not changed since. A hash
+        still queued is cancelled (None): the caller hashes it, on all cores, instead of
+        waiting for this one thread."""
         stamp, future = self._pending.get(Path(path), (None, None))
-        if future is None or future.cancelled() or future.exception() is not None or stamp != _stamp(path):
+        if future is None or future.cancel() or future.exception() is not None or stamp != _stamp(path):
             return None
         return future.result()
 

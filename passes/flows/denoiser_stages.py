@@ -77,7 +77,7 @@ ALL_STAGES_MIN_SQNR_DB = 25.0
 # chained binaries are run in the simulator only for models up to this many weight bytes.
 HTP_VERIFY_LIMIT_BYTES = 256 << 20
 # fp32 weights up to which the stage exports copy the sampled model instead of rebuilding it
-# (full size, 6.1 GB: the export step took 324 s against 380 s with a rebuild per stage, and
+# (full size, 6.1 GB: the export step took 325 s against 380 s with a rebuild per stage, and
 # peaked at 15.5 GB against 9.3 GB, below the quantization step's peak)
 COPY_FOR_EXPORT_LIMIT_BYTES = 7 << 30
 GPTQ_TARGETS = ("float", "quantized")

@@ -171,7 +171,8 @@ def _calibrate(sim, session, feeds: list[dict[str, np.ndarray]]) -> None:
     """aimet's calibration forwards, with its weight quantizers on for the first one only.
 
     In calibration, aimet quantizes and dequantizes every weight on every forward; for a
-    full-width 2-block partition that was 5.7 s of its 30.6 s of calibration. A weight
+    full-width 2-block partition that was 5.7 s of its 30.6 s of calibration on an idle
+    machine (one run each; later runs in a slower hour varied by as much). A weight
     quantizer's range comes from its weight alone, fixed in the first forward; the later
     forwards run on the float weights, which only the activation ranges see (and GPTQ has
     already put most weights on their int8 grid, where the two are the same).

@@ -146,8 +146,8 @@ def _range_gaps(ours: dict, theirs: dict) -> dict[str, float]:
 
 
 def test_weight_quantizers_run_in_the_first_calibration_forward_only(float_model, tmp_path, monkeypatch):
-    """Our calibration turns aimet's weight quantizers off after the first forward (they
-    cost a fifth of the calibration time). On weights already on their int8 grid, what GPTQ
+    """Our calibration turns aimet's weight quantizers off after the first forward (a
+    fifth of one partition's calibration time, measured once). On weights already on their int8 grid, what GPTQ
     hands over, the encodings are then aimet's own up to float rounding; on float weights
     the activation ranges differ, so the quantizers really were off."""
     from graphs.gptq import round_to_nearest
