@@ -12,8 +12,8 @@ from typing import Mapping
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from graphs import qnn
 from graphs.verify import sqnr_db
 
 
@@ -47,8 +47,8 @@ def layer_errors(
     q_outputs = {o for n in qm.graph.node for o in n.output}
     tracked = [(n, o) for n in fm.graph.node if n.op_type != "Constant" for o in n.output if o in q_outputs]
     names = [o for _, o in tracked]
-    f_sess = ort.InferenceSession(_expose(fm, names), providers=["CPUExecutionProvider"])
-    q_sess = ort.InferenceSession(_expose(qm, names), providers=["CPUExecutionProvider"])
+    f_sess = qnn.cpu_session(_expose(fm, names))
+    q_sess = qnn.cpu_session(_expose(qm, names))
     signal = np.zeros(len(names))
     noise = np.zeros(len(names))
     lo = np.full(len(names), np.inf)

@@ -15,12 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from passes.flows.denoiser_stages import AllStagesOptions, StagesResult, build_denoiser_stages
+from passes.pipelines import DENOISER_HIGH_PRECISION_LAYERS
 
 # variant name -> what changes against the full pipeline
 VARIANTS = {
     "all fixes": {},
     "no adaLN split": {"skip_passes": ("split_adaln",)},
     "8-bit K/V": {"kv_bits": 8},
+    "int8 first blocks": {"high_precision": DENOISER_HIGH_PRECISION_LAYERS},
     "nearest rounding": {"weight_rounding": "nearest"},
     "float-target GPTQ": {"gptq_target": "float"},
 }

@@ -156,6 +156,18 @@ def _stage_samples(denoiser, opts: AllStagesOptions, stages):
     return calib, check
 
 
+def gptq_sample_indices(n_calib: int, calls_per_prompt: int, count: int) -> list[int]:
+    """The calibration calls whose inputs feed the GPTQ Hessians: the prompts in turn (call 0
+    of every prompt, then call 1, ...). Calibration calls are stored prompt by prompt,
+    ``calls_per_prompt`` each. The context stream's tokens are the same in every call of
+    one prompt, so two calls of one prompt give its Linears a Hessian of rank 128 for
+    K = 1536. Two calls of two prompts against two of one, on held-out prompts: -0.03 to
+    +0.65 dB per Linear, +0.3 dB on average (13 Linears of blocks 0 and 8, full size)."""
+    prompts = math.ceil(n_calib / calls_per_prompt)
+    order = [p * calls_per_prompt + c for c in range(calls_per_prompt) for p in range(prompts)]
+    return [i for i in order if i < n_calib][:count]
+
+
 def _write_stage_samples(denoiser, opts: AllStagesOptions, work: Path, stages: list[int]) -> None:
     """Run the float pipeline and write each stage's calibration and check sample files
     (the check files hold the fp32 outputs too)."""
@@ -408,17 +420,19 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         keep = {s: _inputs_needed_after(part_paths[s]) for s in stages}
         # with a float GPTQ target: the GPTQ samples as the float partitions deliver them
         float_envs = None
+        n_calib = min(len(calib[s]) for s in stages)
+        picks = gptq_sample_indices(n_calib, len(config.geometry.denoised_units), opts.gptq_samples)
         if opts.weight_rounding == "gptq" and opts.gptq_target == "float":
-            float_envs = {s: [dict(f) for f in calib[s][: opts.gptq_samples]] for s in stages}
+            float_envs = {s: [dict(calib[s][i]) for i in picks] for s in stages}
         with steps.step(f"quantize W8A16 per partition ({opts.calibration_samples} samples per stage); compile behind it"):
             for k in range(n_parts):
                 watch = Stopwatch()
                 hessians = None
                 if opts.weight_rounding == "gptq":  # one rounding for the weights all stages share
                     with watch("GPTQ statistics"):
-                        hessians = HessianSet(total_feeds=opts.gptq_samples * len(stages))
+                        hessians = HessianSet(total_feeds=len(picks) * len(stages))
                         for s in stages:
-                            hessians.accumulate(part_paths[s][k], envs[s][: opts.gptq_samples], opts.high_precision,
+                            hessians.accumulate(part_paths[s][k], [envs[s][i] for i in picks], opts.high_precision,
                                                 float_feeds=float_envs[s] if float_envs else None)
                             if float_envs:
                                 _drop_unneeded(float_envs[s], keep[s][k])

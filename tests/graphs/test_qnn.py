@@ -1,6 +1,7 @@
 """The real onnxruntime-qnn HTP compiler and x86 simulator on a small QDQ graph."""
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -54,3 +55,44 @@ def test_missing_feed_is_named(qdq_model):
     session = qnn.cpu_session(folder / "q.onnx")
     with pytest.raises(ValueError, match=r"missing inputs: \['x'\]"):
         qnn.run(session, {})
+
+
+def _w8a16_matmul(k: int = 256, n: int = 64) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """x -> Q/DQ int16 -> MatMul(DQ(int8 per-channel weight)): the W8A16 node unit."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w_scale = (np.abs(w).max(0) / 127).astype(np.float32)
+    w_int = np.clip(np.round(w / w_scale), -128, 127).astype(np.int8)
+    x_scale = np.float32(8.0 / 32767)
+    inits = [
+        numpy_helper.from_array(w_int, "w_q"), numpy_helper.from_array(w_scale, "w_scale"),
+        numpy_helper.from_array(np.zeros(n, np.int8), "w_zp"), numpy_helper.from_array(np.array(x_scale), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.int16), "x_zp"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"]),
+        helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_dq"], axis=1),
+        helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "w8a16", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, n])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = rng.standard_normal((16, k)).astype(np.float32)
+    x_dq = np.clip(np.round(x / x_scale), -32768, 32767).astype(np.float64) * x_scale
+    expected = x_dq @ (w_int.astype(np.float64) * w_scale)
+    return model.SerializeToString(), x, expected
+
+
+def test_cpu_sessions_run_a_w8a16_matmul_with_its_16_bit_activation():
+    # onnxruntime's default CPU optimisations fuse this into MatMulNBits, which quantizes
+    # the activation to int8 on the fly; our CPU sessions must compute what the graph says.
+    model, x, expected = _w8a16_matmul()
+    ours = qnn.cpu_session(model).run(None, {"x": x})[0]
+    assert sqnr_db(expected, ours) > 100.0
+    fused = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert sqnr_db(expected, fused) < 60.0  # what the CPU EP does without our options

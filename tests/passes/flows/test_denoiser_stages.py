@@ -6,6 +6,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
+import torch
 
 from graphs import onnx_io, qnn
 from graphs.artifacts import MANIFEST
@@ -20,6 +21,7 @@ from passes.flows.denoiser_stages import (
     _run_chain,
     _worker_result,
     build_denoiser_stages,
+    gptq_sample_indices,
 )
 
 
@@ -177,3 +179,47 @@ def test_float_target_gptq_moves_later_partitions_only(tmp_path):
     for name in moved:
         np.testing.assert_array_equal(aimed[0, 1][name], aimed[2, 1][name])
         assert gptq.on_grid(aimed[2, 1][name]) or gptq.on_grid(aimed[2, 1][name].T), name
+
+
+def test_gptq_samples_come_from_every_prompt_in_turn():
+    # 8 calibration calls: 6 of the first prompt, then 2 of the second
+    assert gptq_sample_indices(8, 6, 2) == [0, 6]
+    assert gptq_sample_indices(8, 6, 5) == [0, 6, 1, 7, 2]
+    assert gptq_sample_indices(4, 6, 2) == [0, 1]  # one prompt: its first calls
+    assert gptq_sample_indices(3, 1, 9) == [0, 1, 2]  # never more than there are
+
+
+def test_first_block_patterns_pick_exactly_the_linears_of_those_blocks(build):
+    import onnx_ir as ir
+
+    from graphs.onnx_edit import const_array, matches_any
+    from neodragon_models.configs import get_denoiser_config
+    from neodragon_models.denoiser import build_denoiser
+    from passes.pipelines import first_blocks_patterns
+
+    out, _ = build
+    blocks = build_denoiser(get_denoiser_config("tiny"), seed=AllStagesOptions().seed).transformer.transformer_blocks
+    linears = {}  # weight as the export stores it ([in, out]) -> (block, module)
+    for b, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            if isinstance(module, torch.nn.Linear) and "norm" not in name:
+                linears[module.weight.detach().numpy().T.tobytes()] = (b, name)
+    # q and k rows are permuted and scaled offline (RoPE layout, folded 1/sqrt(d)), so only
+    # the other Linears can be recognised by their weights
+    rotated = ("attn.to_q", "attn.to_k", "attn.add_q_proj", "attn.add_k_proj")
+    models = [ir.load(p) for p in sorted(out.glob("stage2_part*_float.onnx"))]
+    for count in (1, 2):
+        patterns = first_blocks_patterns(count)
+        found, by_name = set(), []
+        for model in models:
+            for node in model.graph:
+                w = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+                if w is not None and w.is_initializer() and matches_any(node, patterns):
+                    hit = linears.get(const_array(w).tobytes())
+                    if hit is None:
+                        by_name.append(node.name)
+                    else:
+                        found.add(hit)
+        expected = {(b, n) for b, n in linears.values() if b < count and not n.startswith(rotated)}
+        assert found == expected
+        assert len(by_name) == 4 * count and all(n.split("/")[1].startswith(("to_q", "to_k", "add_q", "add_k")) for n in by_name)

@@ -230,3 +230,24 @@ def test_inverse_upper_cholesky_falls_back_to_float64():
     lower_flipped = np.linalg.cholesky(h[::-1, ::-1])
     expected = np.linalg.inv(lower_flipped[::-1, ::-1])
     np.testing.assert_allclose(u, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_default_damping_holds_up_when_the_hessian_has_fewer_rows_than_inputs():
+    # the denoiser's Hessians get about 2 x K rows, many repeated (padding and context
+    # tokens): GPTQ's usual 1% damping then fits the calibration rows and loses on new ones
+    rng = np.random.default_rng(0)
+    k, n = 256, 64
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    mix = rng.standard_normal((k, k)).astype(np.float32) / np.sqrt(k)
+    channel = np.abs(1 + 2 * rng.standard_normal(k)).astype(np.float32)
+
+    def rows(m):
+        return (rng.standard_normal((m, k)).astype(np.float32) @ mix + rng.standard_normal((m, k)).astype(np.float32)) * channel
+
+    calib, held_out = rows(k // 2), rows(4096)
+    h = calib.T @ calib
+    ref = held_out @ w
+    default = sqnr_db(ref, held_out @ gptq.gptq_round(w, h))
+    one_percent = sqnr_db(ref, held_out @ gptq.gptq_round(w, h, damp=0.01))
+    assert gptq.DEFAULT_DAMP == pytest.approx(0.1)
+    assert default > one_percent + 1.0, (default, one_percent)
