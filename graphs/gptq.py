@@ -42,8 +42,10 @@ QMIN, QMAX = -128, 127  # aimet's symmetric int8 grid: scale * {-128 .. 127}, ze
 # columns. All rows added 7 s of GPTQ time to the 2-block build (39 s -> 46 s).
 DEFAULT_ROWS_PER_FEED = 2048
 # Diagonal damping, as a fraction of the mean of diag(H). GPTQ's paper uses 0.01 with 128 x
-# 2048 rows per layer; here a Hessian gets about 6 calls' tokens (about 2x K rows, padded
-# and context tokens repeated), and 0.01 fits them too closely. Measured per Linear on
+# 2048 rows per layer; here an image-stream Linear gets 4800 rows from its 6 calls (3x K,
+# 0.8x for the FF down projection's K = 6144), a context one 768 (0.5x K), many of them
+# repeats (padding tokens; the same 128 prompt tokens in every call of a prompt), and 0.01
+# fits them too closely. Measured per Linear on
 # held-out prompts of the full-size model (13 Linears of blocks 0 and 8, all stages): 0.1
 # changed the SQNR by -0.03 to +1.3 dB against 0.01 (+0.6 dB on average). In block 8, 0.01
 # was worse than round-to-nearest on to_q and add_q_proj (41.5 / 40.6 dB against
