@@ -117,7 +117,7 @@ DENOISER_HIGH_PRECISION_LAYERS = (
 # Re-quantizing only blocks 0-1 of the full build at 16 bit moved the chained 18-block
 # result from 32.87 / 32.18 / 32.77 to 34.56 / 34.07 / 34.23 dB (stages 0 / 1 / 2, aimet
 # simulation); block 0 alone gave 33.86 / 33.58 / 32.62. Cost: 2 x 57 M weights at 16 bit,
-# 113 MB more per target (the full build's binaries: 2.40 GB against 2.28 GB).
+# 113 MB more per target (full-build binaries 2.40 GB; 2.28 GB in an earlier build with them int8).
 # (The ContextAdapter at 16 bit as well was measured and not kept: full build 35.55 /
 # 36.47 / 34.43 dB against 34.75 / 36.29 / 35.16, for 130 MB more.)
 FIRST_BLOCKS_AT_16_BIT = 2

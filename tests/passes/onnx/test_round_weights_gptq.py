@@ -233,7 +233,7 @@ def test_inverse_upper_cholesky_falls_back_to_float64():
 
 
 def test_default_damping_holds_up_when_the_hessian_has_fewer_rows_than_inputs():
-    # the denoiser's Hessians get about 2 x K rows, many repeated (padding and context
+    # the denoiser's Hessians get 0.5-3 x K rows, many repeated (padding and context
     # tokens): GPTQ's usual 1% damping then fits the calibration rows and loses on new ones
     rng = np.random.default_rng(0)
     k, n = 256, 64
