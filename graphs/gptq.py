@@ -73,17 +73,18 @@ def inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
     upper R with H = R R^T, and U = R^-1 (a triangular solve): about 2K^3/3 flops
     against 7K^3/3 for inverting H and factoring the inverse (K = 6144 for an FF2 weight).
 
-    Computed in float32 with torch's LAPACK, as GPTQ itself does, and again in float64 if
-    the float32 factorisation fails. On a K = 6144 Hessian the float32 factor differs from
-    the float64 one by 2e-7 (relative), and with a full build running beside it took 7.3 s
-    against 18.3 s for numpy's float64 Cholesky and triangular inverse."""
-    k = h.shape[0]
+    Computed in float32, as GPTQ itself does (torch's Cholesky, LAPACK's triangular
+    inverse ``strtri``, which takes K^3/3 flops against K^3 for a triangular solve against
+    the identity), and again in float64 if the float32 factorisation fails. On a K = 6144
+    Hessian the float32 factor differs from the float64 one by 2e-7 (relative); on an idle
+    machine it took 1.4 s, against 3.1 s with the triangular solve."""
     h32 = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32))
     lower_flipped, info = torch.linalg.cholesky_ex(h32.flip(0, 1))
     if int(info) == 0:
-        u = torch.linalg.solve_triangular(lower_flipped.flip(0, 1), torch.eye(k, dtype=torch.float32), upper=True)
-        if bool(torch.isfinite(u).all()):
-            return u.numpy()
+        r = np.asfortranarray(lower_flipped.flip(0, 1).numpy())
+        u, info = scipy.linalg.lapack.strtri(r, lower=0, overwrite_c=1)
+        if info == 0 and np.isfinite(u).all():
+            return np.triu(u)
     lower_flipped = np.linalg.cholesky(np.asarray(h, dtype=np.float64)[::-1, ::-1])
     r = np.ascontiguousarray(lower_flipped[::-1, ::-1])
     u, info = scipy.linalg.lapack.dtrtri(r, lower=0)
@@ -229,7 +230,7 @@ class HessianSet:
         readers: dict[str, list[str]] = {}  # input tensor -> weights reading it
         for site in weight_sites(ir.serde.deserialize_model(proto), skip):
             readers.setdefault(site.x, []).append(site.weight)
-        if not readers:
+        if not readers and float_feeds is None:
             return 0
         tensors = sorted(readers)
         key_of = {x: min(readers[x]) for x in tensors}

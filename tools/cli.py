@@ -174,6 +174,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from passes.flows.verify_build import format_verify, read_build, verify_build
+
+    build, manifest = read_build(args.build)
+    result = verify_build(build, prompts=args.prompts, calls_per_prompt=args.calls_per_prompt,
+                          float_chain=args.float_chain)
+    print(format_verify(build, manifest, result), end="")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(result.as_json(), indent=1) + "\n")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from passes.flows.stage_report import format_stage_report, report_json, stage_report
 
@@ -328,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--check-samples", type=int, default=1)
     be.add_argument("--work-dir")
     be.set_defaults(func=_cmd_bench)
+
+    v = sub.add_parser("verify", help="measure an all-stages build on fresh prompts (aimet simulation, CPU)")
+    v.add_argument("build", help="a build directory (neodragon-npu build denoiser --all-stages)")
+    v.add_argument("--prompts", type=int, default=2, help="fresh prompts (seeds 3000+)")
+    v.add_argument("--calls-per-prompt", type=int, help="units per prompt (default: every unit)")
+    v.add_argument("--float-chain", action="store_true", help="also chain the float partitions (the build did)")
+    v.add_argument("--json", help="also write the figures to this JSON file")
+    v.set_defaults(func=_cmd_verify)
 
     r = sub.add_parser("report", help="stage graphs before and after the stage-graph passes")
     r.add_argument("pipeline", help="pipeline name (denoiser)")

@@ -147,25 +147,43 @@ def _stage_samples(denoiser, opts: AllStagesOptions, stages):
     # each prompt runs only the units (calls per stage) that are needed
     limits = {seed: min(units, opts.calibration_samples - i * units) for i, seed in enumerate(calib_seeds)}
     if opts.check_samples is not None:
-        limits.update({seed: min(units, opts.check_samples) for seed in check_seeds})
+        # the check prompts in turn: N check calls from P prompts run ceil(N / P) units each
+        # (with 2 and 2, unit 1 of both; the rollouts used to run 2 units of each and keep
+        # the first prompt's two, 6 of the full-size float pipeline's 36 calls for nothing)
+        per_prompt = math.ceil(opts.check_samples / len(check_seeds))
+        limits.update({seed: min(units, per_prompt) for seed in check_seeds})
     samples = collect_samples(
         denoiser, calib_seeds + check_seeds, stages, progress=lambda i, n: count("prompt", i, n), units_per_prompt=limits
     )
     calib = {s: [x for x in samples[s] if x.prompt_seed in calib_seeds][: opts.calibration_samples] for s in stages}
-    check = {s: [x for x in samples[s] if x.prompt_seed in check_seeds][: opts.check_samples] for s in stages}
+
+    def in_turn(x):
+        return x.unit, check_seeds.index(x.prompt_seed)
+
+    check = {s: sorted((x for x in samples[s] if x.prompt_seed in check_seeds), key=in_turn)[: opts.check_samples]
+             for s in stages}
     return calib, check
 
 
 def gptq_sample_indices(n_calib: int, calls_per_prompt: int, count: int) -> list[int]:
-    """The calibration calls whose inputs feed the GPTQ Hessians: the prompts in turn (call 0
-    of every prompt, then call 1, ...). Calibration calls are stored prompt by prompt,
-    ``calls_per_prompt`` each. The context stream's tokens are the same in every call of
-    one prompt, so two calls of one prompt give its Linears a Hessian of rank 128 for
-    K = 1536. Two calls of two prompts against two of one, on held-out prompts: -0.03 to
-    +0.65 dB per Linear, +0.3 dB on average (13 Linears of blocks 0 and 8, full size)."""
+    """The calibration calls whose inputs feed the GPTQ Hessians: the prompts in turn, each
+    prompt's latest unit first (the last call of every prompt, then the one before, ...).
+    Calibration calls are stored prompt by prompt, ``calls_per_prompt`` each (the last
+    prompt may hold fewer).
+
+    Prompts in turn: the context stream's tokens are the same in every call of one prompt,
+    so two calls of one prompt give its Linears a Hessian of rank 128 for K = 1536. Two
+    calls of two prompts against two of one, on held-out prompts: -0.03 to +0.65 dB per
+    Linear, +0.3 dB on average (13 Linears of blocks 0 and 8, full size).
+    Latest unit first: a unit's image tokens grow with its history, and the envelope pads
+    the early units at the front with identical rows (200 of stage 0's 280 in unit 1),
+    which weigh in the Hessian as one row repeated. Units 6 and 2 against units 1 and 1
+    (the two prompts' calls 5 and 7 against 0 and 6): -0.12 to +0.24 dB per Linear held
+    out, +0.06 dB on average (the 9 GPTQ'd Linears of block 2, full size)."""
     prompts = math.ceil(n_calib / calls_per_prompt)
-    order = [p * calls_per_prompt + c for c in range(calls_per_prompt) for p in range(prompts)]
-    return [i for i in order if i < n_calib][:count]
+    per_prompt = [list(range(p * calls_per_prompt, min((p + 1) * calls_per_prompt, n_calib)))[::-1] for p in range(prompts)]
+    order = [calls[c] for c in range(calls_per_prompt) for calls in per_prompt if c < len(calls)]
+    return order[:count]
 
 
 def _write_stage_samples(denoiser, opts: AllStagesOptions, work: Path, stages: list[int]) -> None:
@@ -235,14 +253,14 @@ def _pooled(refs: list[np.ndarray], outs: list[np.ndarray]) -> float:
     return sqnr_db(np.concatenate([r.ravel() for r in refs]), np.concatenate([o.ravel() for o in outs]))
 
 
-# --- work done in the background worker process (top-level functions: they are pickled) ---
-
-
 def _float_chain_sqnr(part_paths: list[str], check_npz: str) -> float:
     """SQNR of the float partitions run in sequence against the fp32 PyTorch outputs."""
     feeds = load_samples(check_npz)
     refs = [f.pop(f"{OUTPUT_NAME}_fp32") for f in feeds]
     return _pooled(refs, _run_chain(part_paths, feeds, threads=1))
+
+
+# --- work done in the background worker process (top-level functions: they are pickled) ---
 
 
 def _compile_shared(
@@ -268,10 +286,9 @@ def _compile_shared(
 
 @contextlib.contextmanager
 def _background_worker():
-    """One worker process for the single-threaded work (the QNN compiler, float chain checks)
-    that overlaps the quantization in this process. Spawned, so it holds none of this
-    process's memory; on failure or Ctrl-C, queued work is cancelled and the running task
-    stopped."""
+    """One worker process for the single-threaded QNN compiler, which overlaps the
+    quantization in this process. Spawned, so it holds none of this process's memory; on
+    failure or Ctrl-C, queued work is cancelled and the running task stopped."""
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     try:
         yield pool
@@ -403,11 +420,10 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
             n_parts = len(cuts) + 1
             logger.info("      %d partition(s) per stage", n_parts)
 
-        # The worker checks the float chains now and compiles each partition once quantized.
-        float_checks = {
-            s: worker.submit(_float_chain_sqnr, [str(p) for p in part_paths[s]], str(work / f"stage{s}_check_samples.npz"))
-            for s in stages
-        }
+        # The float partitions and samples are final: hash them for the manifest now, on a
+        # background thread (reading 18 GB at full size), not in the last step.
+        digests.start(p for p in sorted(work.iterdir()) if p.is_file())
+        # The worker compiles each partition once quantized.
         compiles: dict[tuple[str, int], Future] = {}
 
         # 4. Quantize partition by partition, the three stages merged: weights once,
@@ -489,10 +505,15 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         # 5. One shared-weight context binary per partition and target (started in step 4).
         binaries: dict[str, dict[int, dict[int, qnn.ContextBinary]]] = {t.name: {} for t in targets}
         compile_seconds: dict[str, dict[int, float]] = {t.name: {} for t in targets}
-        with steps.step(f"finish the shared-weight context binaries for {', '.join(t.name for t in targets)}"):
+        with steps.step(f"finish the shared-weight context binaries for {', '.join(t.name for t in targets)}; check the float chains"):
             # the worker compiles on one core: hash the manifest's finished files on the other
             compiling = [work / t.name for t in targets]
             digests.start(p for p in sorted(work.rglob("*")) if p.is_file() and not any(d in p.parents for d in compiling))
+            # and check the float chains here meanwhile, on one thread: in step 4 they took
+            # CPU from the quantization, here the core is free
+            for s in stages:
+                result.sqnr_db.setdefault("float_chain", {})[s] = _float_chain_sqnr(
+                    [str(p) for p in part_paths[s]], str(work / f"stage{s}_check_samples.npz"))
             for (name, k), future in compiles.items():
                 binaries[name][k], seconds = _worker_result(future, f"compiling partition {k} for {name}")
                 for s, sec in seconds.items():
@@ -501,7 +522,6 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         # 6. Numbers: float chain, QDQ chain (aimet simulation on the CPU), per-layer report.
         with steps.step("check the float and quantized chains against fp32"):
             for s in stages:
-                result.sqnr_db.setdefault("float_chain", {})[s] = _worker_result(float_checks[s], f"checking the stage {s} float chain")
                 result.sqnr_db.setdefault("w8a16_cpu", {})[s] = _pooled(refs[s], [env[OUTPUT_NAME] for env in check_envs[s]])
             if layer_report:
                 manifest["worst_layers"] = _layer_report(work, part_paths, qdq_paths, calib)

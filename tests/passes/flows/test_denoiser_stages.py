@@ -183,9 +183,10 @@ def test_float_target_gptq_moves_later_partitions_only(tmp_path):
 
 def test_gptq_samples_come_from_every_prompt_in_turn():
     # 8 calibration calls: 6 of the first prompt, then 2 of the second
-    assert gptq_sample_indices(8, 6, 2) == [0, 6]
-    assert gptq_sample_indices(8, 6, 5) == [0, 6, 1, 7, 2]
-    assert gptq_sample_indices(4, 6, 2) == [0, 1]  # one prompt: its first calls
+    # two prompts (calls 0-5 and 6-7): each one's latest unit, then the one before
+    assert gptq_sample_indices(8, 6, 2) == [5, 7]
+    assert gptq_sample_indices(8, 6, 5) == [5, 7, 4, 6, 3]
+    assert gptq_sample_indices(4, 6, 2) == [3, 2]  # one prompt: its latest calls
     assert gptq_sample_indices(3, 1, 9) == [0, 1, 2]  # never more than there are
 
 
@@ -223,3 +224,87 @@ def test_first_block_patterns_pick_exactly_the_linears_of_those_blocks(build):
         expected = {(b, n) for b, n in linears.values() if b < count and not n.startswith(rotated)}
         assert found == expected
         assert len(by_name) == 4 * count and all(n.split("/")[1].startswith(("to_q", "to_k", "add_q", "add_k")) for n in by_name)
+
+
+def test_context_adapter_patterns_pick_exactly_its_linears(build):
+    import onnx_ir as ir
+
+    from graphs.onnx_edit import const_array, matches_any
+    from neodragon_models.configs import get_denoiser_config
+    from neodragon_models.denoiser import build_denoiser
+    from passes.pipelines import CONTEXT_ADAPTER_PATTERNS, DENOISER_HIGH_PRECISION
+
+    out, _ = build
+    adapter = build_denoiser(get_denoiser_config("tiny"), seed=AllStagesOptions().seed).context_adapter
+    expected = {m.weight.detach().numpy().tobytes() for m in adapter.modules() if isinstance(m, torch.nn.Linear)}
+    assert expected and set(CONTEXT_ADAPTER_PATTERNS) <= set(DENOISER_HIGH_PRECISION)
+    found = set()
+    for path in sorted(out.glob("stage2_part*_float.onnx")):
+        for node in ir.load(path).graph:
+            w = node.inputs[1] if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 else None
+            if w is not None and w.is_initializer() and matches_any(node, CONTEXT_ADAPTER_PATTERNS):
+                value = const_array(w)  # [in, out] for MatMul, either way round for Gemm
+                found.add(next((b for b in (value.T.tobytes(), value.tobytes()) if b in expected), node.name))
+    assert found == expected
+
+
+def test_check_calls_come_from_the_check_prompts_in_turn(monkeypatch):
+    """Two check calls from two prompts: unit 1 of each, and no rollout runs further."""
+    from neodragon_models.configs import get_denoiser_config
+    from neodragon_models.denoiser import build_denoiser
+    from passes.flows import denoiser_stages
+
+    ran = {}
+    real = denoiser_stages.collect_samples
+
+    def recording(*args, units_per_prompt=None, **kwargs):
+        ran.update(units_per_prompt)
+        return real(*args, units_per_prompt=units_per_prompt, **kwargs)
+
+    monkeypatch.setattr(denoiser_stages, "collect_samples", recording)
+    model = build_denoiser(get_denoiser_config("tiny"), seed=0)
+    opts = AllStagesOptions(config="tiny", calibration_samples=4, check_prompts=2, check_samples=2)
+    calib, check = denoiser_stages._stage_samples(model, opts, [0, 2])
+    assert ran == {1000: 3, 1001: 1, 2000: 1, 2001: 1}  # tiny: 3 units per prompt
+    for s in (0, 2):
+        assert [(x.prompt_seed, x.unit) for x in check[s]] == [(2000, 1), (2001, 1)]
+        assert [(x.prompt_seed, x.unit) for x in calib[s]] == [(1000, 1), (1000, 2), (1000, 3), (1001, 1)]
+    opts = AllStagesOptions(config="tiny", calibration_samples=1, check_prompts=2, check_samples=3)
+    _, check = denoiser_stages._stage_samples(model, opts, [1])
+    assert [(x.prompt_seed, x.unit) for x in check[1]] == [(2000, 1), (2001, 1), (2000, 2)]
+
+
+def test_verify_reproduces_the_builds_check_and_measures_fresh_prompts(build, monkeypatch, capsys):
+    """On the build's own check calls, `verify` must give the build's figures; on fresh
+    prompts it gives its own, call by call."""
+    from passes.flows import verify_build as vb
+    from tools.cli import main
+
+    out, result = build
+    monkeypatch.setattr(vb, "FIRST_SEED", 2000)  # the build's check prompt: units 1 and 2
+    same = vb.verify_build(out, prompts=1, calls_per_prompt=2, float_chain=True)
+    assert same.calls == {s: [(2000, 1), (2000, 2)] for s in range(3)}
+    for s in range(3):
+        assert same.sqnr_db["w8a16_cpu"][s] == pytest.approx(result.sqnr_db["w8a16_cpu"][s], abs=1e-6)
+        assert same.sqnr_db["float_chain"][s] == pytest.approx(result.sqnr_db["float_chain"][s], abs=1e-6)
+        assert min(same.per_call_db["w8a16_cpu"][s]) <= same.sqnr_db["w8a16_cpu"][s] <= max(same.per_call_db["w8a16_cpu"][s])
+    monkeypatch.undo()
+
+    assert main(["verify", str(out), "--prompts", "1", "--json", str(out.parent / "verify.json")]) == 0
+    printed = capsys.readouterr().out
+    fresh = json.loads((out.parent / "verify.json").read_text())
+    assert fresh["prompts"] == [3000] and list(fresh["sqnr_db"]) == ["w8a16_cpu"]
+    for s in ("0", "1", "2"):
+        assert fresh["calls"][s] == [[3000, u] for u in (1, 2, 3)]  # tiny: every one of its 3 units
+        assert fresh["sqnr_db"]["w8a16_cpu"][s] >= ALL_STAGES_MIN_SQNR_DB
+        assert f"stage {s}: {fresh['sqnr_db']['w8a16_cpu'][s]:6.2f} dB pooled over 3 call(s)" in printed
+
+
+def test_verify_refuses_what_is_not_an_all_stages_build(tmp_path, capsys):
+    from tools.cli import main
+
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "holds no manifest.json: not a build directory" in capsys.readouterr().err
+    (tmp_path / MANIFEST).write_text(json.dumps({"tool": "neodragon-npu", "mode": "single-stage"}))
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "single-stage build" in capsys.readouterr().err

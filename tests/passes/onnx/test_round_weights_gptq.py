@@ -156,6 +156,30 @@ def test_hessians_follow_weights_not_tensor_names_across_graphs(tmp_path):
     assert hessians.rows[hessians.inputs_of["w_a"]] == 32
 
 
+def test_a_graph_with_every_weight_skipped_still_advances_the_float_feeds(tmp_path):
+    """A partition whose Linears all stay at 16 bit gives no Hessian, but the float chain
+    must still pass through it: the next partition reads its outputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.helpers import onnx_model
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    model = onnx_model(
+        [helper.make_node("MatMul", ["h", "w_a"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, [16, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 4])],
+        [numpy_helper.from_array(w, "w_a")],
+    )
+    onnx_io.save(model, tmp_path / "a.onnx")
+    x, x_float = rng.standard_normal((2, 16, 8)).astype(np.float32)
+    hessians = gptq.HessianSet()
+    float_feeds = [{"h": x_float}]
+    assert hessians.accumulate(tmp_path / "a.onnx", [{"h": x}], skip=["mm"], float_feeds=float_feeds) == 0
+    assert not hessians.hessians
+    np.testing.assert_allclose(float_feeds[0]["y"], x_float @ w, rtol=1e-5, atol=1e-6)
+
+
 def _distorted(feeds, seed):
     """The feeds as a quantized chain would deliver them: a systematic distortion (what the
     layers before leave behind) plus independent noise."""
