@@ -77,7 +77,8 @@ def inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
     inverse ``strtri``, which takes K^3/3 flops against K^3 for a triangular solve against
     the identity), and again in float64 if the float32 factorisation fails. On a K = 6144
     Hessian the float32 factor differs from the float64 one by 2e-7 (relative); on an idle
-    machine it took 1.4 s, against 3.1 s with the triangular solve."""
+    machine the Cholesky took 0.7 s and ``strtri`` 0.7 s, against 3.1 s for the factor with
+    the triangular solve."""
     h32 = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32))
     lower_flipped, info = torch.linalg.cholesky_ex(h32.flip(0, 1))
     if int(info) == 0:

@@ -124,8 +124,9 @@ FIRST_BLOCKS_AT_16_BIT = 2
 # attention. Re-quantizing only the ContextAdapter's partition of a full build with its
 # Linears in float (every other partition's integers unchanged) moved the 18-block result
 # from 34.75 / 36.29 / 35.16 to 35.49 / 36.63 / 35.26 dB. A whole build with them at 16 bit
-# gave 35.55 / 36.47 / 34.43 dB: a rebuild draws new GPTQ integers in every later
-# partition, and on two check calls per stage that moved stage 2 by 0.7 dB.
+# gave 35.55 / 36.47 / 34.43 dB on the build's two check calls per stage, too few to judge
+# by: `neodragon-npu verify` of the default build on 16 fresh calls per stage (8 prompts)
+# gives 35.48 / 36.02 / 37.08 dB, on 12 (2 prompts x 6 units) 36.15 / 36.17 / 37.00 dB.
 CONTEXT_ADAPTER_PATTERNS = ("/network_layers.*",)
 DENOISER_HIGH_PRECISION = (
     DENOISER_HIGH_PRECISION_LAYERS + first_blocks_patterns(FIRST_BLOCKS_AT_16_BIT) + CONTEXT_ADAPTER_PATTERNS
