@@ -242,10 +242,11 @@ def _advance(session, envs: list[dict], keep: set[str] | None = None) -> None:
 
 
 def _run_chain(parts: list, feeds: list[dict], threads: int | None = None) -> list[np.ndarray]:
-    """Run partitions (sessions, or model paths run on the CPU) in order on every feed."""
+    """Run partitions (sessions, or model paths run on the CPU) in order on every feed,
+    keeping only the tensors later partitions read."""
     outputs = [dict(f) for f in feeds]
-    for part in parts:
-        _advance(qnn.cpu_session(part, threads=threads) if isinstance(part, (str, Path)) else part, outputs)
+    for part, keep in zip(parts, _inputs_needed_after(parts)):
+        _advance(qnn.cpu_session(part, threads=threads) if isinstance(part, (str, Path)) else part, outputs, keep)
     return [env[OUTPUT_NAME] for env in outputs]
 
 
@@ -324,9 +325,16 @@ def _worker_result(future: Future, what: str):
         ) from None
 
 
-def _inputs_needed_after(paths: list[Path]) -> list[set[str]]:
-    """For each partition k, the tensor names partitions after k read (what a chain must keep)."""
-    inputs = [{i.name for i in onnx.load(str(p), load_external_data=False).graph.input} for p in paths]
+def _input_names(part) -> set[str]:
+    if isinstance(part, (str, Path)):
+        return {i.name for i in onnx.load(str(part), load_external_data=False).graph.input}
+    return {i.name for i in part.get_inputs()}
+
+
+def _inputs_needed_after(parts: list) -> list[set[str]]:
+    """For each partition k (a model path or a session), the tensor names partitions after k
+    read (what a chain must keep)."""
+    inputs = [_input_names(p) for p in parts]
     needed, later = [], set()
     for names in reversed(inputs):
         needed.append(set(later))

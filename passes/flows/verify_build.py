@@ -19,15 +19,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from graphs.artifacts import MANIFEST
 from graphs.progress import count, peak_rss_bytes, release_memory
 from graphs.samples import to_numpy_feed
 from graphs.verify import sqnr_db
 from neodragon_models.sampling import collect_samples
-from passes.flows.denoiser import OUTPUT_NAME, load_denoiser
-from passes.flows.denoiser_stages import _advance, _inputs_needed_after
+from passes.flows.denoiser import load_denoiser
+from passes.flows.denoiser_stages import _pooled, _run_chain
 
 logger = logging.getLogger("neodragon_npu")
 
@@ -120,20 +119,13 @@ def verify_build(
     result = VerifyResult(seeds, {s: [(x.prompt_seed, x.unit) for x in samples[s]] for s in stages})
     del samples
 
-    from graphs import qnn
-
     for s in stages:
         for kind, label in (("qdq", "w8a16_cpu"), ("float", "float_chain"))[: 2 if float_chain else 1]:
-            envs = [dict(f) for f in feeds[s]]
-            keep = _inputs_needed_after(paths[kind][s])
-            for k, path in enumerate(paths[kind][s]):
-                _advance(qnn.cpu_session(path), envs, keep[k])
-            outs = [env[OUTPUT_NAME] for env in envs]
-            pooled = sqnr_db(np.concatenate([r.ravel() for r in refs[s]]), np.concatenate([o.ravel() for o in outs]))
-            result.sqnr_db.setdefault(label, {})[s] = pooled
+            outs = _run_chain(paths[kind][s], feeds[s])
+            result.sqnr_db.setdefault(label, {})[s] = _pooled(refs[s], outs)
             result.per_call_db.setdefault(label, {})[s] = [sqnr_db(r, o) for r, o in zip(refs[s], outs)]
-            logger.info("      stage %d %s: %.2f dB over %d call(s)", s, label, pooled, len(outs))
-            del envs, outs
+            logger.info("      stage %d %s: %.2f dB over %d call(s)", s, label, result.sqnr_db[label][s], len(outs))
+            del outs
     result.seconds = time.perf_counter() - start
     result.peak_rss_bytes = peak_rss_bytes()
     return result
