@@ -110,6 +110,13 @@ def merged_feeds(merged: ir.Model, feeds: dict[str, list[dict]]) -> list[dict]:
     return out
 
 
+def own_values(values: dict, graph_tag: str) -> dict:
+    """The values (name -> value, e.g. a merged model's outputs for one feed) of the graph
+    tagged ``graph_tag``, under the graph's own names."""
+    prefix = graph_tag + SEP
+    return {name[len(prefix):]: v for name, v in values.items() if name.startswith(prefix)}
+
+
 def split(merged: onnx.ModelProto, graph_tag: str) -> onnx.ModelProto:
     """The graph tagged ``graph_tag``, cut out of a merged model (with the tags removed)."""
     g = merged.graph

@@ -158,6 +158,13 @@ def export_traced_stage(gm, example_list, path: Path, opts) -> None:
 def optimize_stage_graph(path: Path, opts, report: dict) -> dict:
     """Run the ONNX passes on an exported stage graph and save it; returns its A16 stats."""
     model = onnx_io.load(path)
+    stats = optimize_stage_model(model, opts, report)
+    onnx_io.save(model, path)
+    return stats
+
+
+def optimize_stage_model(model: ir.Model, opts, report: dict) -> dict:
+    """Run the ONNX passes on an exported stage graph in place; returns its A16 stats."""
     report["onnx_before"] = onnx_stats(model)
     onnx_passes = pipelines.denoiser_onnx_baseline() if opts.fx_pipeline == "baseline" else pipelines.denoiser_onnx()
     report["onnx_passes"] = _run_passes(
@@ -169,9 +176,7 @@ def optimize_stage_graph(path: Path, opts, report: dict) -> dict:
     )
     verify_onnx(model, static_shapes=True, max_rank=MAX_RANK)
     report["onnx_after"] = onnx_stats(model)
-    stats = onnx_stats(model, activation_bytes=2).as_dict()  # activations priced at 16 bit
-    onnx_io.save(model, path)
-    return stats
+    return onnx_stats(model, activation_bytes=2).as_dict()  # activations priced at 16 bit
 
 
 def manifest_model(config, opts) -> dict:

@@ -5,17 +5,22 @@ The three stage graphs hold the same weights at different sequence lengths. They
 at the same places (partition k holds the same weights in every stage) and quantized one
 partition at a time: the partition's three stage graphs are merged into one model
 (:mod:`graphs.stage_merge`), so aimet handles each weight once -- one GPTQ rounding, one
-encoding for every stage -- while each stage's activations get their own encodings,
-calibrated on what the (quantized) partitions before it produce. Each quantized partition
-is handed to a worker process that compiles its three graphs into one context binary
-storing the weights once, while this process quantizes the next partition; the QNN
-compiler is single-threaded, so the two overlap on two cores. Every step hands files to
-the next and drops its big objects, so memory stays bounded by one partition's
-quantization plus one compile.
+encoding for every stage -- while each stage's activations get their own encodings.
+Partition k + 1 calibrates on the outputs of aimet's calibration forwards of partition k
+(weights quantized, activations passed through while aimet observes them): what aimet's
+calibration of the whole model, which does not fit in memory, would hand it, with each
+calibration feed run once per partition. GPTQ's few feeds and the check feeds go through
+the quantized partitions. Each quantized partition is handed to a worker process that compiles its three
+graphs into one context binary storing the weights once, while this process quantizes the
+next partition; the QNN compiler is single-threaded, so the two overlap on two cores, and
+once quantization is done a second worker takes compiles still waiting. Every step hands
+files to the next and drops its big objects, so memory stays bounded by one partition's
+quantization plus the compiles.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -23,6 +28,7 @@ import json
 import logging
 import math
 import multiprocessing
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -35,6 +41,7 @@ import onnx_ir as ir
 
 from graphs import artifacts, onnx_io, partition, qnn, stage_merge
 from graphs import fx as fx_utils
+from graphs.export import exported_model
 from graphs.gptq import HessianSet
 from graphs.layerwise import layer_errors
 from graphs.progress import Steps, Stopwatch, TreePeak, count, release_memory
@@ -55,8 +62,7 @@ from passes.flows.denoiser import (
     manifest_model,
     manifest_quantization,
     manifest_target,
-    optimize_stage_graph,
-    export_traced_stage,
+    optimize_stage_model,
     load_denoiser,
     stage_fx_passes,
 )
@@ -198,10 +204,31 @@ def _write_stage_samples(denoiser, opts: AllStagesOptions, work: Path, stages: l
         )
 
 
-def _export_stage(opts: AllStagesOptions, stage: int, path: Path, make) -> dict:
-    """Trace one stage graph at its envelope shapes, run the FX passes, export it to ``path``
-    and run the ONNX passes; returns its A16 stats. ``make()`` gives the PyTorch model to
-    trace (the FX passes edit its parameters); only this function holds it."""
+@dataclass
+class _CutPlan:
+    """Where the stage graphs are cut: set by the first (largest) stage graph exported; the
+    others take the cuts that give each partition the same weights."""
+    max_weight_bytes: int
+    cuts: list[int] | None = None
+    weights: list[set[str]] | None = None
+
+    def parts(self, prof: partition.Profile) -> list[int]:
+        if self.cuts is None:
+            self.cuts = partition.plan_cuts(prof, max_weight_bytes=self.max_weight_bytes)
+            self.weights = partition.partition_weights(prof, self.cuts)
+            return partition.cuts_to_parts(prof, self.cuts)
+        return partition.align_parts(prof, self.weights)
+
+
+def _export_stage(opts: AllStagesOptions, stage: int, make, work: Path, plan: _CutPlan) -> tuple[dict, list[Path]]:
+    """Trace one stage graph at its envelope shapes, run the FX passes, export it, run the
+    ONNX passes and save it cut into partitions (``plan``); returns its A16 stats and the
+    partition files. ``make()`` gives the PyTorch model to trace (the FX passes edit its
+    parameters); only this function holds it.
+
+    The whole stage graph is never written: the ONNX passes and the cuts work on the
+    exported model, whose weights stay in the exporter's files until the partitions are
+    saved (writing it out and reading it back took 40 s per full-size stage graph)."""
     model = make()
     config = model.config
     inputs = example_stage_inputs(model, stage)
@@ -209,12 +236,20 @@ def _export_stage(opts: AllStagesOptions, stage: int, path: Path, make) -> dict:
     gm = fx_utils.trace(model.stage_module(stage), example, share_parameters=True)
     del model, inputs
     _run_passes(gm, stage_fx_passes(opts, config, get_target(opts.targets[0]), stage), verify_fx, opts, lambda g: g.code)
-    export_traced_stage(gm, example, path, opts)
-    del gm  # the ONNX passes fold weights into new tensors: not both at once
+    with exported_model(gm, example, work, input_names=pyramid.STAGE_INPUT_NAMES, output_names=[OUTPUT_NAME],
+                        exporter=opts.exporter) as onnx_model:
+        del gm  # the ONNX passes fold weights into new tensors: not both at once
+        release_memory()
+        stats = optimize_stage_model(onnx_model, opts, {})
+        onnx_model = partition.prepare(onnx_model)
+        prof = partition.profile(onnx_model)
+        partition.annotate(onnx_model, prof, plan.parts(prof))
+        paths = []
+        for k, part in enumerate(partition.split(onnx_model)):
+            paths.append(onnx_io.save(part, work / f"stage{stage}_part{k}_float.onnx"))
+        del onnx_model, prof, part
     release_memory()
-    stats = optimize_stage_graph(path, opts, {})
-    release_memory()
-    return stats
+    return stats, paths
 
 
 def _hand_over(obj):
@@ -285,21 +320,78 @@ def _compile_shared(
     return built, seconds
 
 
+class _Compiler:
+    """The QNN compiler is single-threaded: compiles run in worker processes, one at a time
+    while this process quantizes (the two share the two cores), as many as ``wide`` once it
+    is done (:meth:`widen`). A job waits here, not in the pool's queue, until a slot frees."""
+
+    def __init__(self, pool: ProcessPoolExecutor, wide: int = 2) -> None:
+        self.pool, self.wide = pool, wide
+        self.limit, self.running = 1, 0
+        self.waiting: collections.deque = collections.deque()
+        self.lock = threading.RLock()  # a job already done calls back at once, in _start
+
+    def submit(self, fn, *args) -> Future:
+        outer: Future = Future()
+        with self.lock:
+            self.waiting.append((outer, fn, args))
+            self._start()
+        return outer
+
+    def widen(self) -> None:
+        with self.lock:
+            self.limit = self.wide
+            self._start()
+
+    def _start(self) -> None:  # with the lock held
+        while self.waiting and self.running < self.limit:
+            outer, fn, args = self.waiting.popleft()
+            if not outer.set_running_or_notify_cancel():
+                continue
+            self.running += 1
+            try:
+                inner = self.pool.submit(fn, *args)
+            except BaseException as exc:  # a broken or shut-down pool
+                self.running -= 1
+                outer.set_exception(exc)
+                continue
+            inner.add_done_callback(functools.partial(self._finished, outer))
+
+    def _finished(self, outer: Future, inner: Future) -> None:
+        with self.lock:
+            self.running -= 1
+            self._start()
+        if inner.cancelled():
+            outer.set_exception(RuntimeError("the compile was cancelled"))
+        elif inner.exception() is not None:
+            outer.set_exception(inner.exception())
+        else:
+            outer.set_result(inner.result())
+
+    def cancel_waiting(self) -> None:
+        with self.lock:
+            while self.waiting:
+                self.waiting.popleft()[0].cancel()
+
+
 @contextlib.contextmanager
 def _background_worker():
-    """One worker process for the single-threaded QNN compiler, which overlaps the
-    quantization in this process. Spawned, so it holds none of this process's memory; on
-    failure or Ctrl-C, queued work is cancelled and the running task stopped."""
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    """Worker processes for the QNN compiler (:class:`_Compiler`), which overlap the
+    quantization in this process. Spawned, so they hold none of this process's memory; on
+    failure or Ctrl-C, waiting work is cancelled and the running compiles stopped."""
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+    compiler = _Compiler(pool)
     try:
-        yield pool
+        yield compiler
     except BaseException:
-        # A failed or interrupted build discards the worker's results: stop it now instead
-        # of waiting for the compile under way (about two minutes per full-size partition).
+        # A failed or interrupted build discards the workers' results: stop them now instead
+        # of waiting for the compiles under way (about two minutes per full-size partition).
+        compiler.cancel_waiting()
         for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.terminate()
         raise
     finally:
+        compiler.cancel_waiting()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -348,7 +440,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
     stages = list(range(config.geometry.num_stages))
     targets = [get_target(t) for t in opts.targets]
     tree = TreePeak()  # worker processes count towards the peak
-    steps = Steps(8, tree=tree)
+    steps = Steps(7, tree=tree)
     manifest: dict = {
         "pipeline": "denoiser",
         "mode": "all-stages",
@@ -377,12 +469,14 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
 
         # 2. One float graph per stage: FX passes (they edit parameters, so each stage but the
         #    last traces a copy of the model, or a rebuilt one past COPY_FOR_EXPORT_LIMIT_BYTES),
-        #    export, ONNX passes.
+        #    export, ONNX passes, and the same cuts in every stage graph (the largest stage,
+        #    exported first, decides), saved as partitions.
         #    (Running the samples in the worker beside the exports saved 22 s at full size,
         #    862 s against 884 s, and peaked at 18.2 GB against 9.3 GB: both are memory-bound.)
-        float_paths = {s: work / f"stage{s}_float.onnx" for s in stages}
+        part_paths: dict[int, list[Path]] = {}
         stage_stats: dict[int, dict] = {}
-        with steps.step("trace, optimize and export the three stage graphs"):
+        plan = _CutPlan(opts.max_partition_weight_bytes)
+        with steps.step("trace, optimize, export and partition the three stage graphs"):
             order = sorted(stages, reverse=True)
             for s in order:
                 if not keep_model:
@@ -391,42 +485,17 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                     make = functools.partial(copy.deepcopy, denoiser)
                 else:  # the last stage takes the model itself: _export_stage frees it when done
                     make, denoiser = _hand_over(denoiser), None
-                stage_stats[s] = _export_stage(opts, s, float_paths[s], make)
-                logger.info("      stage %d: %d nodes, %s op-output bytes per call (A16)", s,
-                            stage_stats[s]["node_count"], format_bytes(stage_stats[s]["op_output_bytes"]))
+                stage_stats[s], part_paths[s] = _export_stage(opts, s, make, work, plan)
+                logger.info("      stage %d: %d nodes, %s op-output bytes per call (A16), %d partition(s)", s,
+                            stage_stats[s]["node_count"], format_bytes(stage_stats[s]["op_output_bytes"]),
+                            len(part_paths[s]))
             release_memory()
+            n_parts = len(plan.cuts) + 1
         calib = {s: load_samples(work / f"stage{s}_calibration_inputs.npz") for s in stages}
         check = {s: load_samples(work / f"stage{s}_check_samples.npz") for s in stages}
         refs = {s: [feed.pop(f"{OUTPUT_NAME}_fp32") for feed in check[s]] for s in stages}
         verify_htp = opts.verify_htp if opts.verify_htp is not None else weight_bytes <= HTP_VERIFY_LIMIT_BYTES
         layer_report = opts.layer_report if opts.layer_report is not None else weight_bytes <= HTP_VERIFY_LIMIT_BYTES
-
-        # 3. The same cuts in every stage graph (the largest stage decides), partitions saved;
-        #    the unpartitioned graphs are then dropped (the partitions chain to them exactly).
-        part_paths: dict[int, list[Path]] = {}
-        with steps.step("partition the stage graphs under the memory budget"):
-            ref_stage = max(stages)
-            ref_model = partition.prepare(onnx_io.load(float_paths[ref_stage]))
-            ref_prof = partition.profile(ref_model)
-            cuts = partition.plan_cuts(ref_prof, max_weight_bytes=opts.max_partition_weight_bytes)
-            weights = partition.partition_weights(ref_prof, cuts)
-            for s in sorted(stages, reverse=True):
-                model = ref_model if s == ref_stage else partition.prepare(onnx_io.load(float_paths[s]))
-                prof = ref_prof if s == ref_stage else partition.profile(model)
-                parts = partition.cuts_to_parts(prof, cuts) if s == ref_stage else partition.align_parts(prof, weights)
-                partition.annotate(model, prof, parts)
-                part_paths[s] = []
-                for k, part in enumerate(partition.split(model)):
-                    path = work / f"stage{s}_part{k}_float.onnx"
-                    onnx_io.save(part, path)
-                    part_paths[s].append(path)
-                del model, prof
-                release_memory()
-            del ref_model, ref_prof
-            for path in float_paths.values():
-                onnx_io.remove(path)
-            n_parts = len(cuts) + 1
-            logger.info("      %d partition(s) per stage", n_parts)
 
         # The float partitions and samples are final: hash them for the manifest now, on a
         # background thread (reading 18 GB at full size), not in the last step.
@@ -434,20 +503,24 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         # The worker compiles each partition once quantized.
         compiles: dict[tuple[str, int], Future] = {}
 
-        # 4. Quantize partition by partition, the three stages merged: weights once,
-        #    activations per stage. Calibration and check feeds go through each quantized
-        #    partition in turn.
+        # 3. Quantize partition by partition, the three stages merged: weights once,
+        #    activations per stage. The calibration feeds go on with aimet's calibration
+        #    forwards (see the module docstring); the GPTQ and check feeds go through each
+        #    quantized partition in turn.
         qdq_paths: dict[int, list[Path]] = {s: [] for s in stages}
         quantize_seconds: list[dict[str, float]] = []  # per partition: where the time went
         envs = {s: [dict(feed) for feed in calib[s]] for s in stages}
         check_envs = {s: [dict(feed) for feed in check[s]] for s in stages}
         keep = {s: _inputs_needed_after(part_paths[s]) for s in stages}
-        # with a float GPTQ target: the GPTQ samples as the float partitions deliver them
-        float_envs = None
         n_calib = min(len(calib[s]) for s in stages)
         picks = gptq_sample_indices(n_calib, len(config.geometry.denoised_units), opts.gptq_samples)
-        if opts.weight_rounding == "gptq" and opts.gptq_target == "float":
-            float_envs = {s: [dict(calib[s][i]) for i in picks] for s in stages}
+        # GPTQ's samples as the quantized partitions deliver them (plain GPTQ) and, with a
+        # float GPTQ target, as the float partitions do
+        gptq_envs = float_envs = None
+        if opts.weight_rounding == "gptq":
+            gptq_envs = {s: [dict(calib[s][i]) for i in picks] for s in stages}
+            if opts.gptq_target == "float":
+                float_envs = {s: [dict(calib[s][i]) for i in picks] for s in stages}
         with steps.step(f"quantize W8A16 per partition ({opts.calibration_samples} samples per stage); compile behind it"):
             for k in range(n_parts):
                 watch = Stopwatch()
@@ -456,7 +529,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                     with watch("GPTQ statistics"):
                         hessians = HessianSet(total_feeds=len(picks) * len(stages))
                         for s in stages:
-                            hessians.accumulate(part_paths[s][k], [envs[s][i] for i in picks], opts.high_precision,
+                            hessians.accumulate(part_paths[s][k], gptq_envs[s], opts.high_precision,
                                                 float_feeds=float_envs[s] if float_envs else None)
                             if float_envs:
                                 _drop_unneeded(float_envs[s], keep[s][k])
@@ -469,16 +542,28 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                         hessians.release()
                 prefix = f"part{k}_w8a16"
                 with watch("aimet"):
+                    calib_feeds = stage_merge.merged_feeds(merged, {_tag(s): envs[s] for s in stages})
+
+                    def hand_on(i: int, outputs: dict, k: int = k) -> None:
+                        # the next partition calibrates on what aimet's calibration forward of
+                        # this one produced (see the module docstring); feed i's inputs go
+                        calib_feeds[i].clear()
+                        for s in stages:
+                            if i < len(envs[s]):
+                                envs[s][i].update(stage_merge.own_values(outputs, _tag(s)))
+                                _drop_unneeded([envs[s][i]], keep[s][k])
+
                     quant = QuantizeW8A16Pass(
-                        calibration=stage_merge.merged_feeds(merged, {_tag(s): envs[s] for s in stages}),
+                        calibration=calib_feeds,
                         htp_arch=targets[0].htp_arch,
                         encodings_dir=work,
                         encodings_prefix=prefix,
                         kv_bits=opts.kv_bits,
                         high_precision=opts.high_precision,
+                        on_output=hand_on if k < n_parts - 1 else None,
                     )
                     qdq = ir.serde.serialize_model(quant(merged).model)
-                    del merged, quant
+                    del merged, quant, calib_feeds
                     release_memory()
                 merged_encodings = work / f"{prefix}.encodings"
                 for s in sorted(stages, reverse=True):
@@ -490,11 +575,12 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                                                     path.with_suffix(".encodings"))
                         qdq_paths[s].append(path)
                         del stage_qdq
-                    # the next partition calibrates on what this quantized one produces (the
-                    # last one only carries the check feeds on, to the output)
+                    # the GPTQ feeds (to the next partition) and the check feeds (to the
+                    # output) go through the quantized partition
                     with watch("QDQ chain"):
-                        chained = check_envs[s] if k == n_parts - 1 else envs[s] + check_envs[s]
-                        _advance(qnn.cpu_session(path), chained, keep[s][k])
+                        last = k == n_parts - 1
+                        _advance(qnn.cpu_session(path), check_envs[s] + ([] if last or not gptq_envs else gptq_envs[s]),
+                                 keep[s][k])
                 merged_encodings.unlink()
                 del qdq
                 release_memory()
@@ -507,18 +593,20 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                     future = worker.submit(_compile_shared, qdq, work / target.name, target.name, k)
                     future.add_done_callback(_log_compiled(target.name, k, n_parts))
                     compiles[target.name, k] = future
-            del envs, float_envs
+            del envs, gptq_envs, float_envs
             release_memory()
 
-        # 5. One shared-weight context binary per partition and target (started in step 4).
+        # 4. One shared-weight context binary per partition and target (started in step 3).
         binaries: dict[str, dict[int, dict[int, qnn.ContextBinary]]] = {t.name: {} for t in targets}
         compile_seconds: dict[str, dict[int, float]] = {t.name: {} for t in targets}
         with steps.step(f"finish the shared-weight context binaries for {', '.join(t.name for t in targets)}; check the float chains"):
-            # the worker compiles on one core: hash the manifest's finished files on the other
+            # nothing left to quantize: compiles still waiting may take the second core
+            worker.widen()
+            # hash the manifest's finished files meanwhile
             compiling = [work / t.name for t in targets]
             digests.start(p for p in sorted(work.rglob("*")) if p.is_file() and not any(d in p.parents for d in compiling))
-            # and check the float chains here meanwhile, on one thread: in step 4 they took
-            # CPU from the quantization, here the core is free
+            # and check the float chains, on one thread: in step 3 they took CPU from the
+            # quantization; here a core is free unless two compiles are still waiting
             for s in stages:
                 result.sqnr_db.setdefault("float_chain", {})[s] = _float_chain_sqnr(
                     [str(p) for p in part_paths[s]], str(work / f"stage{s}_check_samples.npz"))
@@ -527,14 +615,14 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                 for s, sec in seconds.items():
                     compile_seconds[name][s] = compile_seconds[name].get(s, 0.0) + sec
 
-        # 6. Numbers: float chain, QDQ chain (aimet simulation on the CPU), per-layer report.
+        # 5. Numbers: float chain, QDQ chain (aimet simulation on the CPU), per-layer report.
         with steps.step("check the float and quantized chains against fp32"):
             for s in stages:
                 result.sqnr_db.setdefault("w8a16_cpu", {})[s] = _pooled(refs[s], [env[OUTPUT_NAME] for env in check_envs[s]])
             if layer_report:
                 manifest["worst_layers"] = _layer_report(work, part_paths, qdq_paths, calib)
 
-        # 7. The HTP simulator: non-shared builds of the same graphs, chained.
+        # 6. The HTP simulator: non-shared builds of the same graphs, chained.
         if verify_htp:
             with steps.step("run non-shared binaries chained in the HTP simulator"):
                 target = targets[0]
@@ -550,7 +638,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         else:
             logger.info("      HTP simulator check skipped for a model this size (--verify-htp forces it)")
 
-        # 8. Manifest and report.
+        # 7. Manifest and report.
         with steps.step("write the manifest and report"):
             manifest["partitions"] = _partition_entries(work, part_paths, qdq_paths, binaries, stages, n_parts)
             manifest["stage_graphs"] = {str(s): {"stats_a16": stage_stats[s]} for s in stages}

@@ -8,7 +8,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -70,6 +70,15 @@ class QuantizeW8A16Pass(Pass):
 
     ``encodings_dir`` also receives the AIMET ``.encodings`` JSON (the format AI Hub and
     QAIRT tools read). A model that already holds Q/DQ nodes is left unchanged.
+
+    With ``on_output``, ``on_output(i, outputs)`` gets the model's outputs for calibration
+    feed i (output name -> array) as the calibration forward computed them: activations
+    pass through unquantized while aimet observes them, the weights are quantized in the
+    first forward (see :func:`_calibrate`). That is what aimet's calibration of a whole
+    model would hand the layers after this graph, so a partitioned model can calibrate
+    partition k + 1 on them without running partition k again. The pass drops its own
+    references to feed i before the call, so a caller that drops its own frees the inputs
+    as the outputs arrive (holding all of them at once cost 2.8 GB at full size).
     """
 
     IR = "onnx"
@@ -87,6 +96,7 @@ class QuantizeW8A16Pass(Pass):
         range_margin: float = 2.0,
         kv_bits: int = 16,
         high_precision: Sequence[str] = (),
+        on_output: Callable[[int, dict[str, np.ndarray]], None] | None = None,
     ) -> None:
         if kv_bits not in (8, 16):
             raise ValueError(f"quantize_w8a16: kv_bits must be 8 or 16, got {kv_bits}")
@@ -100,6 +110,7 @@ class QuantizeW8A16Pass(Pass):
         self.quant_scheme = quant_scheme
         self.encodings_dir = encodings_dir
         self.encodings_prefix = encodings_prefix
+        self.on_output = on_output
 
     def _samples(self) -> list[dict[str, np.ndarray]]:
         if isinstance(self.calibration, (str, Path)):
@@ -139,7 +150,16 @@ class QuantizeW8A16Pass(Pass):
             self._set_precisions(sim, model)
             input_names = [i.name for i in sim.session.get_inputs()]
             feeds = [{n: s[n] for n in input_names} for s in samples]
-            sim.compute_encodings(lambda session: _calibrate(sim, session, feeds))
+            del samples  # the feeds hold what calibration needs, and are dropped one by one
+            handler = None
+            if self.on_output is not None:
+                rename = _own_output_names([o.name for o in sim.session.get_outputs()],
+                                           [v.name for v in model.graph.outputs])
+
+                def handler(i, out):
+                    self.on_output(i, {rename[n]: v for n, v in out.items()})
+
+            sim.compute_encodings(lambda session: _calibrate(sim, session, feeds, handler))
             if self.range_margin != 1.0:
                 widen_activation_ranges(sim, self.range_margin)
             if self.encodings_dir is not None:
@@ -167,7 +187,15 @@ class QuantizeW8A16Pass(Pass):
                         sim.qc_quantize_op_dict[name].set_precision("int16")
 
 
-def _calibrate(sim, session, feeds: list[dict[str, np.ndarray]]) -> None:
+def _own_output_names(sim_names: list[str], names: list[str]) -> dict[str, str]:
+    """aimet's names for the model outputs -> the model's own (a quantized output ``y``
+    is the quantizer's output ``y_updated`` in the sim; the order is kept)."""
+    if len(sim_names) != len(names) or any(a not in (b, b + "_updated") for a, b in zip(sim_names, names)):
+        raise RuntimeError(f"quantize_w8a16: aimet's model outputs {sim_names} do not match the model's {names}")
+    return dict(zip(sim_names, names))
+
+
+def _calibrate(sim, session, feeds: list[dict[str, np.ndarray] | None], on_output=None) -> None:
     """aimet's calibration forwards, with its weight quantizers on for the first one only.
 
     In calibration, aimet quantizes and dequantizes every weight on every forward; for a
@@ -176,14 +204,24 @@ def _calibrate(sim, session, feeds: list[dict[str, np.ndarray]]) -> None:
     quantizer's range comes from its weight alone, fixed in the first forward; the later
     forwards run on the float weights, which only the activation ranges see (and GPTQ has
     already put most weights on their int8 grid, where the two are the same).
+    Each feed is dropped from ``feeds`` once run; with ``on_output``, ``on_output(i,
+    outputs)`` then gets that forward's outputs (output name -> array).
     """
     from aimet_onnx.utils import disable_quantizers
 
-    session.run(None, feeds[0])
+    names = [o.name for o in session.get_outputs()]
+
+    def forward(i):
+        result = session.run(None, feeds[i])
+        feeds[i] = None
+        if on_output is not None:
+            on_output(i, dict(zip(names, result)))
+
+    forward(0)
     params = {name for name in sim.param_names if name in sim.qc_quantize_op_dict}
     with disable_quantizers(sim, params):
-        for feed in feeds[1:]:
-            session.run(None, feed)
+        for i in range(1, len(feeds)):
+            forward(i)
 
 
 def widen_activation_ranges(sim, margin: float) -> int:

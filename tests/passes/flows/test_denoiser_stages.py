@@ -18,6 +18,7 @@ from passes.flows.denoiser_stages import (
     ALL_STAGES_MIN_SQNR_DB,
     AllStagesOptions,
     _background_worker,
+    _Compiler,
     _run_chain,
     _worker_result,
     build_denoiser_stages,
@@ -141,6 +142,49 @@ def test_an_interrupted_build_does_not_wait_for_the_worker():
             raise KeyboardInterrupt
     assert time.perf_counter() - start < 60
     assert running.done()
+
+
+def test_compiles_run_one_at_a_time_until_widened():
+    """While the build quantizes, one compile at a time (one core each); widened, two."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock, running, most = threading.Lock(), [0], [0]
+    release = threading.Event()
+
+    def job(x):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        release.wait(10)
+        with lock:
+            running[0] -= 1
+        if x == "bad":
+            raise ValueError("compile failed")
+        return x * 2
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        compiler = _Compiler(pool)
+        futures = [compiler.submit(job, x) for x in (1, 2, 3, "bad")]
+        time.sleep(0.3)
+        assert most[0] == 1 and futures[0].running() and not futures[1].running()
+        compiler.widen()
+        time.sleep(0.3)
+        assert most[0] == 2 and futures[1].running() and not futures[2].running()
+        release.set()
+        assert [f.result(10) for f in futures[:3]] == [2, 4, 6]
+        with pytest.raises(ValueError, match="compile failed"):
+            futures[3].result(10)
+        assert most[0] == 2
+        # jobs still waiting when the build stops are cancelled
+        release.clear()
+        first, second = compiler.submit(job, 4), compiler.submit(job, 5)
+        compiler.limit = 1
+        third = compiler.submit(job, 6)
+        compiler.cancel_waiting()
+        release.set()
+        assert third.cancelled() and first.result(10) == 8 and second.result(10) == 10
 
 
 def test_float_target_gptq_moves_later_partitions_only(tmp_path):

@@ -167,7 +167,7 @@ def test_weight_quantizers_run_in_the_first_calibration_forward_only(float_model
         return ({e["name"]: e for e in enc["activation_encodings"]}, {e["name"]: e for e in enc["param_encodings"]})
 
     ours = {"grid": encodings(grid_path, "ours_grid"), "float": encodings(float_model, "ours_float")}
-    monkeypatch.setattr(quantize_w8a16, "_calibrate", lambda sim, session, feeds: [session.run(None, f) for f in feeds])
+    monkeypatch.setattr(quantize_w8a16, "_calibrate", lambda sim, session, feeds, outputs=None: [session.run(None, f) for f in feeds])
     aimets = {"grid": encodings(grid_path, "aimet_grid"), "float": encodings(float_model, "aimet_float")}
     assert len(ours["grid"][1]) >= 2  # the weights got their encodings
     for kind in ("grid", "float"):  # weight encodings come from the weights alone
@@ -175,3 +175,31 @@ def test_weight_quantizers_run_in_the_first_calibration_forward_only(float_model
     assert max(_range_gaps(ours["grid"][0], aimets["grid"][0]).values()) < 1e-6
     assert max(_range_gaps(ours["float"][0], aimets["float"][0]).values()) > 1e-4, \
         "the weight quantizers stayed on in every calibration forward"
+
+
+def test_calibration_outputs_are_the_float_forwards_with_the_first_on_quantized_weights(float_model):
+    import gc
+    import weakref
+
+    model = onnx_io.load(float_model)
+    feeds = _feeds(3, 0)
+    calibration = [{"x": f["x"].copy()} for f in feeds]  # the arrays live in these dicts only
+    alive = [weakref.ref(f["x"]) for f in calibration]
+    outs, freed = {}, {}
+
+    def on_output(i, out):
+        outs[i] = out
+        calibration[i].clear()  # the caller drops feed i: nothing else may hold it now
+        gc.collect()
+        freed[i] = alive[i]() is None
+
+    qdq = QuantizeW8A16Pass(calibration=calibration, on_output=on_output)(model).model
+    assert sorted(outs) == [0, 1, 2] and all(set(o) == {"y"} for o in outs.values())
+    assert freed == {0: True, 1: True, 2: True}
+    # activations pass through while aimet observes them: later forwards (float weights)
+    # are the float model's outputs, the first one (weights quantized) is close to them
+    for i in (1, 2):
+        np.testing.assert_allclose(outs[i]["y"], run_onnx(model, feeds[i])[0], rtol=1e-5, atol=1e-5)
+    ref, qdq_out = run_onnx(model, feeds[0])[0], run_onnx(qdq, feeds[0])[0]
+    assert not np.allclose(outs[0]["y"], ref, rtol=0, atol=1e-6)  # the int8 weights show
+    assert sqnr_db(ref, outs[0]["y"]) > sqnr_db(ref, qdq_out)  # but no activation rounding
