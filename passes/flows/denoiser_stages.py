@@ -10,12 +10,12 @@ Partition k + 1 calibrates on the outputs of aimet's calibration forwards of par
 (weights quantized, activations passed through while aimet observes them): what aimet's
 calibration of the whole model, which does not fit in memory, would hand it, with each
 calibration feed run once per partition. GPTQ's few feeds and the check feeds go through
-the quantized partitions. Each quantized partition is handed to a worker process that compiles its three
-graphs into one context binary storing the weights once, while this process quantizes the
-next partition; the QNN compiler is single-threaded, so the two overlap on two cores, and
-once quantization is done a second worker takes compiles still waiting. Every step hands
-files to the next and drops its big objects, so memory stays bounded by one partition's
-quantization plus the compiles.
+the quantized partitions. Each quantized partition is handed to a worker process that
+compiles its three graphs into one context binary storing the weights once, while this
+process quantizes the next partition; the QNN compiler is single-threaded, so the two
+overlap on two cores, and once quantization is done a second worker takes compiles still
+waiting. Every step hands files to the next and drops its big objects, so memory stays
+bounded by one partition's quantization plus the compiles.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def _export_stage(opts: AllStagesOptions, stage: int, make, work: Path, plan: _C
         paths = []
         for k, part in enumerate(partition.split(onnx_model)):
             paths.append(onnx_io.save(part, work / f"stage{stage}_part{k}_float.onnx"))
-        del onnx_model, prof, part
+        del onnx_model, prof
     release_memory()
     return stats, paths
 
