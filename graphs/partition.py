@@ -208,7 +208,10 @@ def align_parts(prof: Profile, reference: list[set[str]]) -> list[int]:
     """Partitions for another graph with the same weights: each node goes to the latest of
     the partitions owning its weights and of its producers' partitions, so every weight of
     reference partition k is read in partition k only and tensors only flow forward (the
-    quotient graph stays a chain). Small constants and ones several partitions read are free."""
+    quotient graph stays a chain). Small constants and ones several partitions read are free.
+
+    Nodes computed from the graph inputs alone then move on to the earliest partition
+    reading them (:func:`_sink_input_only_nodes`): they are not handed across cuts."""
     seen: dict[str, int] = {}
     for names in reference:
         for w in names:
@@ -232,7 +235,47 @@ def align_parts(prof: Profile, reference: list[set[str]]) -> list[int]:
             )
         part_of[node] = k
         parts.append(k)
+    return _sink_input_only_nodes(prof, parts, set(owner))
+
+
+def _sink_input_only_nodes(prof: Profile, parts: list[int], owned_weights: set[str]) -> list[int]:
+    """Move every node computed from the graph inputs and constants alone to the earliest
+    partition that reads its outputs (a partition reads graph inputs directly, so this
+    never adds a crossing tensor); nodes producing graph outputs stay where they are.
+
+    Such nodes (the attention-mask slices of every block, cut from the mask input) otherwise
+    land in partition 0 and are handed through every cut to the block that reads them: in
+    the full-size stage 0 graph, 491 tensors (241 MB per call) left partition 0. The
+    reference graph's cuts already keep them next to their readers (:func:`prepare`'s
+    order), so the stage graphs keep the same structure partition by partition."""
+    index = {node: i for i, node in enumerate(prof.nodes)}
+    input_only = set()
+    for i, node in enumerate(prof.nodes):
+        if prof.weights[i] & owned_weights:
+            continue
+        if all(v is None or v.producer() is None or index.get(v.producer()) in input_only for v in node.inputs):
+            input_only.add(i)
+    parts = list(parts)
+    for i in sorted(input_only, reverse=True):  # readers first
+        node = prof.nodes[i]
+        if any(v.is_graph_output() for v in node.outputs):
+            continue
+        readers = [parts[index[u]] for v in node.outputs for u, _ in v.uses() if u in index]
+        if readers:
+            parts[i] = max(parts[i], min(readers))
     return parts
+
+
+def handed_over(parts: list[ir.Model]) -> tuple[int, int]:
+    """Tensors a chain of partitions (from :func:`split`) hands from one partition to a
+    later one, and their bytes per call at their own dtypes (graph inputs not counted)."""
+    produced = {v.name for part in parts for v in part.graph.outputs}
+    names: dict[str, int] = {}
+    for part in parts[1:]:
+        for v in part.graph.inputs:
+            if v.name in produced:
+                names[v.name] = _value_bytes(v, None)
+    return len(names), sum(names.values())
 
 
 def annotate(model: ir.Model, prof: Profile, parts: list[int]) -> bool:

@@ -52,8 +52,7 @@ def _descendants(pid: int) -> list[int]:
 
 def tree_rss_bytes() -> int:
     """Resident memory of this process and every process it started, right now."""
-    me = os.getpid()
-    return sum(_rss_of(pid) for pid in [me, *_descendants(me)])
+    return _sample()[0]
 
 
 def release_memory() -> None:
@@ -66,24 +65,75 @@ def release_memory() -> None:
         pass
 
 
+def _sample() -> tuple[int, int]:
+    """(this process and its descendants, this process alone): resident bytes right now."""
+    me = os.getpid()
+    mine = _rss_of(me)
+    return mine + sum(_rss_of(pid) for pid in _descendants(me)), mine
+
+
+@dataclass(eq=False)  # windows are told apart by identity (list.remove)
+class PeakWindow:
+    """Peak resident bytes seen while a :meth:`TreePeak.watch` block ran: of the whole
+    process tree and of this process alone."""
+
+    tree: int
+    main: int
+
+    def add(self, tree: int, main: int) -> None:
+        self.tree, self.main = max(self.tree, tree), max(self.main, main)
+
+
 class TreePeak:
-    """Samples :func:`tree_rss_bytes` in a daemon thread: the peak memory of a build whose
-    work runs partly in worker processes (a per-process peak would miss the sum)."""
+    """Samples the memory of this process and its descendants in a daemon thread: the peak
+    of a build whose work runs partly in worker processes (a per-process peak would miss
+    the sum). :meth:`watch` gives the peak of one stretch of work (a step, a partition)."""
 
     def __init__(self, interval: float = 0.5) -> None:
         self.peak = tree_rss_bytes()
+        self._windows: list[PeakWindow] = []
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._interval = interval
         self._thread = threading.Thread(target=self._run, name="tree-rss", daemon=True)
         self._thread.start()
 
+    def _take(self) -> None:
+        tree, main = _sample()
+        with self._lock:
+            self.peak = max(self.peak, tree)
+            for window in self._windows:
+                window.add(tree, main)
+
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self.peak = max(self.peak, tree_rss_bytes())
+            self._take()
 
     def read(self) -> int:
-        self.peak = max(self.peak, tree_rss_bytes(), peak_rss_bytes())
+        self._take()
+        self.peak = max(self.peak, peak_rss_bytes())
         return self.peak
+
+    def open_window(self) -> PeakWindow:
+        """Start tracking a peak from now on (:meth:`close_window` ends it)."""
+        window = PeakWindow(*_sample())
+        with self._lock:
+            self._windows.append(window)
+        return window
+
+    def close_window(self, window: PeakWindow) -> PeakWindow:
+        self._take()
+        with self._lock:
+            self._windows.remove(window)
+        return window
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[PeakWindow]:
+        window = self.open_window()
+        try:
+            yield window
+        finally:
+            self.close_window(window)
 
     def stop(self) -> None:
         self._stop.set()
@@ -100,6 +150,7 @@ class StepRecord:
     name: str
     seconds: float
     peak_rss_bytes: int
+    main_peak_rss_bytes: int | None = None  # with worker processes: this process alone
 
 
 @dataclass
@@ -111,25 +162,33 @@ class Steps:
     # set when work runs in worker processes too: peaks are then of the whole process tree
     tree: TreePeak | None = None
 
-    def peak(self) -> int:
-        return self.tree.read() if self.tree is not None else peak_rss_bytes()
-
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
+        """With a :class:`TreePeak`, a step's peak is its own (the whole process tree's, and
+        this process's alone); without, this process's peak so far."""
         index = len(self.records) + 1
         logger.info("[%d/%d] %s ...", index, self.total, name)
         start = time.perf_counter()
-        yield
+        with self.tree.watch() if self.tree is not None else contextlib.nullcontext() as window:
+            yield
         seconds = time.perf_counter() - start
-        peak = self.peak()
-        self.records.append(StepRecord(name, seconds, peak))
-        logger.info("[%d/%d] %s done in %.1f s (peak RSS %.2f GB)", index, self.total, name, seconds, peak / 1e9)
+        if window is None:
+            record = StepRecord(name, seconds, peak_rss_bytes())
+            memory = f"peak RSS {record.peak_rss_bytes / 1e9:.2f} GB"
+        else:
+            record = StepRecord(name, seconds, window.tree, window.main)
+            memory = f"peak RSS in the step {window.tree / 1e9:.2f} GB, this process alone {window.main / 1e9:.2f} GB"
+        self.records.append(record)
+        logger.info("[%d/%d] %s done in %.1f s (%s)", index, self.total, name, seconds, memory)
 
     def as_list(self) -> list[dict]:
-        return [
-            {"step": r.name, "seconds": round(r.seconds, 3), "peak_rss_bytes": r.peak_rss_bytes}
-            for r in self.records
-        ]
+        rows = []
+        for r in self.records:
+            row = {"step": r.name, "seconds": round(r.seconds, 3), "peak_rss_bytes": r.peak_rss_bytes}
+            if r.main_peak_rss_bytes is not None:
+                row["main_process_peak_rss_bytes"] = r.main_peak_rss_bytes
+            rows.append(row)
+        return rows
 
 
 def count(label: str, i: int, n: int) -> None:

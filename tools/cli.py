@@ -335,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--config", default="neodragon-2block")
     be.add_argument(
         "--variant", action="append",
-        help="'all fixes', 'no adaLN split', '8-bit K/V' or 'nearest rounding'; repeatable (default: all)",
+        help="'all fixes', 'no adaLN split', '8-bit K/V', 'int8 first blocks', 'int8 blocks, no adaLN split', "
+             "'int8 blocks, 8-bit K/V', 'nearest rounding' or 'float-target GPTQ'; repeatable (default: all)",
     )
     be.add_argument("--target", default=DEFAULT_TARGET)
     be.add_argument("--calibration-samples", type=int, default=8)

@@ -29,7 +29,6 @@ import logging
 import math
 import multiprocessing
 import threading
-import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -244,10 +243,10 @@ def _export_stage(opts: AllStagesOptions, stage: int, make, work: Path, plan: _C
         onnx_model = partition.prepare(onnx_model)
         prof = partition.profile(onnx_model)
         partition.annotate(onnx_model, prof, plan.parts(prof))
-        paths = []
-        for k, part in enumerate(partition.split(onnx_model)):
-            paths.append(onnx_io.save(part, work / f"stage{stage}_part{k}_float.onnx"))
-        del onnx_model, prof
+        parts = partition.split(onnx_model)
+        stats["handed_over"] = dict(zip(("tensors", "bytes_per_call"), partition.handed_over(parts)))
+        paths = [onnx_io.save(part, work / f"stage{stage}_part{k}_float.onnx") for k, part in enumerate(parts)]
+        del onnx_model, prof, parts
     release_memory()
     return stats, paths
 
@@ -294,30 +293,6 @@ def _float_chain_sqnr(part_paths: list[str], check_npz: str) -> float:
     feeds = load_samples(check_npz)
     refs = [f.pop(f"{OUTPUT_NAME}_fp32") for f in feeds]
     return _pooled(refs, _run_chain(part_paths, feeds, threads=1))
-
-
-# --- work done in the background worker process (top-level functions: they are pickled) ---
-
-
-def _compile_shared(
-    qdq: dict[int, Path], out_dir: Path, target_name: str, partition_index: int
-) -> tuple[dict[int, qnn.ContextBinary], dict[int, float]]:
-    """One context binary for the three stage graphs of a partition (weights stored once).
-    Returns the binaries and the seconds each stage graph took."""
-    target = get_target(target_name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stages = sorted(qdq, reverse=True)
-    built, seconds = {}, {}
-    for i, stage in enumerate(stages):
-        ctx = out_dir / f"stage{stage}_part{partition_index}_ctx.onnx"
-        start = time.perf_counter()
-        built[stage] = qnn.compile_context_binary(
-            qdq[stage], ctx, target, share=True, last_shared=(i == len(stages) - 1)
-        )
-        seconds[stage] = time.perf_counter() - start
-    if len({b.binary for b in built.values()}) != 1:
-        raise RuntimeError(f"partition {partition_index}: the stage graphs did not share one context binary")
-    return built, seconds
 
 
 class _Compiler:
@@ -377,9 +352,13 @@ class _Compiler:
 @contextlib.contextmanager
 def _background_worker():
     """Worker processes for the QNN compiler (:class:`_Compiler`), which overlap the
-    quantization in this process. Spawned, so they hold none of this process's memory; on
-    failure or Ctrl-C, waiting work is cancelled and the running compiles stopped."""
-    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+    quantization in this process. Spawned, so they hold none of this process's memory, and
+    one per job: a worker kept about 2 GB after compiling a full-size partition, and the
+    pool, which starts a second worker when a job is submitted from the previous job's
+    callback, kept an idle one all through the quantization. A fresh worker holds 47 MB
+    until its job arrives (it imports only :mod:`graphs.qnn`). On failure or Ctrl-C,
+    waiting work is cancelled and the running compiles stopped."""
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
     compiler = _Compiler(pool)
     try:
         yield compiler
@@ -403,7 +382,7 @@ def _log_compiled(target: str, k: int, n_parts: int):
     def log(future: Future) -> None:
         if not future.cancelled() and future.exception() is None:
             logger.info("      %s partition %d/%d compiled in the background (%.0f s)",
-                        target, k + 1, n_parts, sum(future.result()[1].values()))
+                        target, k + 1, n_parts, sum(future.result()[1]))
     return log
 
 
@@ -476,8 +455,9 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         part_paths: dict[int, list[Path]] = {}
         stage_stats: dict[int, dict] = {}
         plan = _CutPlan(opts.max_partition_weight_bytes)
+        # largest stage first: its graph sets the cuts, and opens each shared context binary
+        order = sorted(stages, reverse=True)
         with steps.step("trace, optimize, export and partition the three stage graphs"):
-            order = sorted(stages, reverse=True)
             for s in order:
                 if not keep_model:
                     make = functools.partial(load_denoiser, opts)
@@ -486,9 +466,11 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                 else:  # the last stage takes the model itself: _export_stage frees it when done
                     make, denoiser = _hand_over(denoiser), None
                 stage_stats[s], part_paths[s] = _export_stage(opts, s, make, work, plan)
-                logger.info("      stage %d: %d nodes, %s op-output bytes per call (A16), %d partition(s)", s,
-                            stage_stats[s]["node_count"], format_bytes(stage_stats[s]["op_output_bytes"]),
-                            len(part_paths[s]))
+                logger.info("      stage %d: %d nodes, %s op-output bytes per call (A16), %d partition(s) handing "
+                            "on %d tensors (%s per call, fp32)", s, stage_stats[s]["node_count"],
+                            format_bytes(stage_stats[s]["op_output_bytes"]), len(part_paths[s]),
+                            stage_stats[s]["handed_over"]["tensors"],
+                            format_bytes(stage_stats[s]["handed_over"]["bytes_per_call"]))
             release_memory()
             n_parts = len(plan.cuts) + 1
         calib = {s: load_samples(work / f"stage{s}_calibration_inputs.npz") for s in stages}
@@ -509,6 +491,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         #    quantized partition in turn.
         qdq_paths: dict[int, list[Path]] = {s: [] for s in stages}
         quantize_seconds: list[dict[str, float]] = []  # per partition: where the time went
+        quantize_peaks: list[dict[str, int]] = []  # per partition: peak RSS while it was quantized
         envs = {s: [dict(feed) for feed in calib[s]] for s in stages}
         check_envs = {s: [dict(feed) for feed in check[s]] for s in stages}
         keep = {s: _inputs_needed_after(part_paths[s]) for s in stages}
@@ -523,7 +506,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                 float_envs = {s: [dict(calib[s][i]) for i in picks] for s in stages}
         with steps.step(f"quantize W8A16 per partition ({opts.calibration_samples} samples per stage); compile behind it"):
             for k in range(n_parts):
-                watch = Stopwatch()
+                watch, memory = Stopwatch(), tree.open_window()
                 hessians = None
                 if opts.weight_rounding == "gptq":  # one rounding for the weights all stages share
                     with watch("GPTQ statistics"):
@@ -535,7 +518,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                                 _drop_unneeded(float_envs[s], keep[s][k])
                 # the three stage graphs as one model: each weight quantized once, for all stages
                 with watch("merge"):
-                    merged = stage_merge.merge({_tag(s): onnx_io.load(part_paths[s][k]) for s in sorted(stages, reverse=True)})
+                    merged = stage_merge.merge({_tag(s): onnx_io.load(part_paths[s][k]) for s in order})
                 if hessians is not None:
                     with watch("GPTQ rounding"):
                         RoundWeightsGPTQPass(hessians=hessians, skip=opts.high_precision)(merged)
@@ -566,7 +549,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                     del merged, quant, calib_feeds
                     release_memory()
                 merged_encodings = work / f"{prefix}.encodings"
-                for s in sorted(stages, reverse=True):
+                for s in order:
                     with watch("split and save"):
                         stage_qdq = stage_merge.split(qdq, _tag(s))
                         path = work / f"stage{s}_part{k}_w8a16.onnx"
@@ -585,12 +568,15 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                 del qdq
                 release_memory()
                 rounded = f", {len(hessians.rounded)} weights GPTQ-rounded" if hessians is not None else ""
-                logger.info("      partition %d/%d quantized%s (%s)", k + 1, n_parts, rounded, watch.summary())
+                tree.close_window(memory)
+                logger.info("      partition %d/%d quantized%s (%s; peak RSS %.2f GB, this process %.2f GB)", k + 1,
+                            n_parts, rounded, watch.summary(), memory.tree / 1e9, memory.main / 1e9)
                 quantize_seconds.append({part: round(sec, 1) for part, sec in watch.seconds.items()})
+                quantize_peaks.append({"all_processes": memory.tree, "main_process": memory.main})
                 del hessians
-                for target in targets:
-                    qdq = {s: qdq_paths[s][k] for s in stages}
-                    future = worker.submit(_compile_shared, qdq, work / target.name, target.name, k)
+                for target in targets:  # one context binary for the partition's three graphs
+                    graphs = [(qdq_paths[s][k], work / target.name / f"stage{s}_part{k}_ctx.onnx") for s in order]
+                    future = worker.submit(qnn.compile_shared_context, graphs, target.name)
                     future.add_done_callback(_log_compiled(target.name, k, n_parts))
                     compiles[target.name, k] = future
             del envs, gptq_envs, float_envs
@@ -611,8 +597,9 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                 result.sqnr_db.setdefault("float_chain", {})[s] = _float_chain_sqnr(
                     [str(p) for p in part_paths[s]], str(work / f"stage{s}_check_samples.npz"))
             for (name, k), future in compiles.items():
-                binaries[name][k], seconds = _worker_result(future, f"compiling partition {k} for {name}")
-                for s, sec in seconds.items():
+                built, seconds = _worker_result(future, f"compiling partition {k} for {name}")
+                binaries[name][k] = dict(zip(order, built))
+                for s, sec in zip(order, seconds):
                     compile_seconds[name][s] = compile_seconds[name].get(s, 0.0) + sec
 
         # 5. Numbers: float chain, QDQ chain (aimet simulation on the CPU), per-layer report.
@@ -641,8 +628,13 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         # 7. Manifest and report.
         with steps.step("write the manifest and report"):
             manifest["partitions"] = _partition_entries(work, part_paths, qdq_paths, binaries, stages, n_parts)
-            manifest["stage_graphs"] = {str(s): {"stats_a16": stage_stats[s]} for s in stages}
+            manifest["stage_graphs"] = {
+                str(s): {"stats_a16": {k: v for k, v in stage_stats[s].items() if k != "handed_over"},
+                         "handed_over": stage_stats[s]["handed_over"]}
+                for s in stages
+            }
             manifest["quantize_seconds"] = quantize_seconds
+            manifest["quantize_peak_rss_bytes"] = quantize_peaks
             manifest["compile_seconds"] = {t: {str(s): round(v, 1) for s, v in per.items()} for t, per in compile_seconds.items()}
             manifest["verification"] = {
                 kind: {str(s): round(v, 2) for s, v in per.items()} for kind, per in result.sqnr_db.items()
@@ -706,9 +698,13 @@ def _layer_report(work: Path, part_paths, qdq_paths, calib, top: int = 10) -> li
 
 def _render(config, targets, n_parts, result, steps, manifest) -> str:
     title = f"denoiser {config}, all stages -> {', '.join(t.description for t in targets)}"
-    lines = [title, "=" * len(title), "", "Steps:"]
+    lines = [title, "=" * len(title), "", "Steps (peak RSS within the step: all processes / this one alone):"]
     for r in steps.records:
-        lines.append(f"  {r.name:<72} {r.seconds:8.1f} s  peak RSS {r.peak_rss_bytes / 1e9:.2f} GB")
+        lines.append(f"  {r.name:<72} {r.seconds:8.1f} s  peak RSS {r.peak_rss_bytes / 1e9:5.2f} / "
+                     f"{r.main_peak_rss_bytes / 1e9:5.2f} GB")
+    lines.append(f"  {'the steps above (this report is written in the last one)':<72} "
+                 f"{sum(r.seconds for r in steps.records):8.1f} s  peak RSS "
+                 f"{max(r.peak_rss_bytes for r in steps.records) / 1e9:5.2f} GB")
     lines += ["", f"{n_parts} partition(s) per stage; weights per partition (QDQ):"]
     for p in manifest["partitions"]:
         lines.append(f"  partition {p['index']}: {format_bytes(p['weight_bytes_qdq'])}")

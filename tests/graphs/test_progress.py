@@ -14,19 +14,26 @@ CHILD = "import sys, time; x = bytearray(300 << 20); x[::4096] = b'1' * len(x[::
 def test_tree_peak_counts_the_memory_of_child_processes():
     before = tree_rss_bytes()
     tree = TreePeak(interval=0.05)
-    steps = Steps(1, tree=tree)
+    steps = Steps(2, tree=tree)
     child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
     try:
         with steps.step("hold 300 MB in a child"):
             assert child.stdout.readline().strip() == "ready"
             time.sleep(0.3)
             assert tree_rss_bytes() - before > 250 << 20
-    finally:
         child.kill()
         child.wait()
+        with steps.step("after it"):
+            time.sleep(0.2)
+    finally:
+        child.kill()
         tree.stop()
-    assert steps.records[0].peak_rss_bytes - before > 250 << 20
-    assert tree_rss_bytes() - before < 100 << 20  # the child is gone
+    first, second = steps.records
+    assert first.peak_rss_bytes - before > 250 << 20
+    assert first.main_peak_rss_bytes - before < 100 << 20  # the child's memory is not this process's
+    assert second.peak_rss_bytes - before < 100 << 20  # each step has its own peak; the child is gone
+    assert tree.peak >= first.peak_rss_bytes
+    assert steps.as_list()[0]["main_process_peak_rss_bytes"] == first.main_peak_rss_bytes
 
 
 def test_stopwatch_adds_up_repeated_parts_in_first_use_order():
@@ -42,3 +49,20 @@ def test_stopwatch_adds_up_repeated_parts_in_first_use_order():
     assert list(watch.seconds) == ["first", "second", "failing"]
     assert watch.seconds["first"] >= 0.04 > watch.seconds["second"]
     assert watch.summary().startswith("first 0 s, second 0 s")
+
+
+def test_overlapping_peak_windows_close_in_any_order():
+    """A step's window and a partition's inside it may hold equal values: closing the inner
+    one must not end the outer one."""
+    tree = TreePeak(interval=0.05)
+    try:
+        outer = tree.open_window()
+        inner = tree.open_window()
+        inner.tree, inner.main = outer.tree, outer.main
+        tree.close_window(inner)
+        held = bytearray(200 << 20)
+        held[::4096] = b"1" * len(held[::4096])
+        tree.close_window(outer)
+    finally:
+        tree.stop()
+    assert outer.main - inner.main > 150 << 20

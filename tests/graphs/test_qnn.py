@@ -50,6 +50,36 @@ def test_binaries_differ_between_archs(qdq_model):
     assert a.binary.read_bytes() != b.binary.read_bytes()
 
 
+def test_graphs_compiled_into_one_shared_context(qdq_model, tmp_path):
+    """The same weights at two shapes (like the three stage graphs): one binary that both
+    EPContext models name. (The x86 simulator refuses to load a shared context,
+    QNN_COMMON_ERROR_NOT_SUPPORTED: the builds run non-shared binaries of the same graphs.)"""
+    folder, module = qdq_model
+    export_onnx(module, [torch.zeros(4, 16)], tmp_path / "f4.onnx", input_names=["x"], output_names=["y"])
+    rng = np.random.default_rng(2)
+    cal = [{"x": rng.standard_normal((4, 16)).astype(np.float32)} for _ in range(4)]
+    onnx_io.save(QuantizeW8A16Pass(calibration=cal)(onnx_io.load(tmp_path / "f4.onnx")).model, tmp_path / "q4.onnx")
+    graphs = [(tmp_path / "q4.onnx", tmp_path / "out" / "four_ctx.onnx"), (folder / "q.onnx", tmp_path / "out" / "one_ctx.onnx")]
+    built, seconds = qnn.compile_shared_context(graphs, "sm8750")
+    assert len(seconds) == 2 and all(sec > 0 for sec in seconds)
+    assert built[0].binary == built[1].binary and built[0].binary.is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["four_ctx.onnx", "one_ctx.onnx", built[0].binary.name])
+    for ctx in built:
+        nodes = list(onnx_io.load(ctx.epcontext_model).graph)
+        assert [n.op_type for n in nodes] == ["EPContext"]
+        assert nodes[0].attributes["ep_cache_context"].value == built[0].binary.name
+
+
+def test_the_compile_module_stays_light():
+    """A build's compile workers import only graphs.qnn: no PyTorch, so they start fast."""
+    import subprocess
+    import sys
+
+    code = "import sys, graphs.qnn; print(sorted(m for m in ('torch', 'aimet_onnx', 'onnx_ir') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_missing_feed_is_named(qdq_model):
     folder, _ = qdq_model
     session = qnn.cpu_session(folder / "q.onnx")

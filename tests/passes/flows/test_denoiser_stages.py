@@ -144,6 +144,17 @@ def test_an_interrupted_build_does_not_wait_for_the_worker():
     assert running.done()
 
 
+def test_each_compile_runs_in_a_fresh_worker_process():
+    """A worker exits after one job (the QNN compiler keeps its memory otherwise), so two
+    jobs in turn run in two processes, neither of them this one."""
+    import os
+
+    with _background_worker() as worker:
+        first = worker.submit(os.getpid).result(60)
+        second = worker.submit(os.getpid).result(60)
+    assert len({first, second, os.getpid()}) == 3
+
+
 def test_compiles_run_one_at_a_time_until_widened():
     """While the build quantizes, one compile at a time (one core each); widened, two."""
     import threading

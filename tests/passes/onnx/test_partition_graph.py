@@ -69,6 +69,20 @@ def test_other_stages_cut_at_the_same_weights(stage_models, tiny_stage_inputs):
         assert set(part.graph.initializers) & owned == weights2[k] & owned
     feeds = {k: v.numpy() for k, v in tiny_stage_inputs[1].items()}
     assert np.array_equal(_chain(parts1, feeds)["out"], run_onnx(model1, feeds)[0])
+    # what is computed from the graph inputs alone (the mask slices) sits in the first
+    # partition that reads it, not handed across cuts
+    of = {n: partition.partition_of(n) for n in model1.graph}
+    input_only, moved = set(), 0
+    for node in model1.graph:
+        if any(v is not None and v.name in owned for v in node.inputs):
+            continue
+        if all(v is None or v.producer() is None or v.producer() in input_only for v in node.inputs):
+            input_only.add(node)
+            readers = [of[u] for v in node.outputs for u, _ in v.uses()]
+            if readers and not any(v.is_graph_output() for v in node.outputs):
+                assert of[node] == min(readers)
+                moved += of[node] > 0
+    assert moved > 0  # the mask slices of later blocks left partition 0
 
 
 def test_impossible_budget_names_the_smallest_that_works(stage_models):
