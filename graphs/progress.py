@@ -74,7 +74,7 @@ def _sample() -> tuple[int, int]:
 
 @dataclass(eq=False)  # windows are told apart by identity (list.remove)
 class PeakWindow:
-    """Peak resident bytes seen while a :meth:`TreePeak.watch` block ran: of the whole
+    """Peak resident bytes seen while a window of :class:`TreePeak` was open: of the whole
     process tree and of this process alone."""
 
     tree: int
@@ -108,11 +108,6 @@ class TreePeak:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self._take()
-
-    def read(self) -> int:
-        self._take()
-        self.peak = max(self.peak, peak_rss_bytes())
-        return self.peak
 
     def open_window(self) -> PeakWindow:
         """Start tracking a peak from now on (:meth:`close_window` ends it)."""

@@ -355,9 +355,9 @@ def _background_worker():
     quantization in this process. Spawned, so they hold none of this process's memory, and
     one per job: a worker kept about 2 GB after compiling a full-size partition, and the
     pool, which starts a second worker when a job is submitted from the previous job's
-    callback, kept an idle one all through the quantization. A fresh worker holds 47 MB
-    until its job arrives (it imports only :mod:`graphs.qnn`). On failure or Ctrl-C,
-    waiting work is cancelled and the running compiles stopped."""
+    callback, kept an idle one all through the quantization. A fresh worker holds 12-18 MB
+    until its job arrives, and then imports only :mod:`graphs.qnn` (47 MB). On failure or
+    Ctrl-C, waiting work is cancelled and the running compiles stopped."""
     pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
     compiler = _Compiler(pool)
     try:
