@@ -467,7 +467,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                     make, denoiser = _hand_over(denoiser), None
                 stage_stats[s], part_paths[s] = _export_stage(opts, s, make, work, plan)
                 logger.info("      stage %d: %d nodes, %s op-output bytes per call (A16), %d partition(s) handing "
-                            "on %d tensors (%s per call, fp32)", s, stage_stats[s]["node_count"],
+                            "on %d tensors (%s per call)", s, stage_stats[s]["node_count"],
                             format_bytes(stage_stats[s]["op_output_bytes"]), len(part_paths[s]),
                             stage_stats[s]["handed_over"]["tensors"],
                             format_bytes(stage_stats[s]["handed_over"]["bytes_per_call"]))
