@@ -9,8 +9,9 @@ encoding for every stage -- while each stage's activations get their own encodin
 Partition k + 1 calibrates on the outputs of aimet's calibration forwards of partition k
 (weights quantized, activations passed through while aimet observes them): what aimet's
 calibration of the whole model, which does not fit in memory, would hand it, with each
-calibration feed run once per partition. GPTQ's few feeds and the check feeds go through
-the quantized partitions. Each quantized partition is handed to a worker process that
+calibration feed run once per partition. GPTQ's few feeds are calibration feeds whose
+forwards keep the weights quantized; only the check feeds go through the quantized (QDQ)
+partitions. Each quantized partition is handed to a worker process that
 compiles its three graphs into one context binary storing the weights once, while this
 process quantizes the next partition; the QNN compiler is single-threaded, so the two
 overlap on two cores, and once quantization is done a second worker takes compiles still
@@ -289,8 +290,11 @@ def _pooled(refs: list[np.ndarray], outs: list[np.ndarray]) -> float:
 
 
 def _float_chain_sqnr(part_paths: list[str], check_npz: str) -> float:
-    """SQNR of the float partitions run in sequence against the fp32 PyTorch outputs."""
-    feeds = load_samples(check_npz)
+    """SQNR of the float partitions run in sequence against the fp32 PyTorch output, on the
+    first check call: the chain reproduces the unsplit graph on every input or a cut is
+    wired wrong, so more calls would repeat the check (each is a full-size float forward
+    beside the last compiles)."""
+    feeds = load_samples(check_npz)[:1]
     refs = [f.pop(f"{OUTPUT_NAME}_fp32") for f in feeds]
     return _pooled(refs, _run_chain(part_paths, feeds, threads=1))
 
@@ -497,22 +501,22 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         keep = {s: _inputs_needed_after(part_paths[s]) for s in stages}
         n_calib = min(len(calib[s]) for s in stages)
         picks = gptq_sample_indices(n_calib, len(config.geometry.denoised_units), opts.gptq_samples)
-        # GPTQ's samples as the quantized partitions deliver them (plain GPTQ) and, with a
-        # float GPTQ target, as the float partitions do
-        gptq_envs = float_envs = None
-        if opts.weight_rounding == "gptq":
-            gptq_envs = {s: [dict(calib[s][i]) for i in picks] for s in stages}
-            if opts.gptq_target == "float":
-                float_envs = {s: [dict(calib[s][i]) for i in picks] for s in stages}
+        # GPTQ's samples are calibration feeds (picks) whose calibration forwards run on the
+        # quantized weights: a quantized chain without the activation rounding (plain GPTQ).
+        # With a float GPTQ target, they are also carried by the float partitions.
+        gptq = opts.weight_rounding == "gptq"
+        float_envs = None
+        if gptq and opts.gptq_target == "float":
+            float_envs = {s: [dict(calib[s][i]) for i in picks] for s in stages}
         with steps.step(f"quantize W8A16 per partition ({opts.calibration_samples} samples per stage); compile behind it"):
             for k in range(n_parts):
                 watch, memory = Stopwatch(), tree.open_window()
                 hessians = None
-                if opts.weight_rounding == "gptq":  # one rounding for the weights all stages share
+                if gptq:  # one rounding for the weights all stages share
                     with watch("GPTQ statistics"):
                         hessians = HessianSet(total_feeds=len(picks) * len(stages))
                         for s in stages:
-                            hessians.accumulate(part_paths[s][k], gptq_envs[s], opts.high_precision,
+                            hessians.accumulate(part_paths[s][k], [envs[s][i] for i in picks], opts.high_precision,
                                                 float_feeds=float_envs[s] if float_envs else None)
                             if float_envs:
                                 _drop_unneeded(float_envs[s], keep[s][k])
@@ -544,6 +548,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                         kv_bits=opts.kv_bits,
                         high_precision=opts.high_precision,
                         on_output=hand_on if k < n_parts - 1 else None,
+                        quantized_weight_feeds=picks if gptq else (),
                     )
                     qdq = ir.serde.serialize_model(quant(merged).model)
                     del merged, quant, calib_feeds
@@ -558,12 +563,9 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                                                     path.with_suffix(".encodings"))
                         qdq_paths[s].append(path)
                         del stage_qdq
-                    # the GPTQ feeds (to the next partition) and the check feeds (to the
-                    # output) go through the quantized partition
+                    # the check feeds go through the quantized partition
                     with watch("QDQ chain"):
-                        last = k == n_parts - 1
-                        _advance(qnn.cpu_session(path), check_envs[s] + ([] if last or not gptq_envs else gptq_envs[s]),
-                                 keep[s][k])
+                        _advance(qnn.cpu_session(path), check_envs[s], keep[s][k])
                 merged_encodings.unlink()
                 del qdq
                 release_memory()
@@ -579,7 +581,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                     future = worker.submit(qnn.compile_shared_context, graphs, target.name)
                     future.add_done_callback(_log_compiled(target.name, k, n_parts))
                     compiles[target.name, k] = future
-            del envs, gptq_envs, float_envs
+            del envs, float_envs
             release_memory()
 
         # 4. One shared-weight context binary per partition and target (started in step 3).

@@ -74,11 +74,12 @@ class QuantizeW8A16Pass(Pass):
     With ``on_output``, ``on_output(i, outputs)`` gets the model's outputs for calibration
     feed i (output name -> array) as the calibration forward computed them: activations
     pass through unquantized while aimet observes them, the weights are quantized in the
-    first forward (see :func:`_calibrate`). That is what aimet's calibration of a whole
-    model would hand the layers after this graph, so a partitioned model can calibrate
-    partition k + 1 on them without running partition k again. The pass drops its own
-    references to feed i before the call, so a caller that drops its own frees the inputs
-    as the outputs arrive (holding all of them at once cost 2.8 GB at full size).
+    first forward and in those of ``quantized_weight_feeds`` (see :func:`_calibrate`).
+    That is what aimet's calibration of a whole model would hand the layers after this
+    graph, so a partitioned model can calibrate partition k + 1 on them without running
+    partition k again. The pass drops its own references to feed i before the call, so a
+    caller that drops its own frees the inputs as the outputs arrive (holding all of them
+    at once cost 2.8 GB at full size).
     """
 
     IR = "onnx"
@@ -97,6 +98,7 @@ class QuantizeW8A16Pass(Pass):
         kv_bits: int = 16,
         high_precision: Sequence[str] = (),
         on_output: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+        quantized_weight_feeds: Sequence[int] = (),
     ) -> None:
         if kv_bits not in (8, 16):
             raise ValueError(f"quantize_w8a16: kv_bits must be 8 or 16, got {kv_bits}")
@@ -111,6 +113,7 @@ class QuantizeW8A16Pass(Pass):
         self.encodings_dir = encodings_dir
         self.encodings_prefix = encodings_prefix
         self.on_output = on_output
+        self.quantized_weight_feeds = tuple(quantized_weight_feeds)
 
     def _samples(self) -> list[dict[str, np.ndarray]]:
         if isinstance(self.calibration, (str, Path)):
@@ -159,7 +162,7 @@ class QuantizeW8A16Pass(Pass):
                 def handler(i, out):
                     self.on_output(i, {rename[n]: v for n, v in out.items()})
 
-            sim.compute_encodings(lambda session: _calibrate(sim, session, feeds, handler))
+            sim.compute_encodings(lambda session: _calibrate(sim, session, feeds, handler, self.quantized_weight_feeds))
             if self.range_margin != 1.0:
                 widen_activation_ranges(sim, self.range_margin)
             if self.encodings_dir is not None:
@@ -195,15 +198,19 @@ def _own_output_names(sim_names: list[str], names: list[str]) -> dict[str, str]:
     return dict(zip(sim_names, names))
 
 
-def _calibrate(sim, session, feeds: list[dict[str, np.ndarray] | None], on_output=None) -> None:
-    """aimet's calibration forwards, with its weight quantizers on for the first one only.
+def _calibrate(sim, session, feeds: list[dict[str, np.ndarray] | None], on_output=None,
+               quantized_weight_feeds: Sequence[int] = ()) -> None:
+    """aimet's calibration forwards, with its weight quantizers on for the first one and
+    those of ``quantized_weight_feeds`` only.
 
     In calibration, aimet quantizes and dequantizes every weight on every forward; for a
     full-width 2-block partition that was 5.7 s of its 30.6 s of calibration on an idle
     machine (one run each; later runs in a slower hour varied by as much). A weight
-    quantizer's range comes from its weight alone, fixed in the first forward; the later
+    quantizer's range comes from its weight alone, fixed in the first forward; the other
     forwards run on the float weights, which only the activation ranges see (and GPTQ has
-    already put most weights on their int8 grid, where the two are the same).
+    already put most weights on their int8 grid, where the two are the same). The feeds of
+    ``quantized_weight_feeds`` keep the weights quantized, for a caller that hands their
+    outputs on as the inputs a quantized model gives the layers after it (GPTQ's feeds).
     Each feed is dropped from ``feeds`` once run; with ``on_output``, ``on_output(i,
     outputs)`` then gets that forward's outputs (output name -> array).
     """
@@ -217,11 +224,14 @@ def _calibrate(sim, session, feeds: list[dict[str, np.ndarray] | None], on_outpu
         if on_output is not None:
             on_output(i, dict(zip(names, result)))
 
-    forward(0)
+    quantized = [0] + sorted({i for i in quantized_weight_feeds if 0 < i < len(feeds)})
+    for i in quantized:
+        forward(i)
     params = {name for name in sim.param_names if name in sim.qc_quantize_op_dict}
     with disable_quantizers(sim, params):
         for i in range(1, len(feeds)):
-            forward(i)
+            if i not in quantized:
+                forward(i)
 
 
 def widen_activation_ranges(sim, margin: float) -> int:

@@ -85,3 +85,27 @@ def test_single_small_head_is_left_alone():
 def test_bad_budget_is_refused():
     with pytest.raises(ValueError, match="must be positive"):
         SplitAttentionPass(tile_budget_bytes=0)
+
+
+class AttendThenProject(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(D, 5)
+
+    def forward(self, q, k, v, bias):
+        return self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+
+
+def test_the_split_attention_keeps_the_shapes_a_full_propagation_gives():
+    """The pass hands the replaced attention's annotation to the split one instead of
+    propagating every shape again; a full propagation must agree on every node."""
+    inputs = _inputs(_block_causal_bias())
+    gm = fx_utils.trace(AttendThenProject(), inputs)
+    assert SplitAttentionPass(tile_budget_bytes=6 * S * 2, mask_segments=SEGMENTS)(gm).modified
+    carried = {n.name: n.meta["tensor_meta"] for n in gm.graph.nodes if "tensor_meta" in n.meta}
+    assert _split_calls(gm)[0].name in carried
+    fx_utils.propagate_shapes(gm)
+    fresh = {n.name: n.meta["tensor_meta"] for n in gm.graph.nodes if "tensor_meta" in n.meta}
+    assert carried.keys() == fresh.keys()
+    for name, meta in fresh.items():
+        assert (carried[name].shape, carried[name].dtype) == (meta.shape, meta.dtype), name

@@ -167,7 +167,7 @@ def test_weight_quantizers_run_in_the_first_calibration_forward_only(float_model
         return ({e["name"]: e for e in enc["activation_encodings"]}, {e["name"]: e for e in enc["param_encodings"]})
 
     ours = {"grid": encodings(grid_path, "ours_grid"), "float": encodings(float_model, "ours_float")}
-    monkeypatch.setattr(quantize_w8a16, "_calibrate", lambda sim, session, feeds, outputs=None: [session.run(None, f) for f in feeds])
+    monkeypatch.setattr(quantize_w8a16, "_calibrate", lambda sim, session, feeds, *rest: [session.run(None, f) for f in feeds])
     aimets = {"grid": encodings(grid_path, "aimet_grid"), "float": encodings(float_model, "aimet_float")}
     assert len(ours["grid"][1]) >= 2  # the weights got their encodings
     for kind in ("grid", "float"):  # weight encodings come from the weights alone
@@ -203,3 +203,25 @@ def test_calibration_outputs_are_the_float_forwards_with_the_first_on_quantized_
     ref, qdq_out = run_onnx(model, feeds[0])[0], run_onnx(qdq, feeds[0])[0]
     assert not np.allclose(outs[0]["y"], ref, rtol=0, atol=1e-6)  # the int8 weights show
     assert sqnr_db(ref, outs[0]["y"]) > sqnr_db(ref, qdq_out)  # but no activation rounding
+
+
+def test_calibration_forwards_asked_for_keep_the_weights_quantized(float_model):
+    """GPTQ's feeds are handed on as a quantized model would deliver them: their forwards run
+    on aimet's int8 weights (the round-to-nearest grid), the others on the float weights."""
+    from graphs.gptq import round_to_nearest
+
+    model = onnx_io.load(float_model)
+    on_grid = onnx_io.load(float_model)
+    for value in on_grid.graph.initializers.values():
+        array = value.const_value.numpy()
+        if array.ndim == 2:
+            value.const_value = ir.tensor(round_to_nearest(array), name=value.name)
+    feeds = _feeds(4, 1)
+    outs = {}
+    QuantizeW8A16Pass(calibration=[dict(f) for f in feeds], quantized_weight_feeds=(2, 3),
+                      on_output=lambda i, out: outs.__setitem__(i, out["y"]))(model)
+    assert sorted(outs) == [0, 1, 2, 3]
+    for i in (0, 2, 3):
+        np.testing.assert_allclose(outs[i], run_onnx(on_grid, feeds[i])[0], rtol=1e-5, atol=1e-5)
+        assert not np.allclose(outs[i], run_onnx(model, feeds[i])[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(outs[1], run_onnx(model, feeds[1])[0], rtol=1e-5, atol=1e-5)
