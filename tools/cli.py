@@ -286,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--gptq-target", default="quantized", choices=("quantized", "float"),
-        help="--all-stages: GPTQ aims each layer at its float weights on the quantized chain's inputs "
-        "(plain GPTQ, default) or at the float chain's layer output (asymmetric; overfits on few samples)",
+        help="--all-stages: GPTQ aims each layer at its float weights on the inputs of the chain with "
+        "quantized weights (plain GPTQ, default) or at the float chain's layer output (asymmetric; "
+        "overfits on few samples)",
     )
     b.add_argument(
         "--high-precision", action="append",

@@ -103,8 +103,9 @@ class AllStagesOptions:
     high_precision: tuple[str, ...] = DENOISER_HIGH_PRECISION
     weight_rounding: str = "gptq"  # or "nearest"
     gptq_samples: int = 2  # calibration calls per stage whose inputs feed the GPTQ Hessians
-    # "quantized": plain GPTQ on the quantized chain's inputs; "float": aimed at the float
-    # chain's layer outputs (measured worse with 2 GPTQ calls per stage: it overfits)
+    # "quantized": plain GPTQ on the inputs of the chain with quantized weights (aimet's
+    # calibration forwards; activations not rounded); "float": aimed at the float chain's
+    # layer outputs (measured worse with 2 GPTQ calls per stage: it overfits)
     gptq_target: str = "quantized"
     remove_blocks: str | None = None
     importance: Path | None = None
