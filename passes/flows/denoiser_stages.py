@@ -7,7 +7,9 @@ partition at a time: the partition's three stage graphs are merged into one mode
 (:mod:`graphs.stage_merge`), so aimet handles each weight once -- one GPTQ rounding, one
 encoding for every stage -- while each stage's activations get their own encodings.
 Partition k + 1 calibrates on the outputs of aimet's calibration forwards of partition k
-(weights quantized, activations passed through while aimet observes them): what aimet's
+(activations passed through while aimet observes them; weights quantized in the first
+forward and GPTQ's, float in the others, where GPTQ has put most on their int8 grid
+already): what aimet's
 calibration of the whole model, which does not fit in memory, would hand it, with each
 calibration feed run once per partition. GPTQ's few feeds are calibration feeds whose
 forwards keep the weights quantized; only the check feeds go through the quantized (QDQ)
@@ -491,9 +493,9 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         compiles: dict[tuple[str, int], Future] = {}
 
         # 3. Quantize partition by partition, the three stages merged: weights once,
-        #    activations per stage. The calibration feeds go on with aimet's calibration
-        #    forwards (see the module docstring); the GPTQ and check feeds go through each
-        #    quantized partition in turn.
+        #    activations per stage. The calibration feeds, GPTQ's among them, go on with
+        #    aimet's calibration forwards (see the module docstring); the check feeds go
+        #    through each quantized partition in turn.
         qdq_paths: dict[int, list[Path]] = {s: [] for s in stages}
         quantize_seconds: list[dict[str, float]] = []  # per partition: where the time went
         quantize_peaks: list[dict[str, int]] = []  # per partition: peak RSS while it was quantized
