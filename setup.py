@@ -24,6 +24,7 @@ setup(
         "safetensors",
         "matplotlib",
         "psutil",
+        "threadpoolctl",
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["neodragon-npu=tools.cli:main"]},

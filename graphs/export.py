@@ -3,8 +3,8 @@
 The legacy TorchScript exporter is the default: on these machines it exported a full-width
 MMDiT block in 6 s where the dynamo exporter was much slower, and on a graph whose shapes
 were specialised beforehand (no shape queries left) both give the same static graph. Above
-2 GB the legacy exporter writes one file per tensor; the result is re-saved with all
-tensors in one external-data file.
+2 GB the legacy exporter would write one file per tensor: its initializers are taken from
+it in memory instead (:func:`exported_model`).
 
 The split attention (:func:`kernels.attention.attention_split`) is traced as one node per
 attention and expanded in ONNX (:mod:`graphs.onnx_attention`): traced op by op, the
@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 
 import onnx_ir as ir
 import torch
+from onnx_ir.tensor_adapters import TorchTensor
 
 from graphs import onnx_io
 from graphs.onnx_attention import expand_split_attention
@@ -41,33 +42,78 @@ def exported_model(
     output_names: Sequence[str],
     exporter: str = "legacy",
     opset: int = OPSET,
+    constant_folding: bool = True,
 ) -> Iterator[ir.Model]:
     """Export ``module`` at the static shapes of ``example_inputs`` and yield it as an
-    onnx_ir model (split attention expanded). Its weights are read lazily from the
-    exporter's files in a temporary folder under ``workdir``, removed on exit: a caller that
-    transforms the model further and saves only the result writes the weights once instead
-    of copying them into a file of their own first (6 GB per full-size stage graph)."""
+    onnx_ir model (split attention expanded). With the legacy exporter its weights are the
+    module's own tensors (and the exporter's folded ones), never written: a caller that
+    transforms the model further and saves only the result writes the weights once (6 GB per
+    full-size stage graph). The dynamo exporter's weights are read lazily from its files in
+    a temporary folder under ``workdir``, removed on exit.
+
+    ``constant_folding=False`` leaves the legacy exporter's constant folding to a caller
+    whose ONNX passes fold constants anyway (:class:`passes.onnx.fold_constants.FoldConstantsPass`):
+    the exporter folds by copying every weight it touches (the Linear weights' transposes
+    among them). Full-size stage 0, run alone: the export took 49.5 s without it and 76.7 s
+    with it (96.7 s when the weights were also written to files and read back), the stage's
+    export, ONNX passes and partition files 136 s against 159 s (165 s), peak RSS 8.6 GB
+    against 11.6 GB (11.6 GB)."""
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".export-") as tmp:
         raw = Path(tmp) / "model.onnx"
+        params: dict[str, torch.Tensor] = {}  # the legacy exporter's initializers, kept in memory
         common = dict(input_names=list(input_names), output_names=list(output_names), opset_version=opset)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if exporter == "legacy":
-                with traced_as_one_node():
-                    torch.onnx.export(module, tuple(example_inputs), str(raw), do_constant_folding=True, dynamo=False,
-                                      **common)
+                with traced_as_one_node(), _initializers_kept(params):
+                    torch.onnx.export(module, tuple(example_inputs), str(raw), do_constant_folding=constant_folding,
+                                      dynamo=False, **common)
             else:
                 program = torch.onnx.export(module, tuple(example_inputs), dynamo=True, optimize=True, **common)
                 program.save(str(raw), external_data=True)
         del module, example_inputs  # the caller may drop the PyTorch model while it holds the ONNX one
         gc.collect()
         model = ir.load(str(raw))
+        _inputs_to_initializers(model, params)
+        del params
         expand_split_attention(model)
         yield model
+
+
+@contextlib.contextmanager
+def _initializers_kept(into: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While the legacy exporter runs, its initializers (the module's parameters and what
+    its constant folding computed, deduplicated) go into ``into`` instead of the ONNX file,
+    where they stay graph inputs (:func:`_inputs_to_initializers` turns them back).
+
+    Written out, a full-size stage graph's 6 GB went to one file per tensor, to be read
+    back by every pass that looks at a weight and written again as partitions."""
+    deduplicate = torch._C._jit_pass_onnx_deduplicate_initializers
+
+    def keep(graph, params, training):
+        into.update(deduplicate(graph, params, training))
+        return {}
+
+    torch._C._jit_pass_onnx_deduplicate_initializers = keep
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_deduplicate_initializers = deduplicate
+
+
+def _inputs_to_initializers(model: ir.Model, params: dict[str, torch.Tensor]) -> None:
+    """Graph inputs named in ``params`` become initializers holding those tensors' memory."""
+    for value in list(model.graph.inputs):
+        tensor = params.get(value.name)
+        if tensor is None:
+            continue
+        model.graph.inputs.remove(value)
+        value.const_value = TorchTensor(tensor.detach(), name=value.name)
+        model.graph.register_initializer(value)
 
 
 def export_onnx(

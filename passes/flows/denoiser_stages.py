@@ -15,10 +15,11 @@ calibration feed run once per partition. GPTQ's few feeds are calibration feeds 
 forwards keep the weights quantized; only the check feeds go through the quantized (QDQ)
 partitions. Each quantized partition is handed to a worker process that
 compiles its three graphs into one context binary storing the weights once, while this
-process quantizes the next partition; the QNN compiler is single-threaded, so the two
-overlap on two cores, and once quantization is done a second worker takes compiles still
-waiting. Every step hands files to the next and drops its big objects, so memory stays
-bounded by one partition's quantization plus the compiles.
+process quantizes the next partition, on one thread while a compile runs; the QNN
+compiler is single-threaded, so the two overlap on two cores, and once quantization is
+done a second worker takes compiles still waiting. Every step hands files to the next and
+drops its big objects, so memory stays bounded by one partition's quantization plus the
+compiles.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ import logging
 import math
 import multiprocessing
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -230,8 +233,8 @@ def _export_stage(opts: AllStagesOptions, stage: int, make, work: Path, plan: _C
     parameters); only this function holds it.
 
     The whole stage graph is never written: the ONNX passes and the cuts work on the
-    exported model, whose weights stay in the exporter's files until the partitions are
-    saved (writing it out and reading it back took 40 s per full-size stage graph)."""
+    exported model, whose weights stay in memory until the partitions are saved (writing it
+    out and reading it back took 40 s per full-size stage graph)."""
     model = make()
     config = model.config
     inputs = example_stage_inputs(model, stage)
@@ -239,9 +242,11 @@ def _export_stage(opts: AllStagesOptions, stage: int, make, work: Path, plan: _C
     gm = fx_utils.trace(model.stage_module(stage), example, share_parameters=True)
     del model, inputs
     _run_passes(gm, stage_fx_passes(opts, config, get_target(opts.targets[0]), stage), verify_fx, opts, lambda g: g.code)
+    # the ONNX passes fold constants (on their own or with the exporter's help if skipped)
+    folding = "fold_constants" in opts.skip_passes
     with exported_model(gm, example, work, input_names=pyramid.STAGE_INPUT_NAMES, output_names=[OUTPUT_NAME],
-                        exporter=opts.exporter) as onnx_model:
-        del gm  # the ONNX passes fold weights into new tensors: not both at once
+                        exporter=opts.exporter, constant_folding=folding) as onnx_model:
+        del gm  # the ONNX model holds the weights it uses, not the module
         release_memory()
         stats = optimize_stage_model(onnx_model, opts, {})
         onnx_model = partition.prepare(onnx_model)
@@ -320,6 +325,12 @@ class _Compiler:
             self._start()
         return outer
 
+    @property
+    def busy(self) -> bool:
+        """A compile is running or waiting."""
+        with self.lock:
+            return self.running > 0 or bool(self.waiting)
+
     def widen(self) -> None:
         with self.lock:
             self.limit = self.wide
@@ -381,6 +392,25 @@ def _background_worker():
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _Parts(Stopwatch):
+    """Times the parts of one partition's quantization (``with watch("aimet"): ...``) and runs
+    each on one thread if a compile is running or waiting as it starts (see
+    :func:`graphs.qnn.thread_limit`); ``limited`` is the seconds spent so."""
+
+    def __init__(self, compiler: _Compiler) -> None:
+        super().__init__()
+        self.compiler, self.limited = compiler, 0.0
+
+    @contextlib.contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        threads = 1 if self.compiler.busy else None
+        start = time.perf_counter()
+        with super().__call__(part), qnn.thread_limit(threads):
+            yield
+        if threads:
+            self.limited += time.perf_counter() - start
+
+
 def _tag(stage: int) -> str:
     return f"stage{stage}"
 
@@ -439,7 +469,8 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
     }
     result = StagesResult(Path(out_dir), manifest)
 
-    with tree, artifacts.staged_dir(out_dir) as work, _background_worker() as worker, artifacts.Digests() as digests:
+    with tree, artifacts.staged_dir(out_dir) as work, _background_worker() as worker, artifacts.Digests() as digests, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="float-chain") as checker:
         # 1. The PyTorch model and pipeline samples for every stage.
         with steps.step("build the model and run the float pipeline for samples"):
             denoiser = load_denoiser(opts, work, manifest)
@@ -459,8 +490,17 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         #    exported first, decides), saved as partitions.
         #    (Running the samples in the worker beside the exports saved 22 s at full size,
         #    862 s against 884 s, and peaked at 18.2 GB against 9.3 GB: both are memory-bound.)
+        #    An export keeps about one core busy: the float partitions are hashed for the
+        #    manifest, and the float chains checked, on the other while the next stage exports
+        #    (the checks beside the last export, which holds one PyTorch model, not two).
         part_paths: dict[int, list[Path]] = {}
         stage_stats: dict[int, dict] = {}
+        float_chains: dict[int, Future] = {}
+
+        def check_float_chain(s: int) -> Future:
+            return checker.submit(_float_chain_sqnr, [str(p) for p in part_paths[s]],
+                                  str(work / f"stage{s}_check_samples.npz"))
+
         plan = _CutPlan(opts.max_partition_weight_bytes)
         # largest stage first: its graph sets the cuts, and opens each shared context binary
         order = sorted(stages, reverse=True)
@@ -472,22 +512,27 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                     make = functools.partial(copy.deepcopy, denoiser)
                 else:  # the last stage takes the model itself: _export_stage frees it when done
                     make, denoiser = _hand_over(denoiser), None
+                if s == order[-1]:  # this export holds one model, not two: room for the checks
+                    float_chains.update((done, check_float_chain(done)) for done in part_paths)
+                start = time.perf_counter()
                 stage_stats[s], part_paths[s] = _export_stage(opts, s, make, work, plan)
+                digests.start(f for path in part_paths[s] for f in onnx_io.model_files(path))
                 logger.info("      stage %d: %d nodes, %s op-output bytes per call (A16), %d partition(s) handing "
-                            "on %d tensors (%s per call)", s, stage_stats[s]["node_count"],
+                            "on %d tensors (%s per call); %.0f s", s, stage_stats[s]["node_count"],
                             format_bytes(stage_stats[s]["op_output_bytes"]), len(part_paths[s]),
                             stage_stats[s]["handed_over"]["tensors"],
-                            format_bytes(stage_stats[s]["handed_over"]["bytes_per_call"]))
+                            format_bytes(stage_stats[s]["handed_over"]["bytes_per_call"]), time.perf_counter() - start)
             release_memory()
             n_parts = len(plan.cuts) + 1
+            float_chains[order[-1]] = check_float_chain(order[-1])
         calib = {s: load_samples(work / f"stage{s}_calibration_inputs.npz") for s in stages}
         check = {s: load_samples(work / f"stage{s}_check_samples.npz") for s in stages}
         refs = {s: [feed.pop(f"{OUTPUT_NAME}_fp32") for feed in check[s]] for s in stages}
         verify_htp = opts.verify_htp if opts.verify_htp is not None else weight_bytes <= HTP_VERIFY_LIMIT_BYTES
         layer_report = opts.layer_report if opts.layer_report is not None else weight_bytes <= HTP_VERIFY_LIMIT_BYTES
 
-        # The float partitions and samples are final: hash them for the manifest now, on a
-        # background thread (reading 18 GB at full size), not in the last step.
+        # The samples are final: hash them for the manifest now, on a background thread, as
+        # the float partitions are (18 GB at full size), not in the last step.
         digests.start(p for p in sorted(work.iterdir()) if p.is_file())
         # The worker compiles each partition once quantized.
         compiles: dict[tuple[str, int], Future] = {}
@@ -513,7 +558,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
             float_envs = {s: [dict(calib[s][i]) for i in picks] for s in stages}
         with steps.step(f"quantize W8A16 per partition ({opts.calibration_samples} samples per stage); compile behind it"):
             for k in range(n_parts):
-                watch, memory = Stopwatch(), tree.open_window()
+                watch, memory = _Parts(worker), tree.open_window()
                 hessians = None
                 if gptq:  # one rounding for the weights all stages share
                     with watch("GPTQ statistics"):
@@ -562,8 +607,8 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                         stage_qdq = stage_merge.split(qdq, _tag(s))
                         path = work / f"stage{s}_part{k}_w8a16.onnx"
                         onnx_io.save_proto(stage_qdq, path)
-                        stage_merge.split_encodings(merged_encodings, _tag(s), {t.name for t in stage_qdq.graph.initializer},
-                                                    path.with_suffix(".encodings"))
+                        weights = {t.name for t in stage_qdq.graph.initializer}
+                        stage_merge.split_encodings(merged_encodings, _tag(s), weights, path.with_suffix(".encodings"))
                         qdq_paths[s].append(path)
                         del stage_qdq
                     # the check feeds go through the quantized partition
@@ -574,8 +619,9 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                 release_memory()
                 rounded = f", {len(hessians.rounded)} weights GPTQ-rounded" if hessians is not None else ""
                 tree.close_window(memory)
-                logger.info("      partition %d/%d quantized%s (%s; peak RSS %.2f GB, this process %.2f GB)", k + 1,
-                            n_parts, rounded, watch.summary(), memory.tree / 1e9, memory.main / 1e9)
+                logger.info("      partition %d/%d quantized%s (%s; %.0f s of it on one thread beside a compile; peak RSS "
+                            "%.2f GB, this process %.2f GB)", k + 1, n_parts, rounded, watch.summary(), watch.limited,
+                            memory.tree / 1e9, memory.main / 1e9)
                 quantize_seconds.append({part: round(sec, 1) for part, sec in watch.seconds.items()})
                 quantize_peaks.append({"all_processes": memory.tree, "main_process": memory.main})
                 del hessians
@@ -590,17 +636,14 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         # 4. One shared-weight context binary per partition and target (started in step 3).
         binaries: dict[str, dict[int, dict[int, qnn.ContextBinary]]] = {t.name: {} for t in targets}
         compile_seconds: dict[str, dict[int, float]] = {t.name: {} for t in targets}
-        with steps.step(f"finish the shared-weight context binaries for {', '.join(t.name for t in targets)}; check the float chains"):
+        with steps.step(f"finish the shared-weight context binaries for {', '.join(t.name for t in targets)}"):
             # nothing left to quantize: compiles still waiting may take the second core
             worker.widen()
             # hash the manifest's finished files meanwhile
             compiling = [work / t.name for t in targets]
             digests.start(p for p in sorted(work.rglob("*")) if p.is_file() and not any(d in p.parents for d in compiling))
-            # and check the float chains, on one thread: in step 3 they took CPU from the
-            # quantization; here a core is free unless two compiles are still waiting
-            for s in stages:
-                result.sqnr_db.setdefault("float_chain", {})[s] = _float_chain_sqnr(
-                    [str(p) for p in part_paths[s]], str(work / f"stage{s}_check_samples.npz"))
+            for s in stages:  # checked beside the exports
+                result.sqnr_db.setdefault("float_chain", {})[s] = float_chains[s].result()
             for (name, k), future in compiles.items():
                 built, seconds = _worker_result(future, f"compiling partition {k} for {name}")
                 binaries[name][k] = dict(zip(order, built))

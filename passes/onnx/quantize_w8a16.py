@@ -149,6 +149,7 @@ class QuantizeW8A16Pass(Pass):
                 quant_scheme=self.quant_scheme,
                 config_file=aimet_config_file(self.htp_arch),
                 providers=["CPUExecutionProvider"],
+                session_options_kwargs=_session_kwargs(),
             )
             self._set_precisions(sim, model)
             input_names = [i.name for i in sim.session.get_inputs()]
@@ -188,6 +189,14 @@ class QuantizeW8A16Pass(Pass):
                 for name in params:
                     if name in sim.qc_quantize_op_dict:
                         sim.qc_quantize_op_dict[name].set_precision("int16")
+
+
+def _session_kwargs() -> dict:
+    """aimet's session takes the thread limit of :func:`graphs.qnn.thread_limit`."""
+    from graphs.qnn import session_threads
+
+    threads = session_threads()
+    return {"intra_op_num_threads": threads} if threads else {}
 
 
 def _own_output_names(sim_names: list[str], names: list[str]) -> dict[str, str]:

@@ -126,3 +126,26 @@ def test_cpu_sessions_run_a_w8a16_matmul_with_its_16_bit_activation():
     assert sqnr_db(expected, ours) > 100.0
     fused = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert sqnr_db(expected, fused) < 60.0  # what the CPU EP does without our options
+
+
+def test_thread_limit_holds_torch_the_blas_and_new_sessions_and_is_undone(qdq_model):
+    model = qdq_model[0] / "q.onnx"
+    from threadpoolctl import threadpool_info
+
+    from passes.onnx.quantize_w8a16 import _session_kwargs
+
+    def blas_threads():
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    torch_before, blas_before = torch.get_num_threads(), blas_threads()
+    with qnn.thread_limit(1):
+        assert torch.get_num_threads() == 1
+        assert blas_threads() == {1}
+        assert qnn.cpu_session(str(model)).get_session_options().intra_op_num_threads == 1
+        assert qnn.cpu_session(str(model), threads=2).get_session_options().intra_op_num_threads == 2
+        assert _session_kwargs() == {"intra_op_num_threads": 1}  # aimet's QuantSim session
+    assert torch.get_num_threads() == torch_before and blas_threads() == blas_before
+    assert qnn.cpu_session(str(model)).get_session_options().intra_op_num_threads == 0  # onnxruntime's default
+    assert _session_kwargs() == {}
+    with qnn.thread_limit(None):  # no limit: nothing changes
+        assert torch.get_num_threads() == torch_before and qnn.session_threads() is None

@@ -19,6 +19,7 @@ from passes.flows.denoiser_stages import (
     AllStagesOptions,
     _background_worker,
     _Compiler,
+    _Parts,
     _run_chain,
     _worker_result,
     build_denoiser_stages,
@@ -177,9 +178,11 @@ def test_compiles_run_one_at_a_time_until_widened():
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         compiler = _Compiler(pool)
+        assert not compiler.busy
         futures = [compiler.submit(job, x) for x in (1, 2, 3, "bad")]
         time.sleep(0.3)
         assert most[0] == 1 and futures[0].running() and not futures[1].running()
+        assert compiler.busy  # the build's quantization then limits itself to one thread
         compiler.widen()
         time.sleep(0.3)
         assert most[0] == 2 and futures[1].running() and not futures[2].running()
@@ -188,6 +191,8 @@ def test_compiles_run_one_at_a_time_until_widened():
         with pytest.raises(ValueError, match="compile failed"):
             futures[3].result(10)
         assert most[0] == 2
+        time.sleep(0.1)  # the last job's callback
+        assert not compiler.busy
         # jobs still waiting when the build stops are cancelled
         release.clear()
         first, second = compiler.submit(job, 4), compiler.submit(job, 5)
@@ -196,6 +201,27 @@ def test_compiles_run_one_at_a_time_until_widened():
         compiler.cancel_waiting()
         release.set()
         assert third.cancelled() and first.result(10) == 8 and second.result(10) == 10
+
+
+def test_quantization_parts_run_on_one_thread_only_while_a_compile_runs():
+    import time
+    from types import SimpleNamespace
+
+    threads = torch.get_num_threads()
+    compiler = SimpleNamespace(busy=True)
+    watch = _Parts(compiler)
+    with watch("aimet"):
+        assert torch.get_num_threads() == 1 and qnn.session_threads() == 1
+        time.sleep(0.2)
+    assert torch.get_num_threads() == threads and qnn.session_threads() is None
+    compiler.busy = False  # the compile finished: the next part takes every core again
+    with watch("QDQ chain"):
+        assert torch.get_num_threads() == threads and qnn.session_threads() is None
+        time.sleep(0.1)
+    with watch("aimet"):
+        pass
+    assert 0.2 <= watch.limited < 0.3
+    assert list(watch.seconds) == ["aimet", "QDQ chain"] and watch.seconds["QDQ chain"] >= 0.1
 
 
 def test_float_target_gptq_moves_later_partitions_only(tmp_path):
