@@ -242,10 +242,8 @@ def _export_stage(opts: AllStagesOptions, stage: int, make, work: Path, plan: _C
     gm = fx_utils.trace(model.stage_module(stage), example, share_parameters=True)
     del model, inputs
     _run_passes(gm, stage_fx_passes(opts, config, get_target(opts.targets[0]), stage), verify_fx, opts, lambda g: g.code)
-    # the ONNX passes fold constants (on their own or with the exporter's help if skipped)
-    folding = "fold_constants" in opts.skip_passes
     with exported_model(gm, example, work, input_names=pyramid.STAGE_INPUT_NAMES, output_names=[OUTPUT_NAME],
-                        exporter=opts.exporter, constant_folding=folding) as onnx_model:
+                        exporter=opts.exporter) as onnx_model:
         del gm  # the ONNX model holds the weights it uses, not the module
         release_memory()
         stats = optimize_stage_model(onnx_model, opts, {})

@@ -37,8 +37,7 @@ def test_exported_model_is_the_saved_export_and_leaves_no_files(tmp_path):
             pass
 
 
-@pytest.mark.parametrize("constant_folding", [True, False])
-def test_legacy_export_keeps_the_weights_in_memory(tmp_path, constant_folding):
+def test_legacy_export_keeps_the_weights_in_memory(tmp_path):
     deduplicate = torch._C._jit_pass_onnx_deduplicate_initializers
     module, x = _Mlp().eval(), torch.randn(2, 8)
     expected = module(x).detach().numpy()
@@ -52,18 +51,14 @@ def test_legacy_export_keeps_the_weights_in_memory(tmp_path, constant_folding):
 
     torch.onnx.export = export
     try:
-        with exported_model(module, [x], tmp_path, input_names=["x"], output_names=["y"],
-                            constant_folding=constant_folding) as model:
+        with exported_model(module, [x], tmp_path, input_names=["x"], output_names=["y"]) as model:
             weights = {v.name: v.const_value for v in model.graph.initializers.values()}
             np.testing.assert_allclose(run_onnx(model, {"x": x.numpy()})[0], expected, rtol=1e-5, atol=1e-6)
             assert [v.name for v in model.graph.inputs] == ["x"]
     finally:
         torch.onnx.export = real_export
     assert written == ["model.onnx"]  # the graph alone: no weight files
-    # the module's own tensors, not copies (without folding, the weights keep their names)
+    # the module's own tensors, not copies (Gemm takes the Linear weights as they are)
     params = {name: p.data_ptr() for name, p in module.named_parameters()}
-    if not constant_folding:
-        assert {n: w.numpy().__array_interface__["data"][0] for n, w in weights.items()} == params
-    else:
-        assert len(weights) == 4
+    assert {n: w.numpy().__array_interface__["data"][0] for n, w in weights.items()} == params
     assert torch._C._jit_pass_onnx_deduplicate_initializers is deduplicate  # the exporter is left as it was
