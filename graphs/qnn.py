@@ -79,8 +79,8 @@ def thread_limit(threads: int | None):
     BLAS behind numpy and scipy, and the onnxruntime sessions created (aimet's through
     :func:`session_threads`). ``None`` changes nothing.
 
-    For work beside a QNN compile in a worker process: onnxruntime's intra-op threads spin
-    while they wait for work, which takes CPU from the compile. A full-size stage-2 partition
+    For work beside a QNN compile in a worker process, which is single-threaded: two threads
+    here and the compile's one share two cores. A full-size stage-2 partition
     compiled in 88.6 s alone, 141.4 s beside aimet's calibration of a merged partition on
     two threads (114.7 s) and 119.5 s beside the same on one thread (107.0 s; 76.9 s alone on
     two): on one thread both finished sooner. (In the full-size build the gain did not show

@@ -298,8 +298,8 @@ def _pooled(refs: list[np.ndarray], outs: list[np.ndarray]) -> float:
 def _float_chain_sqnr(part_paths: list[str], check_npz: str) -> float:
     """SQNR of the float partitions run in sequence against the fp32 PyTorch output, on the
     first check call: the chain reproduces the unsplit graph on every input or a cut is
-    wired wrong, so more calls would repeat the check (each is a full-size float forward
-    beside the last compiles)."""
+    wired wrong, so more calls would repeat the check (each is a full-size float forward,
+    run beside the stage exports)."""
     feeds = load_samples(check_npz)[:1]
     refs = [f.pop(f"{OUTPUT_NAME}_fp32") for f in feeds]
     return _pooled(refs, _run_chain(part_paths, feeds, threads=1))

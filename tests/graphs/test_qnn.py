@@ -129,10 +129,11 @@ def test_cpu_sessions_run_a_w8a16_matmul_with_its_16_bit_activation():
 
 
 def test_thread_limit_holds_torch_the_blas_and_new_sessions_and_is_undone(qdq_model):
-    model = qdq_model[0] / "q.onnx"
     from threadpoolctl import threadpool_info
 
     from passes.onnx.quantize_w8a16 import _session_kwargs
+
+    model = qdq_model[0] / "q.onnx"
 
     def blas_threads():
         return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
