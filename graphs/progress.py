@@ -22,14 +22,49 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _rss_of(pid: int) -> int:
+# Processes sharing memory copy-on-write (forked children and their parent, while the children
+# live: graphs.forked) are measured by their proportional set size (PSS), so that a page they
+# share counts once in a sum over processes, not once per process as VmRSS counts it. Reading
+# PSS walks the process's page tables (148 ms for 8 GB of 4 KiB pages here, against 0.06 ms
+# for VmRSS): sampled for every process twice a second, it cost a full-size build about 800 s
+# of system CPU and slowed its quantization and compiles by about a fifth. So PSS is read
+# only for those processes, and at most every PSS_INTERVAL seconds.
+PSS_INTERVAL = 5.0
+_shared_pids: set[int] = set()
+_pss_cache: dict[int, tuple[float, int]] = {}
+
+
+def share_memory(pids: set[int] | list[int], shared: bool = True) -> None:
+    """Mark processes as sharing memory copy-on-write (or no longer, with ``shared=False``)."""
+    for pid in pids:
+        if shared:
+            _shared_pids.add(pid)
+        else:
+            _shared_pids.discard(pid)
+            _pss_cache.pop(pid, None)
+
+
+def _status_field(pid: int, path: str, key: str) -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
-    except OSError:  # the process ended
+    except OSError:  # the process ended, or no such file
         pass
     return 0
+
+
+def _rss_of(pid: int) -> int:
+    """Resident bytes of one process: VmRSS, or its PSS if it shares memory copy-on-write
+    (:func:`share_memory`; refreshed every :data:`PSS_INTERVAL` seconds)."""
+    if pid not in _shared_pids:
+        return _status_field(pid, "status", "VmRSS:")
+    now = time.monotonic()
+    cached = _pss_cache.get(pid)
+    if cached is None or now - cached[0] >= PSS_INTERVAL:
+        pss = _status_field(pid, "smaps_rollup", "Pss:") or _status_field(pid, "status", "VmRSS:")
+        cached = _pss_cache[pid] = (now, pss)
+    return cached[1]
 
 
 def _descendants(pid: int) -> list[int]:

@@ -92,6 +92,7 @@ def rollout(
     on_call: StageCallback | None = None,
     before_call: Callable[[int, int, dict[str, torch.Tensor]], None] | None = None,
     max_unit: int | None = None,
+    unpadded: bool = False,
 ) -> torch.Tensor:
     """Generate the units (up to ``max_unit``); returns the latent video ``[1, C, T, H, W]``.
 
@@ -99,6 +100,12 @@ def rollout(
     envelope-padded graph inputs, exactly as the stage graph will receive them;
     ``before_call(unit, stage, graph_inputs)`` runs just before the call (for observers
     that hook into the model).
+
+    ``unpadded`` runs each call on its real tokens instead of the envelope (the graph
+    inputs handed on stay padded): the same outputs within fp32 rounding, since the
+    envelope's padding is masked out, for fewer tokens -- at full size the sample calls of
+    an all-stages build hold 15 % fewer tokens in stage 2, 21 % in stage 1 and 33 % in
+    stage 0 (units 1-2, padded most, run most often).
     """
     cfg = denoiser.config
     geo, mm = cfg.geometry, cfg.mmdit
@@ -135,7 +142,11 @@ def rollout(
             )
             if before_call is not None:
                 before_call(unit, stage, inputs)
-            out = stages[stage](**inputs)  # [1, n, p*p*C]
+            call = inputs
+            if unpadded:
+                call = pyramid.stage_inputs(cfg, pos_table, unit, stage, clips, prompt.embeds, prompt.mask,
+                                            prompt.pooled, pad_to_envelope=False)
+            out = stages[stage](**call)  # [1, n, p*p*C]
             if on_call is not None:
                 on_call(unit, stage, inputs, out)
             h, w = x.shape[-2:]
@@ -167,7 +178,8 @@ def collect_samples(
     """Samples of the given stages from rollouts, one per (prompt, unit).
 
     ``units_per_prompt`` stops a prompt's rollout after that many units (each unit makes
-    one call per stage), so a full-size model only runs the calls that are needed.
+    one call per stage), so a full-size model only runs the calls that are needed. The
+    calls run unpadded (see :func:`rollout`); the samples hold the envelope's inputs.
     """
     stages = tuple(range(denoiser.config.geometry.num_stages)) if stages is None else stages
     samples: dict[int, list[StageSample]] = {s: [] for s in stages}
@@ -179,7 +191,7 @@ def collect_samples(
 
         limit = (units_per_prompt or {}).get(seed)
         max_unit = None if limit is None else denoiser.config.geometry.denoised_units[0] + limit - 1
-        rollout(denoiser, synthetic_prompt(denoiser, seed), seed, on_call=keep, max_unit=max_unit)
+        rollout(denoiser, synthetic_prompt(denoiser, seed), seed, on_call=keep, max_unit=max_unit, unpadded=True)
         if progress is not None:
             progress(i + 1, len(prompt_seeds))
     return samples

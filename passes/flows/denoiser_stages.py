@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import functools
 import json
 import logging
@@ -45,6 +44,7 @@ import onnx
 import onnx_ir as ir
 
 from graphs import artifacts, onnx_io, partition, qnn, stage_merge
+from graphs.forked import Forked
 from graphs import fx as fx_utils
 from graphs.export import exported_model
 from graphs.gptq import HessianSet
@@ -87,10 +87,9 @@ ALL_STAGES_MIN_SQNR_DB = 25.0
 # Simulating the HTP is slow (~98 s per full-width block at 1728 tokens): by default the
 # chained binaries are run in the simulator only for models up to this many weight bytes.
 HTP_VERIFY_LIMIT_BYTES = 256 << 20
-# fp32 weights up to which the stage exports copy the sampled model instead of rebuilding it
-# (full size, 6.1 GB: the export step took 325 s against 380 s with a rebuild per stage, and
-# peaked at 15.5 GB against 9.3 GB, below the quantization step's peak)
-COPY_FOR_EXPORT_LIMIT_BYTES = 7 << 30
+# fp32 weights up to which the stage exports share the sampled model (forked, three exports
+# at once) instead of exporting one after the other, each on a rebuilt model
+SHARED_EXPORT_LIMIT_BYTES = 7 << 30
 GPTQ_TARGETS = ("float", "quantized")
 
 
@@ -226,11 +225,12 @@ class _CutPlan:
         return partition.align_parts(prof, self.weights)
 
 
-def _export_stage(opts: AllStagesOptions, stage: int, make, work: Path, plan: _CutPlan) -> tuple[dict, list[Path]]:
+def _export_stage(opts: AllStagesOptions, stage: int, make, work: Path, parts_for) -> tuple[dict, list[Path]]:
     """Trace one stage graph at its envelope shapes, run the FX passes, export it, run the
-    ONNX passes and save it cut into partitions (``plan``); returns its A16 stats and the
-    partition files. ``make()`` gives the PyTorch model to trace (the FX passes edit its
-    parameters); only this function holds it.
+    ONNX passes and save it cut into partitions (``parts_for(profile)`` gives each node's
+    partition: :meth:`_CutPlan.parts`); returns its A16 stats and the partition files.
+    ``make()`` gives the PyTorch model to trace (the FX passes edit its parameters); only
+    this function holds it.
 
     The whole stage graph is never written: the ONNX passes and the cuts work on the
     exported model, whose weights stay in memory until the partitions are saved (writing it
@@ -249,13 +249,27 @@ def _export_stage(opts: AllStagesOptions, stage: int, make, work: Path, plan: _C
         stats = optimize_stage_model(onnx_model, opts, {})
         onnx_model = partition.prepare(onnx_model)
         prof = partition.profile(onnx_model)
-        partition.annotate(onnx_model, prof, plan.parts(prof))
+        partition.annotate(onnx_model, prof, parts_for(prof))
         parts = partition.split(onnx_model)
         stats["handed_over"] = dict(zip(("tensors", "bytes_per_call"), partition.handed_over(parts)))
         paths = [onnx_io.save(part, work / f"stage{stage}_part{k}_float.onnx") for k, part in enumerate(parts)]
         del onnx_model, prof, parts
     release_memory()
     return stats, paths
+
+
+def _export_forked(receive, opts: AllStagesOptions, stage: int, model, work: Path) -> tuple[dict, list[Path], float, float]:
+    """:func:`_export_stage` in a forked process (:class:`graphs.forked.Forked`), on the
+    parent's model as the fork shares it (the FX passes' edits stay in this process). The
+    cuts come from the parent, which exports the largest stage meanwhile: ``receive()``
+    gives each partition's weights once it has them. Then the float chain is checked here
+    (:func:`_float_chain_sqnr`). Returns the A16 stats, the partition files, the export's
+    seconds and the float chain's SQNR."""
+    start = time.perf_counter()
+    stats, paths = _export_stage(opts, stage, _hand_over(model), work,
+                                 lambda prof: partition.align_parts(prof, receive()))
+    seconds = time.perf_counter() - start
+    return stats, paths, seconds, _float_chain_sqnr([str(p) for p in paths], str(work / f"stage{stage}_check_samples.npz"))
 
 
 def _hand_over(obj):
@@ -476,21 +490,21 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
             _write_stage_samples(denoiser, opts, work, stages)
             weight_bytes = sum(p.numel() * 4 for p in denoiser.transformer.parameters())
             weight_bytes += sum(p.numel() * 4 for p in denoiser.context_adapter.parameters())
-            # the stage exports below trace copies of this model; past this size each rebuilds its own
-            keep_model = weight_bytes <= COPY_FOR_EXPORT_LIMIT_BYTES
+            # the stage exports below share this model; past this size each rebuilds its own
+            keep_model = weight_bytes <= SHARED_EXPORT_LIMIT_BYTES
             if not keep_model:
                 del denoiser
                 release_memory()
 
-        # 2. One float graph per stage: FX passes (they edit parameters, so each stage but the
-        #    last traces a copy of the model, or a rebuilt one past COPY_FOR_EXPORT_LIMIT_BYTES),
-        #    export, ONNX passes, and the same cuts in every stage graph (the largest stage,
-        #    exported first, decides), saved as partitions.
+        # 2. One float graph per stage: FX passes, export, ONNX passes, and the same cuts in
+        #    every stage graph (the largest stage decides), saved as partitions. The largest
+        #    stage exports here while the others export in forked processes, which share the
+        #    model copy-on-write (each export keeps about one core busy), and check their float
+        #    chains; past SHARED_EXPORT_LIMIT_BYTES the stages export one after the other,
+        #    each on a rebuilt model. The float partitions are hashed for the manifest as they
+        #    come.
         #    (Running the samples in the worker beside the exports saved 22 s at full size,
         #    862 s against 884 s, and peaked at 18.2 GB against 9.3 GB: both are memory-bound.)
-        #    An export keeps about one core busy: the float partitions are hashed for the
-        #    manifest, and the float chains checked, on the other while the next stage exports
-        #    (the checks beside the last export, which holds one PyTorch model, not two).
         part_paths: dict[int, list[Path]] = {}
         stage_stats: dict[int, dict] = {}
         float_chains: dict[int, Future] = {}
@@ -499,30 +513,45 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
             return checker.submit(_float_chain_sqnr, [str(p) for p in part_paths[s]],
                                   str(work / f"stage{s}_check_samples.npz"))
 
+        def exported(s: int, seconds: float) -> None:
+            digests.start(f for path in part_paths[s] for f in onnx_io.model_files(path))
+            logger.info("      stage %d: %d nodes, %s op-output bytes per call (A16), %d partition(s) handing "
+                        "on %d tensors (%s per call); %.0f s", s, stage_stats[s]["node_count"],
+                        format_bytes(stage_stats[s]["op_output_bytes"]), len(part_paths[s]),
+                        stage_stats[s]["handed_over"]["tensors"],
+                        format_bytes(stage_stats[s]["handed_over"]["bytes_per_call"]), seconds)
+
         plan = _CutPlan(opts.max_partition_weight_bytes)
         # largest stage first: its graph sets the cuts, and opens each shared context binary
         order = sorted(stages, reverse=True)
         with steps.step("trace, optimize, export and partition the three stage graphs"):
-            for s in order:
-                if not keep_model:
-                    make = functools.partial(load_denoiser, opts)
-                elif s != order[-1]:
-                    make = functools.partial(copy.deepcopy, denoiser)
-                else:  # the last stage takes the model itself: _export_stage frees it when done
-                    make, denoiser = _hand_over(denoiser), None
-                if s == order[-1]:  # this export holds one model, not two: room for the checks
-                    float_chains.update((done, check_float_chain(done)) for done in part_paths)
-                start = time.perf_counter()
-                stage_stats[s], part_paths[s] = _export_stage(opts, s, make, work, plan)
-                digests.start(f for path in part_paths[s] for f in onnx_io.model_files(path))
-                logger.info("      stage %d: %d nodes, %s op-output bytes per call (A16), %d partition(s) handing "
-                            "on %d tensors (%s per call); %.0f s", s, stage_stats[s]["node_count"],
-                            format_bytes(stage_stats[s]["op_output_bytes"]), len(part_paths[s]),
-                            stage_stats[s]["handed_over"]["tensors"],
-                            format_bytes(stage_stats[s]["handed_over"]["bytes_per_call"]), time.perf_counter() - start)
+            if keep_model:
+                with contextlib.ExitStack() as forks:
+                    forked = {}
+                    for s in order[1:]:
+                        forked[s] = Forked(f"the stage-{s} export", _export_forked, opts, s, denoiser, work)
+                        forks.callback(forked[s].stop)
+                    make, denoiser = _hand_over(denoiser), None  # _export_stage frees it when done
+                    start = time.perf_counter()
+                    stage_stats[order[0]], part_paths[order[0]] = _export_stage(opts, order[0], make, work, plan.parts)
+                    for fork in forked.values():
+                        fork.send(plan.weights)
+                    exported(order[0], time.perf_counter() - start)
+                    float_chains[order[0]] = check_float_chain(order[0])
+                    for s, fork in forked.items():
+                        stage_stats[s], part_paths[s], seconds, sqnr = fork.result()
+                        exported(s, seconds)
+                        float_chains[s] = Future()
+                        float_chains[s].set_result(sqnr)
+            else:
+                for s in order:
+                    start = time.perf_counter()
+                    stage_stats[s], part_paths[s] = _export_stage(opts, s, functools.partial(load_denoiser, opts), work,
+                                                                  plan.parts)
+                    exported(s, time.perf_counter() - start)
+                float_chains.update((s, check_float_chain(s)) for s in order)
             release_memory()
             n_parts = len(plan.cuts) + 1
-            float_chains[order[-1]] = check_float_chain(order[-1])
         calib = {s: load_samples(work / f"stage{s}_calibration_inputs.npz") for s in stages}
         check = {s: load_samples(work / f"stage{s}_check_samples.npz") for s in stages}
         refs = {s: [feed.pop(f"{OUTPUT_NAME}_fp32") for feed in check[s]] for s in stages}
@@ -609,7 +638,9 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
                         stage_merge.split_encodings(merged_encodings, _tag(s), weights, path.with_suffix(".encodings"))
                         qdq_paths[s].append(path)
                         del stage_qdq
-                    # the check feeds go through the quantized partition
+                    # the check feeds go through the quantized partition (one session per stage
+                    # graph: one session of the merged partition took as long to create as the
+                    # three, 10.7 s against 10.1 s, and its runs 10.9 s against 12.5 s)
                     with watch("QDQ chain"):
                         _advance(qnn.cpu_session(path), check_envs[s], keep[s][k])
                 merged_encodings.unlink()
@@ -702,16 +733,14 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
 def _partition_entries(work, part_paths, qdq_paths, binaries, stages, n_parts) -> list[dict]:
     entries = []
     for k in range(n_parts):
-        first = onnx_io.load(qdq_paths[max(stages)][k])
-        weight_bytes = sum(t.const_value.nbytes for t in first.graph.initializers.values() if t.const_value is not None)
-        entry = {"index": k, "weight_bytes_qdq": weight_bytes, "graphs": {}}
+        interfaces = {s: onnx_io.file_interface(qdq_paths[s][k]) for s in stages}
+        entry = {"index": k, "weight_bytes_qdq": interfaces[max(stages)][1], "graphs": {}}
         for s in stages:
-            model = onnx_io.load(qdq_paths[s][k])
             entry["graphs"][str(s)] = {
                 "float_model": part_paths[s][k].name,
                 "qdq_model": qdq_paths[s][k].name,
                 "encodings": qdq_paths[s][k].with_suffix(".encodings").name,
-                **onnx_io.io_signature(model),
+                **interfaces[s][0],
                 "binaries": {
                     t: {"epcontext_model": str(b[k][s].epcontext_model.relative_to(work)),
                         "binary": str(b[k][s].binary.relative_to(work))}

@@ -66,3 +66,27 @@ def test_io_signature_lists_activation_inputs_only():
         "inputs": [{"name": "x", "shape": [1, 64], "dtype": "tensor(float)"}],
         "outputs": [{"name": "y", "shape": [1, 64], "dtype": "tensor(float)"}],
     }
+
+
+@pytest.mark.parametrize("inline_limit", [1 << 30, 1024])
+def test_file_interface_reads_what_a_full_load_gives(tmp_path, monkeypatch, inline_limit):
+    monkeypatch.setattr(onnx_io, "INLINE_LIMIT_BYTES", inline_limit)  # weights inline, then in a data file
+    w = onnx.numpy_helper.from_array(np.ones((64, 32), np.float32), "w")
+    q = onnx.numpy_helper.from_array(np.ones((32, 16), np.int8), "q")
+    b = onnx.numpy_helper.from_array(np.zeros(16, np.float16), "b")  # also listed as a graph input
+    model = onnx_model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Cast", ["q"], ["qf"], to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["h", "qf"], ["y0"]), helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+         helper.make_node("Add", ["y0", "bf"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT16, [16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 32])],
+        [w, q, b],
+    )
+    path = onnx_io.save(model, tmp_path / "m.onnx")
+    assert onnx_io.data_path(path).exists() == (inline_limit == 1024)
+    signature, nbytes = onnx_io.file_interface(path)
+    loaded = onnx_io.load(path)
+    assert signature == onnx_io.io_signature(loaded) and nbytes == onnx_io.weight_bytes(loaded) == 64 * 32 * 4 + 32 * 16 + 16 * 2
+    assert [x["name"] for x in signature["inputs"]] == ["x"] and [y["name"] for y in signature["outputs"]] == ["y", "h"]

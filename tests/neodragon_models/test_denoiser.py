@@ -45,6 +45,22 @@ def test_rollout_generates_every_frame(tiny_denoiser):
     assert torch.isfinite(video).all()
 
 
+def test_an_unpadded_rollout_hands_on_the_envelope_inputs_and_the_same_outputs(tiny_denoiser):
+    calls = {}
+    for unpadded in (False, True):
+        seen = calls[unpadded] = []
+        rollout(tiny_denoiser, synthetic_prompt(tiny_denoiser, 3), seed=3, max_unit=2, unpadded=unpadded,
+                on_call=lambda unit, stage, inputs, out, seen=seen: seen.append((unit, stage, inputs, out)))
+    assert [c[:2] for c in calls[True]] == [c[:2] for c in calls[False]] and len(calls[True]) == 6
+    envelope = pyramid.envelope_image_tokens(tiny_denoiser.config.geometry, tiny_denoiser.config.mmdit.patch_size, 0)
+    for (unit, stage, padded, out), (_, _, inputs, unpadded_out) in zip(calls[False], calls[True]):
+        assert inputs.keys() == padded.keys()
+        assert all(torch.allclose(inputs[n], padded[n], atol=1e-5) for n in padded)  # envelope-shaped
+        assert torch.allclose(unpadded_out, out, atol=1e-5), (unit, stage)
+        assert torch.allclose(tiny_denoiser.stage_module(stage)(**inputs), unpadded_out, atol=1e-5)
+    assert calls[True][0][2]["latent_tokens"].shape[1] == envelope  # unit 1, stage 0: padded inputs
+
+
 @pytest.fixture()
 def checkpoint(tmp_path, tiny_denoiser):
     return save_denoiser(tiny_denoiser, tmp_path / "ckpt")

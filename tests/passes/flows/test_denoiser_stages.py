@@ -1,27 +1,34 @@
 """All three tiny stage graphs: partitioned, quantized per partition, shared-weight binaries."""
 
+import copy
 import json
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from graphs import onnx_io, qnn
 from graphs.artifacts import MANIFEST
+from graphs.forked import Forked
 from graphs.samples import load_samples
 from graphs.targets import get_target
 from graphs.verify import sqnr_db
-from passes.flows.denoiser import MIN_SQNR_DB
+from passes.flows.denoiser import MIN_SQNR_DB, load_denoiser
 from passes.flows.denoiser_stages import (
     ALL_STAGES_MIN_SQNR_DB,
     AllStagesOptions,
     _background_worker,
     _Compiler,
+    _CutPlan,
+    _export_forked,
+    _export_stage,
     _Parts,
     _run_chain,
     _worker_result,
+    _write_stage_samples,
     build_denoiser_stages,
     gptq_sample_indices,
 )
@@ -344,3 +351,36 @@ def test_check_calls_come_from_the_check_prompts_in_turn(monkeypatch):
     opts = AllStagesOptions(config="tiny", calibration_samples=1, check_prompts=2, check_samples=3)
     _, check = denoiser_stages._stage_samples(model, opts, [1])
     assert [(x.prompt_seed, x.unit) for x in check[1]] == [(2000, 1), (2001, 1), (2000, 2)]
+
+
+def test_a_forked_stage_export_writes_what_an_export_here_writes(tmp_path):
+    opts = AllStagesOptions(config="tiny", max_partition_weight_bytes=220_000)
+    denoiser = load_denoiser(opts)
+
+    def weights():
+        return {f"{m}.{n}": t for m in ("transformer", "context_adapter")
+                for n, t in getattr(denoiser, m).state_dict().items()}
+
+    before = {name: t.clone() for name, t in weights().items()}
+    here, there = tmp_path / "here", tmp_path / "there"
+    for work in (here, there):
+        work.mkdir()
+        _write_stage_samples(denoiser, opts, work, [1])
+    plan = _CutPlan(opts.max_partition_weight_bytes)
+    _export_stage(opts, 2, lambda: copy.deepcopy(denoiser), here, plan.parts)  # sets the cuts, as in a build
+    stats, paths = _export_stage(opts, 1, lambda: copy.deepcopy(denoiser), here, plan.parts)
+    assert len(paths) > 1
+    fork = Forked("the stage-1 export", _export_forked, opts, 1, denoiser, there)
+    fork.send(plan.weights)  # the cuts, as the parent's export of the largest stage gives them
+    forked_stats, forked_paths, seconds, float_chain_db = fork.result()
+    assert forked_stats == stats and [p.name for p in forked_paths] == [p.name for p in paths] and seconds > 0
+    for a, b in zip(paths, forked_paths):  # the same graphs; the initializers may come in another order
+        ours, theirs = onnx.load(str(a)), onnx.load(str(b))
+        assert list(ours.graph.node) == list(theirs.graph.node)
+        assert list(ours.graph.input) == list(theirs.graph.input) and list(ours.graph.output) == list(theirs.graph.output)
+        assert ({t.name: t.SerializeToString() for t in ours.graph.initializer}
+                == {t.name: t.SerializeToString() for t in theirs.graph.initializer})
+    assert float_chain_db > 100  # the float partitions chained reproduce the PyTorch output
+    # the forked export's FX passes edited the child's copy of the model, not this one
+    after = weights()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
