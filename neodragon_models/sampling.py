@@ -104,7 +104,7 @@ def rollout(
     ``unpadded`` runs each call on its real tokens instead of the envelope (the graph
     inputs handed on stay padded): the same outputs within fp32 rounding, since the
     envelope's padding is masked out, for fewer tokens -- at full size the sample calls of
-    an all-stages build hold 15 % fewer tokens in stage 2, 21 % in stage 1 and 33 % in
+    an all-stages build hold 11 % fewer tokens in stage 2, 21 % in stage 1 and 33 % in
     stage 0 (units 1-2, padded most, run most often).
     """
     cfg = denoiser.config
