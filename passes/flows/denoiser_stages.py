@@ -491,8 +491,8 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
             weight_bytes = sum(p.numel() * 4 for p in denoiser.transformer.parameters())
             weight_bytes += sum(p.numel() * 4 for p in denoiser.context_adapter.parameters())
             # the stage exports below share this model; past this size each rebuilds its own
-            keep_model = weight_bytes <= SHARED_EXPORT_LIMIT_BYTES
-            if not keep_model:
+            share_model = weight_bytes <= SHARED_EXPORT_LIMIT_BYTES
+            if not share_model:
                 del denoiser
                 release_memory()
 
@@ -525,7 +525,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
         # largest stage first: its graph sets the cuts, and opens each shared context binary
         order = sorted(stages, reverse=True)
         with steps.step("trace, optimize, export and partition the three stage graphs"):
-            if keep_model:
+            if share_model:
                 with contextlib.ExitStack() as forks:
                     forked = {}
                     for s in order[1:]:

@@ -78,11 +78,6 @@ def _hold(receive, array, ready):
     return True
 
 
-def _vm_rss(pid: int) -> int:
-    line = next(x for x in open(f"/proc/{pid}/status") if x.startswith("VmRSS:"))
-    return int(line.split()[1]) * 1024
-
-
 def test_memory_a_child_shares_with_its_parent_counts_once():
     array = np.ones(300 << 20, dtype=np.uint8)  # 300 MB, touched
     ready = multiprocessing.get_context("fork").Event()
@@ -91,7 +86,7 @@ def test_memory_a_child_shares_with_its_parent_counts_once():
     try:
         assert ready.wait(30)
         with_child = tree_rss_bytes()
-        child_rss = _vm_rss(fork.process.pid)
+        child_rss = progress._status_field(fork.process.pid, "status", "VmRSS:")
         assert {os.getpid(), fork.process.pid} <= progress._shared_pids
         fork.send(None)
         assert fork.result() is True
