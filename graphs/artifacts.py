@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from graphs.host import describe_host
 from graphs.onnx_io import sha256
 
 MANIFEST = "manifest.json"
@@ -116,7 +117,9 @@ def file_entries(root: Path, digests: Digests | None = None) -> list[dict]:
 
 
 def write_manifest(root: Path, manifest: dict, digests: Digests | None = None) -> Path:
-    manifest = {"tool": TOOL, **manifest, "files": file_entries(root, digests)}
+    """``manifest`` with the tool's name, the machine it ran on (unless it names one) and
+    every file of ``root``."""
+    manifest = {"tool": TOOL, "host": describe_host(), **manifest, "files": file_entries(root, digests)}
     out = root / MANIFEST
     out.write_text(json.dumps(manifest, indent=2) + "\n")
     return out

@@ -327,7 +327,21 @@ def split(model: ir.Model) -> list[ir.Model]:
                 if v.is_graph_output() or any(u not in member_set for u, _ in v.uses()):
                     outputs.append(v)
         sub = ir.convenience.extract(graph, inputs=inputs, outputs=outputs)
+        _order_initializers(sub)
         sub.name = f"{graph.name or 'graph'}_part{k}"
         out.append(ir.Model(sub, ir_version=model.ir_version, producer_name="neodragon-npu"))
         out[-1].opset_imports.update(model.opset_imports)
     return out
+
+
+def _order_initializers(graph: ir.Graph) -> None:
+    """Initializers in the order the nodes first read them. ``extract`` collects them in a
+    set, so their order, and with it the bytes of the partition's data file, of its QDQ
+    model and of its context binary, changed from run to run (same weights, same encodings)."""
+    first_use: dict[str, int] = {}
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and value.name in graph.initializers:
+                first_use.setdefault(value.name, len(first_use))
+    names = sorted(graph.initializers, key=lambda name: (first_use.get(name, len(first_use)), name))
+    graph.initializers.data = {name: graph.initializers.data[name] for name in names}

@@ -22,6 +22,30 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _proc_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a live (or ended, not yet waited for) process and of the children it
+    waited for, from /proc/<pid>/stat (0 if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()  # the name, in parentheses, may hold spaces
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of every process it started: those
+    waited for, from the kernel's count of this process's children, and those still running
+    (or ended but not yet waited for: a process pool reaps its workers late) from /proc. A
+    step's CPU is the difference over the step, the compile workers' included."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total + sum(_proc_cpu_seconds(pid) for pid in _descendants(os.getpid()))
+
+
 # Processes sharing memory copy-on-write (forked children and their parent, while the children
 # live: graphs.forked) are measured by their proportional set size (PSS), so that a page they
 # share counts once in a sum over processes, not once per process as VmRSS counts it. Reading
@@ -181,6 +205,7 @@ class StepRecord:
     seconds: float
     peak_rss_bytes: int
     main_peak_rss_bytes: int | None = None  # with worker processes: this process alone
+    cpu_seconds: float | None = None  # this process and every process it started (cpu_seconds())
 
 
 @dataclass
@@ -198,18 +223,18 @@ class Steps:
         this process's alone); without, this process's peak so far."""
         index = len(self.records) + 1
         logger.info("[%d/%d] %s ...", index, self.total, name)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         with self.tree.watch() if self.tree is not None else contextlib.nullcontext() as window:
             yield
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
         if window is None:
-            record = StepRecord(name, seconds, peak_rss_bytes())
+            record = StepRecord(name, seconds, peak_rss_bytes(), cpu_seconds=cpu)
             memory = f"peak RSS {record.peak_rss_bytes / 1e9:.2f} GB"
         else:
-            record = StepRecord(name, seconds, window.tree, window.main)
+            record = StepRecord(name, seconds, window.tree, window.main, cpu_seconds=cpu)
             memory = f"peak RSS in the step {window.tree / 1e9:.2f} GB, this process alone {window.main / 1e9:.2f} GB"
         self.records.append(record)
-        logger.info("[%d/%d] %s done in %.1f s (%s)", index, self.total, name, seconds, memory)
+        logger.info("[%d/%d] %s done in %.1f s (CPU %.0f s; %s)", index, self.total, name, seconds, cpu, memory)
 
     def as_list(self) -> list[dict]:
         rows = []
@@ -217,6 +242,8 @@ class Steps:
             row = {"step": r.name, "seconds": round(r.seconds, 3), "peak_rss_bytes": r.peak_rss_bytes}
             if r.main_peak_rss_bytes is not None:
                 row["main_process_peak_rss_bytes"] = r.main_peak_rss_bytes
+            if r.cpu_seconds is not None:
+                row["cpu_seconds"] = round(r.cpu_seconds, 1)
             rows.append(row)
         return rows
 

@@ -20,6 +20,7 @@ from graphs import artifacts, onnx_io, qnn
 from graphs import fx as fx_utils
 from graphs.export import export_onnx
 from graphs.gptq import HessianSet
+from graphs.host import describe_host
 from graphs.progress import Steps, count, release_memory
 from graphs.samples import save_samples, to_numpy_feed
 from graphs.stats import fx_stats, onnx_stats
@@ -211,13 +212,14 @@ def build_denoiser_stage(opts: DenoiserBuildOptions, out_dir: str | Path) -> Bui
     n_steps = {"export": 4, "quantize": 6, "compile": 7, "verify": 8}[opts.until]
     steps = Steps(n_steps)
     manifest: dict = {
+        "host": describe_host(),
         "pipeline": "denoiser",
         "model": manifest_model(config, opts),
         "stage": stage,
         "fx_pipeline": opts.fx_pipeline,
         "target": manifest_target(target),
     }
-    report: dict = {"title": f"denoiser {config.name} stage {stage} -> {target.description}"}
+    report: dict = {"title": f"denoiser {config.name} stage {stage} -> {target.description}", "host": manifest["host"]}
 
     with artifacts.staged_dir(out_dir) as work:
         # 1. The PyTorch model: seeded synthetic weights, or the released folders.

@@ -48,6 +48,7 @@ from graphs.forked import Forked
 from graphs import fx as fx_utils
 from graphs.export import exported_model
 from graphs.gptq import HessianSet
+from graphs.host import describe_host, host_line
 from graphs.layerwise import layer_errors
 from graphs.progress import Steps, Stopwatch, TreePeak, count, release_memory
 from graphs.samples import load_samples, save_samples, to_numpy_feed
@@ -327,6 +328,7 @@ class _Compiler:
     def __init__(self, pool: ProcessPoolExecutor, wide: int = 2) -> None:
         self.pool, self.wide = pool, wide
         self.limit, self.running = 1, 0
+        self.allocator: str | None = None  # the malloc library the workers preload (None: glibc's)
         self.waiting: collections.deque = collections.deque()
         self.lock = threading.RLock()  # a job already done calls back at once, in _start
 
@@ -386,22 +388,27 @@ def _background_worker():
     one per job: a worker kept about 2 GB after compiling a full-size partition, and the
     pool, which starts a second worker when a job is submitted from the previous job's
     callback, kept an idle one all through the quantization. A fresh worker holds 12-18 MB
-    until its job arrives, and then imports only :mod:`graphs.qnn` (47 MB). On failure or
-    Ctrl-C, waiting work is cancelled and the running compiles stopped."""
-    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
-    compiler = _Compiler(pool)
-    try:
-        yield compiler
-    except BaseException:
-        # A failed or interrupted build discards the workers' results: stop them now instead
-        # of waiting for the compiles under way (about two minutes per full-size partition).
-        compiler.cancel_waiting()
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.terminate()
-        raise
-    finally:
-        compiler.cancel_waiting()
-        pool.shutdown(wait=True, cancel_futures=True)
+    until its job arrives, and then imports only :mod:`graphs.qnn` (47 MB). The workers
+    preload :func:`graphs.qnn.compile_allocator` (the compile allocates heavily). On failure
+    or Ctrl-C, waiting work is cancelled and the running compiles stopped."""
+    allocator = qnn.compile_allocator()
+    with qnn.preloaded_in_new_processes(allocator):  # the pool starts workers as jobs come
+        pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
+                                   max_tasks_per_child=1)
+        compiler = _Compiler(pool)
+        compiler.allocator = allocator
+        try:
+            yield compiler
+        except BaseException:
+            # A failed or interrupted build discards the workers' results: stop them now instead
+            # of waiting for the compiles under way (about two minutes per full-size partition).
+            compiler.cancel_waiting()
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            raise
+        finally:
+            compiler.cancel_waiting()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Parts(Stopwatch):
@@ -470,6 +477,7 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
     tree = TreePeak()  # worker processes count towards the peak
     steps = Steps(7, tree=tree)
     manifest: dict = {
+        "host": describe_host(),
         "pipeline": "denoiser",
         "mode": "all-stages",
         "model": manifest_model(config, opts),
@@ -483,6 +491,10 @@ def build_denoiser_stages(opts: AllStagesOptions, out_dir: str | Path) -> Stages
 
     with tree, artifacts.staged_dir(out_dir) as work, _background_worker() as worker, artifacts.Digests() as digests, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="float-chain") as checker:
+        manifest["compile_allocator"] = worker.allocator or "glibc"
+        if worker.allocator is None:
+            logger.info("      the compile workers use glibc's malloc: no jemalloc found (make setup unpacks one "
+                        "into the environment; the compiles take about a fifth longer without it)")
         # 1. The PyTorch model and pipeline samples for every stage.
         with steps.step("build the model and run the float pipeline for samples"):
             denoiser = load_denoiser(opts, work, manifest)
@@ -773,13 +785,16 @@ def _layer_report(work: Path, part_paths, qdq_paths, calib, top: int = 10) -> li
 
 def _render(config, targets, n_parts, result, steps, manifest) -> str:
     title = f"denoiser {config}, all stages -> {', '.join(t.description for t in targets)}"
-    lines = [title, "=" * len(title), "", "Steps (peak RSS within the step: all processes / this one alone):"]
+    lines = [title, "=" * len(title), "", f"Host: {host_line(manifest['host'])}; the compile workers' malloc: "
+             f"{manifest['compile_allocator']}", "",
+             "Steps (CPU time of this process and its workers; peak RSS within the step: all "
+             "processes / this one alone):"]
     for r in steps.records:
-        lines.append(f"  {r.name:<72} {r.seconds:8.1f} s  peak RSS {r.peak_rss_bytes / 1e9:5.2f} / "
-                     f"{r.main_peak_rss_bytes / 1e9:5.2f} GB")
+        lines.append(f"  {r.name:<72} {r.seconds:8.1f} s  CPU {r.cpu_seconds:7.0f} s  peak RSS "
+                     f"{r.peak_rss_bytes / 1e9:5.2f} / {r.main_peak_rss_bytes / 1e9:5.2f} GB")
     lines.append(f"  {'the steps above (this report is written in the last one)':<72} "
-                 f"{sum(r.seconds for r in steps.records):8.1f} s  peak RSS "
-                 f"{max(r.peak_rss_bytes for r in steps.records) / 1e9:5.2f} GB")
+                 f"{sum(r.seconds for r in steps.records):8.1f} s  CPU {sum(r.cpu_seconds for r in steps.records):7.0f} s  "
+                 f"peak RSS {max(r.peak_rss_bytes for r in steps.records) / 1e9:5.2f} GB")
     lines += ["", f"{n_parts} partition(s) per stage; weights per partition (QDQ):"]
     for p in manifest["partitions"]:
         lines.append(f"  partition {p['index']}: {format_bytes(p['weight_bytes_qdq'])}")

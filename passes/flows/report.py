@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from graphs.host import host_line
 from graphs.stats import GraphStats, format_bytes, format_stats
 
 
@@ -30,10 +31,13 @@ def _passes(records: list[dict]) -> list[str]:
 
 def render_report(report: dict) -> str:
     lines = [report["title"], "=" * len(report["title"]), ""]
+    if "host" in report:
+        lines += [f"Host: {host_line(report['host'])}", ""]
     if "steps" in report:
         lines.append("Steps:")
         for r in report["steps"]:
-            lines.append(f"  {r.name:<64} {r.seconds:8.1f} s  peak RSS {r.peak_rss_bytes / 1e9:.2f} GB")
+            cpu = f"  CPU {r.cpu_seconds:6.0f} s" if r.cpu_seconds is not None else ""
+            lines.append(f"  {r.name:<64} {r.seconds:8.1f} s{cpu}  peak RSS {r.peak_rss_bytes / 1e9:.2f} GB")
         lines.append("")
     if "fx_before" in report:
         lines += _stats_pair(report["fx_before"], report["fx_after"], "FX graph (fp32 bytes)")

@@ -66,3 +66,36 @@ def test_overlapping_peak_windows_close_in_any_order():
     finally:
         tree.stop()
     assert outer.main - inner.main > 150 << 20
+
+
+BUSY_CHILD = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"
+
+
+def test_step_cpu_counts_this_process_and_children_that_ended():
+    steps = Steps(2)
+    with steps.step("spin here"):
+        end = time.process_time() + 0.3
+        while time.process_time() < end:
+            pass
+    with steps.step("spin in a child, then wait for it"):
+        subprocess.run([sys.executable, "-c", BUSY_CHILD], check=True)
+    here, child = steps.records
+    assert 0.3 <= here.cpu_seconds < 1.0
+    assert child.cpu_seconds >= 0.6  # the child's own time, counted once it was waited for
+    assert steps.as_list()[1]["cpu_seconds"] == round(child.cpu_seconds, 1)
+
+
+SPIN_THEN_WAIT = BUSY_CHILD + "\nprint('spun', flush=True)\ntime.sleep(30)"
+
+
+def test_step_cpu_counts_a_child_still_running():
+    """A process pool reaps its workers late: a worker's CPU counts while it runs."""
+    steps = Steps(1)
+    child = subprocess.Popen([sys.executable, "-c", SPIN_THEN_WAIT], stdout=subprocess.PIPE, text=True)
+    try:
+        with steps.step("a child spins and is not waited for"):
+            assert child.stdout.readline().strip() == "spun"
+    finally:
+        child.kill()
+        child.wait()
+    assert steps.records[0].cpu_seconds >= 0.6

@@ -1,5 +1,7 @@
 """The real onnxruntime-qnn HTP compiler and x86 simulator on a small QDQ graph."""
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -150,3 +152,35 @@ def test_thread_limit_holds_torch_the_blas_and_new_sessions_and_is_undone(qdq_mo
     assert _session_kwargs() == {}
     with qnn.thread_limit(None):  # no limit: nothing changes
         assert torch.get_num_threads() == torch_before and qnn.session_threads() is None
+
+
+def test_compile_allocator_comes_from_the_environment_variable_the_venv_or_the_system(tmp_path, monkeypatch):
+    library = tmp_path / "libfast.so"
+    library.write_bytes(b"")
+    monkeypatch.setenv(qnn.ALLOCATOR_ENV, str(library))
+    assert qnn.compile_allocator() == str(library)
+    monkeypatch.setenv(qnn.ALLOCATOR_ENV, "glibc")
+    assert qnn.compile_allocator() is None
+    monkeypatch.setenv(qnn.ALLOCATOR_ENV, str(tmp_path / "missing.so"))
+    with pytest.raises(ValueError, match="no such file"):
+        qnn.compile_allocator()
+    # what make setup unpacks into the environment comes before the system's
+    monkeypatch.delenv(qnn.ALLOCATOR_ENV)
+    unpacked = tmp_path / "jemalloc" / "usr" / "lib" / "x86_64-linux-gnu" / "libjemalloc.so.2"
+    unpacked.parent.mkdir(parents=True)
+    unpacked.write_bytes(b"")
+    monkeypatch.setattr(qnn.sys, "prefix", str(tmp_path))
+    assert qnn.compile_allocator() == str(unpacked)
+
+
+def test_preloading_sets_and_restores_ld_preload(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "libother.so")
+    with qnn.preloaded_in_new_processes("/x/libjemalloc.so.2"):
+        assert os.environ["LD_PRELOAD"] == "/x/libjemalloc.so.2 libother.so"
+    assert os.environ["LD_PRELOAD"] == "libother.so"
+    monkeypatch.delenv("LD_PRELOAD")
+    with qnn.preloaded_in_new_processes("/x/libjemalloc.so.2"):
+        assert os.environ["LD_PRELOAD"] == "/x/libjemalloc.so.2"
+    assert "LD_PRELOAD" not in os.environ
+    with qnn.preloaded_in_new_processes(None):
+        assert "LD_PRELOAD" not in os.environ

@@ -52,6 +52,11 @@ def test_partitions_fit_the_budget_and_chain_to_the_exact_output(stage_models, t
         assert sum(t.const_value.nbytes for t in part.graph.initializers.values()) <= budget
     assert np.array_equal(_chain(parts, feeds)["out"], ref)
     assert not PartitionGraphPass(max_weight_bytes=budget)(model).modified
+    # the same files every run: weights in the order the nodes first read them
+    for part in parts:
+        first_use = list(dict.fromkeys(v.name for n in part.graph for v in n.inputs
+                                       if v is not None and v.name in part.graph.initializers))
+        assert list(part.graph.initializers) == first_use
 
 
 def test_other_stages_cut_at_the_same_weights(stage_models, tiny_stage_inputs):
