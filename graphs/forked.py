@@ -12,12 +12,14 @@ memory figures (:func:`graphs.progress.share_memory`): shared pages count once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
+import threading
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from graphs.progress import share_memory
 
@@ -38,13 +40,65 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _child(conn, fn: Callable, args: tuple) -> None:
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Held:
+    """Interrupt handlers and the signal mask set aside while a fork runs, and the interrupts
+    received meanwhile."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[int, Any] = {}
+        self.mask: set | None = None
+        self.received: list[int] = []
+
+    def hold(self, signum: int, frame) -> None:
+        self.received.append(signum)
+
+    def release(self) -> None:
+        """Put the handlers and the mask back, and deliver what came meanwhile (a handler
+        that raises, raises here). The forked child calls it too: the interrupts are blocked
+        in it until then, so one sent to it right after the fork stays pending instead of
+        being dropped with the signals Python forgets in a new child."""
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        received, self.received = list(dict.fromkeys(self.received)), []
+        if self.mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+        for sig in received:
+            signal.raise_signal(sig)
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[_Held]:
+    """SIGINT and SIGTERM received meanwhile are handled when the block ends, not inside it.
+
+    A fork runs Python's at-fork hooks (logging's lock release among them), and an exception
+    raised there -- by a handler that raises, such as the CLI's SIGTERM handler and Ctrl-C --
+    is printed and dropped: a SIGTERM sent just then was lost and the build went on (seen
+    once in the test suite). Only the main thread may set handlers; elsewhere nothing is
+    held."""
+    held = _Held()
+    if threading.current_thread() is threading.main_thread():
+        held.handlers = {sig: signal.getsignal(sig) for sig in _INTERRUPTS}
+        held.handlers = {sig: h for sig, h in held.handlers.items() if h is not None}
+        for sig in held.handlers:
+            signal.signal(sig, held.hold)
+        held.mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        yield held
+    finally:
+        held.release()
+
+
+def _child(conn, fn: Callable, args: tuple, held: _Held) -> None:
     from graphs.qnn import thread_limit
 
     ours = logging.getLogger("neodragon_npu")
     lines = _Lines()
     ours.handlers, ours.propagate = [lines], False
     try:
+        held.release()  # the parent's handlers, and an interrupt sent during the fork
         with thread_limit(1):
             result = fn(conn.recv, *args)
         conn.send(("ok", result, lines.lines))
@@ -65,11 +119,18 @@ class Forked:
         context = multiprocessing.get_context("fork")
         self.name = name
         self._conn, child_end = context.Pipe()
-        self.process = context.Process(target=_child, args=(child_end, fn, args), name=name, daemon=True)
-        self.process.start()
-        child_end.close()
-        _live.add(self.process.pid)
-        share_memory({os.getpid(), self.process.pid})
+        try:
+            with _interrupts_held() as held:
+                self.process = context.Process(target=_child, args=(child_end, fn, args, held), name=name,
+                                               daemon=True)
+                self.process.start()
+                child_end.close()
+                _live.add(self.process.pid)
+                share_memory({os.getpid(), self.process.pid})
+        except BaseException:  # interrupted meanwhile: the caller never gets this object to stop
+            if getattr(self, "process", None) is not None and self.process.pid is not None:
+                self.stop()
+            raise
 
     def send(self, obj: Any) -> None:
         self._conn.send(obj)

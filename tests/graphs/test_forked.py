@@ -113,3 +113,42 @@ def test_pss_is_read_at_most_once_per_interval(monkeypatch):
         assert reads == ["status", "smaps_rollup", "smaps_rollup"]
     finally:
         progress.share_memory({me}, shared=False)
+
+
+class _Stop(BaseException):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop
+
+
+_signal_at_fork = [False]
+
+
+def _send_sigterm_in_the_parent_after_fork():
+    if _signal_at_fork[0]:
+        _signal_at_fork[0] = False
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+os.register_at_fork(after_in_parent=_send_sigterm_in_the_parent_after_fork)
+
+
+def test_a_sigterm_during_the_fork_is_handled_after_it_not_lost():
+    """Python drops an exception raised in its at-fork hooks: a raising SIGTERM handler (the
+    CLI's) that ran there was lost and the build went on. It now runs once the fork is done,
+    and the child is stopped."""
+    from graphs import forked
+
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        _signal_at_fork[0] = True
+        with pytest.raises(_Stop):
+            Forked("waiting", lambda receive: receive())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _signal_at_fork[0] = False
+    assert not forked._live and not multiprocessing.active_children()
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
