@@ -179,7 +179,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     build, manifest = read_build(args.build)
     result = verify_build(build, prompts=args.prompts, calls_per_prompt=args.calls_per_prompt,
-                          float_chain=args.float_chain)
+                          float_chain=args.float_chain, per_partition=args.per_partition, first_seed=args.first_seed)
     print(format_verify(build, manifest, result), end="")
     if args.json:
         import json
@@ -348,8 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="measure an all-stages build on fresh prompts (aimet simulation, CPU)")
     v.add_argument("build", help="a build directory (neodragon-npu build denoiser --all-stages)")
     v.add_argument("--prompts", type=int, default=2, help="fresh prompts (seeds 3000+)")
+    v.add_argument("--first-seed", type=int, help="the first prompt's seed (default 3000; one prompt: --prompts 1)")
     v.add_argument("--calls-per-prompt", type=int, help="units per prompt (default: every unit)")
     v.add_argument("--float-chain", action="store_true", help="also chain the float partitions (the build did)")
+    v.add_argument("--per-partition", action="store_true",
+                   help="also measure each partition alone and the chain up to it, against the float chain")
     v.add_argument("--json", help="also write the figures to this JSON file")
     v.set_defaults(func=_cmd_verify)
 
