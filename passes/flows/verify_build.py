@@ -31,7 +31,9 @@ from graphs.samples import to_numpy_feed
 from graphs.verify import sqnr_db
 from neodragon_models.sampling import collect_samples
 from passes.flows.denoiser import load_denoiser
-from passes.flows.denoiser_stages import OUTPUT_NAME, _drop_unneeded, _inputs_needed_after, _pooled, _run_chain
+from passes.flows.denoiser_stages import (
+    OUTPUT_NAME, _advance, _drop_unneeded, _inputs_needed_after, _pooled, _run_chain,
+)
 
 logger = logging.getLogger("neodragon_npu")
 
@@ -121,10 +123,8 @@ def _chains_by_partition(float_paths: list[Path], qdq_paths: list[Path], feeds: 
             raise ValueError(f"partition {k}: {fp.name} and {qp.name} do not have the same outputs")
         handed = [n for n in names if n in keep or n == OUTPUT_NAME]
         local = [dict(zip(names, qnn.run(q_session, {n: env[n] for n in inputs}))) for env in floats]
-        for env in quants:
-            env.update(zip(names, qnn.run(q_session, {n: env[n] for n in inputs})))
-        for env in floats:
-            env.update(zip(names, qnn.run(f_session, {n: env[n] for n in inputs})))
+        _advance(q_session, quants)
+        _advance(f_session, floats)
         del f_session, q_session
         per_tensor = {n: _pooled_over([n], floats, local) for n in handed}
         worst = min(per_tensor, key=per_tensor.get)
