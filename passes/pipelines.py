@@ -118,6 +118,11 @@ DENOISER_HIGH_PRECISION_LAYERS = (
 # result from 32.87 / 32.18 / 32.77 to 34.56 / 34.07 / 34.23 dB (stages 0 / 1 / 2, aimet
 # simulation); block 0 alone gave 33.86 / 33.58 / 32.62. Cost: 2 x 57 M weights at 16 bit,
 # 113 MB more per target (full-build binaries 2.40 GB; 2.28 GB in an earlier build with them int8).
+# Blocks 2-3 are then the partition that loses most by itself (`verify --per-partition`,
+# 41.1 / 41.4 / 41.8 dB). With them at 16 bit too (`--first-blocks-16bit 4`) the full build's
+# `verify` on 16 fresh calls per stage went from 35.48 / 36.05 / 37.31 to 36.86 / 37.69 /
+# 38.59 dB (worst stage-0 call 31.41 -> 33.77 dB) for another 113 MB per target (binaries
+# 2.53 -> 2.64 GB); not the default yet, as the tiny test model has only three blocks.
 FIRST_BLOCKS_AT_16_BIT = 2
 # And the ContextAdapter's Linears (130 M weights, +130 MB per target). Stage 0 has the
 # fewest image tokens (80 real ones in unit 1), so the 128 context tokens weigh most in its
@@ -128,9 +133,17 @@ FIRST_BLOCKS_AT_16_BIT = 2
 # by: `neodragon-npu verify` of the default build on 16 fresh calls per stage (8 prompts)
 # gives 35.48 / 36.02 / 37.08 dB, on 12 (2 prompts x 6 units) 36.15 / 36.17 / 37.00 dB.
 CONTEXT_ADAPTER_PATTERNS = ("/network_layers.*",)
-DENOISER_HIGH_PRECISION = (
-    DENOISER_HIGH_PRECISION_LAYERS + first_blocks_patterns(FIRST_BLOCKS_AT_16_BIT) + CONTEXT_ADAPTER_PATTERNS
-)
+
+
+def denoiser_high_precision(first_blocks: int = FIRST_BLOCKS_AT_16_BIT) -> tuple[str, ...]:
+    """The patterns of the weights a denoiser build keeps at 16 bit, with the Linears of
+    its first ``first_blocks`` MMDiT blocks."""
+    if first_blocks < 0:
+        raise ValueError(f"first blocks at 16 bit: {first_blocks} is negative")
+    return DENOISER_HIGH_PRECISION_LAYERS + first_blocks_patterns(first_blocks) + CONTEXT_ADAPTER_PATTERNS
+
+
+DENOISER_HIGH_PRECISION = denoiser_high_precision()
 
 
 def denoiser_onnx_baseline() -> list[Pass]:

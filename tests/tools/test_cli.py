@@ -19,6 +19,9 @@ def test_passes_and_targets_are_listed(capsys):
         (["build", "denoiser", "--stage", "7", "--out", "x"], "stage 7 is out of range"),
         (["build", "vae", "--out", "x"], "unknown pipeline 'vae'"),
         (["stats", "missing.onnx"], "missing.onnx: no such ONNX file"),
+        (["build", "denoiser", "--high-precision", "none", "--first-blocks-16bit", "2", "--out", "x"],
+         "leave out --first-blocks-16bit"),
+        (["build", "denoiser", "--first-blocks-16bit", "-1", "--out", "x"], "first blocks at 16 bit: -1 is negative"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(argv, message, capsys, tmp_path, monkeypatch):
@@ -108,3 +111,19 @@ def test_sigterm_inside_exec_of_a_string_still_exits_130(tmp_path):
                           timeout=120, env=env)
     assert done.returncode == 130, done.stderr
     assert "neodragon-npu: interrupted" in done.stderr
+
+
+def test_first_blocks_16bit_sets_which_blocks_keep_16_bit_weights():
+    from passes.pipelines import DENOISER_HIGH_PRECISION, first_blocks_patterns
+    from tools.cli import _high_precision
+
+    def patterns(*argv):
+        return _high_precision(build_parser().parse_args(["build", "denoiser", "--out", "x", *argv]))
+
+    assert patterns() == DENOISER_HIGH_PRECISION
+    four = patterns("--first-blocks-16bit", "4", "--high-precision", "/extra/*")
+    assert set(four) - set(DENOISER_HIGH_PRECISION) == (set(first_blocks_patterns(4)) - set(first_blocks_patterns(2))) | {"/extra/*"}
+    assert set(DENOISER_HIGH_PRECISION) <= set(four) and four[-1] == "/extra/*"
+    none = patterns("--first-blocks-16bit", "0")
+    assert not set(first_blocks_patterns(1)) & set(none) and set(none) < set(DENOISER_HIGH_PRECISION)
+    assert patterns("--high-precision", "none") == ()
