@@ -119,7 +119,8 @@ def file_entries(root: Path, digests: Digests | None = None) -> list[dict]:
 def write_manifest(root: Path, manifest: dict, digests: Digests | None = None) -> Path:
     """``manifest`` with the tool's name, the machine it ran on (unless it names one) and
     every file of ``root``."""
-    manifest = {"tool": TOOL, "host": describe_host(), **manifest, "files": file_entries(root, digests)}
+    host = manifest.get("host") or describe_host()  # the flows record theirs when they start
+    manifest = {"tool": TOOL, "host": host, **manifest, "files": file_entries(root, digests)}
     out = root / MANIFEST
     out.write_text(json.dumps(manifest, indent=2) + "\n")
     return out

@@ -80,8 +80,7 @@ def _interrupts_held() -> Iterator[_Held]:
     held."""
     held = _Held()
     if threading.current_thread() is threading.main_thread():
-        held.handlers = {sig: signal.getsignal(sig) for sig in _INTERRUPTS}
-        held.handlers = {sig: h for sig, h in held.handlers.items() if h is not None}
+        held.handlers = {sig: h for sig in _INTERRUPTS if (h := signal.getsignal(sig)) is not None}
         for sig in held.handlers:
             signal.signal(sig, held.hold)
         held.mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)

@@ -325,10 +325,10 @@ class _Compiler:
     while this process quantizes (the two share the two cores), as many as ``wide`` once it
     is done (:meth:`widen`). A job waits here, not in the pool's queue, until a slot frees."""
 
-    def __init__(self, pool: ProcessPoolExecutor, wide: int = 2) -> None:
+    def __init__(self, pool: ProcessPoolExecutor, wide: int = 2, allocator: str | None = None) -> None:
         self.pool, self.wide = pool, wide
         self.limit, self.running = 1, 0
-        self.allocator: str | None = None  # the malloc library the workers preload (None: glibc's)
+        self.allocator = allocator  # the malloc library the workers preload (None: glibc's)
         self.waiting: collections.deque = collections.deque()
         self.lock = threading.RLock()  # a job already done calls back at once, in _start
 
@@ -395,8 +395,7 @@ def _background_worker():
     with qnn.preloaded_in_new_processes(allocator):  # the pool starts workers as jobs come
         pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
                                    max_tasks_per_child=1)
-        compiler = _Compiler(pool)
-        compiler.allocator = allocator
+        compiler = _Compiler(pool, allocator=allocator)
         try:
             yield compiler
         except BaseException:

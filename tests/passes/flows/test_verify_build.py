@@ -99,6 +99,7 @@ def test_per_partition_names_the_partition_that_loses(build, tmp_path, capsys):
     good, worse = split.partitions[0], bad.partitions[0]
     assert worse[0] == good[0]
     assert worse[1].local_db < good[1].local_db - 10 and worse[1].chain_db < good[1].chain_db - 10
+    assert all(w.chain_db < g.chain_db for w, g in zip(worse[1:], good[1:]))  # from it on
     assert all(w.local_db == pytest.approx(g.local_db, abs=1e-6) for w, g in zip(worse[2:], good[2:]))
     assert min(range(n), key=lambda k: worse[k].local_db) == 1
     assert bad.partitions[1] == split.partitions[1] and bad.partitions[2] == split.partitions[2]
