@@ -295,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--high-precision", action="append",
-        help="node or weight name pattern whose weights stay 16-bit, added to the default (the "
-        "conditioning embedders); 'none' quantizes every weight to 8 bit",
+        help="node or weight name pattern whose weights stay 16-bit, added to the default (embedders, "
+        "adaLN, first and last layers, the first blocks, the ContextAdapter: passes/pipelines.py); "
+        "'none' quantizes every weight to 8 bit",
     )
     b.add_argument(
         "--first-blocks-16bit", type=int, metavar="N",
