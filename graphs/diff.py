@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from graphs.stats import GraphStats, format_bytes, onnx_stats
+from neodragon_npu.graphs.stats import GraphStats, format_bytes, onnx_stats
 
 
 @dataclass

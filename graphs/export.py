@@ -24,9 +24,9 @@ import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
-from graphs import onnx_io
-from graphs.onnx_attention import expand_split_attention
-from kernels.attention import traced_as_one_node
+from neodragon_npu.graphs import onnx_io
+from neodragon_npu.graphs.onnx_attention import expand_split_attention
+from neodragon_npu.kernels.attention import traced_as_one_node
 
 OPSET = 21
 EXPORTERS = ("legacy", "dynamo")

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from kernels.rope import rope_full_tables, rope_half_split, rope_interleaved
+from neodragon_npu.kernels.rope import rope_full_tables, rope_half_split, rope_interleaved
 
 
 @dataclass(frozen=True)

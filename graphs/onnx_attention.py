@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from kernels.attention import FOLD_SCALE, SPLIT_ATTENTION_DOMAIN, SPLIT_ATTENTION_OP
+from neodragon_npu.kernels.attention import FOLD_SCALE, SPLIT_ATTENTION_DOMAIN, SPLIT_ATTENTION_OP
 
 
 class _Writer:

@@ -7,7 +7,7 @@ import fnmatch
 import numpy as np
 import onnx_ir as ir
 
-from graphs.stage_merge import untag
+from neodragon_npu.graphs.shared_weights import untag
 
 
 def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:

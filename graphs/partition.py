@@ -20,7 +20,7 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-from graphs.stats import ensure_shapes, onnx_tensor_graph
+from neodragon_npu.graphs.stats import ensure_shapes, onnx_tensor_graph
 
 PARTITION_KEY = "neodragon.partition"
 

@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from graphs.targets import Target, get_target
+from neodragon_npu.graphs.targets import Target, get_target
 
 _QNN_EP = "QNNExecutionProvider"
 _registered = False

@@ -21,7 +21,7 @@ import onnx_ir as ir
 import torch
 import torch.fx as fx
 
-from graphs import fx as fx_utils
+from neodragon_npu.graphs import fx as fx_utils
 
 
 @dataclass(frozen=True)

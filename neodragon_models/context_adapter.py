@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from neodragon_models.configs import ContextAdapterConfig
+from neodragon_npu.neodragon_models.configs import ContextAdapterConfig
 
 _ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "linear": nn.Identity}
 

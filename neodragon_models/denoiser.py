@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from neodragon_models import pyramid
-from neodragon_models.configs import ContextAdapterConfig, DenoiserConfig, MMDiTConfig
-from neodragon_models.context_adapter import ContextAdapter
-from neodragon_models.mmdit import PyramidMMDiT
-from neodragon_models.weights import (
+from neodragon_npu.neodragon_models import pyramid
+from neodragon_npu.neodragon_models.configs import ContextAdapterConfig, DenoiserConfig, MMDiTConfig
+from neodragon_npu.neodragon_models.context_adapter import ContextAdapter
+from neodragon_npu.neodragon_models.mmdit import PyramidMMDiT
+from neodragon_npu.neodragon_models.weights import (
     CheckpointError,
     load_state_dict_strict,
     read_config,
@@ -135,7 +135,7 @@ ADALN_CHUNK_RANGES = (1.7, 18.4, 3.0, 2.4, 11.0, 5.2)
 def spread_adaln_ranges_(transformer: PyramidMMDiT, config: DenoiserConfig, seed: int) -> None:
     """Rescale each adaLN-Zero chunk's rows so the chunk reaches ADALN_CHUNK_RANGES on the
     conditioning vectors of the pipeline (the stage timesteps x a few pooled prompts)."""
-    from neodragon_models.pyramid import PyramidSchedule, timestep_projection
+    from neodragon_npu.neodragon_models.pyramid import PyramidSchedule, timestep_projection
 
     mm = config.mmdit
     gen = torch.Generator().manual_seed(seed + 7)

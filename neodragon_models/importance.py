@@ -18,9 +18,9 @@ from typing import Callable
 
 import torch
 
-from neodragon_models import pyramid
-from neodragon_models.denoiser import Denoiser
-from neodragon_models.sampling import rollout, synthetic_prompt
+from neodragon_npu.neodragon_models import pyramid
+from neodragon_npu.neodragon_models.denoiser import Denoiser
+from neodragon_npu.neodragon_models.sampling import rollout, synthetic_prompt
 
 # How the two scores are combined into one ranking (stated in every report):
 # the mean over stages of (BI^v + BI^t) / 2, with BI^v alone where BI^t is undefined.

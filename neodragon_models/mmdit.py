@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import rope as rope_kernels
-from kernels.attention import ATTENTION_KERNELS
-from neodragon_models.configs import MMDiTConfig
+from neodragon_npu.kernels import rope as rope_kernels
+from neodragon_npu.kernels.attention import ATTENTION_KERNELS
+from neodragon_npu.neodragon_models.configs import MMDiTConfig
 
 RopeFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from neodragon_models.denoiser import Denoiser
-from neodragon_models.mmdit import PyramidMMDiT
-from neodragon_models.weights import load_state_dict_strict
+from neodragon_npu.neodragon_models.denoiser import Denoiser
+from neodragon_npu.neodragon_models.mmdit import PyramidMMDiT
+from neodragon_npu.neodragon_models.weights import load_state_dict_strict
 
 PREFIX = "transformer_blocks."
 

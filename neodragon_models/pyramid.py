@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import MASK_VALUE
-from kernels.rope import rope_tables
-from neodragon_models.configs import DenoiserConfig, PyramidGeometry
+from neodragon_npu.kernels.attention import MASK_VALUE
+from neodragon_npu.kernels.rope import rope_tables
+from neodragon_npu.neodragon_models.configs import DenoiserConfig, PyramidGeometry
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.rope import freqs_cis_6d, rope_reference_6d
-from neodragon_models.denoiser import Denoiser
+from neodragon_npu.kernels.rope import freqs_cis_6d, rope_reference_6d
+from neodragon_npu.neodragon_models.denoiser import Denoiser
 
 
 def _timestep_features(timestep: torch.Tensor, dim: int) -> torch.Tensor:

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from neodragon_models import pyramid
-from neodragon_models.denoiser import Denoiser
+from neodragon_npu.neodragon_models import pyramid
+from neodragon_npu.neodragon_models.denoiser import Denoiser
 
 
 @dataclass(frozen=True)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from passes.base import Pass
-from passes.fx.convert_rope_to_half_split import ConvertRopeToHalfSplitPass
-from passes.fx.fold_attention_scale import FoldAttentionScalePass
-from passes.fx.remove_identity_modules import RemoveIdentityModulesPass
-from passes.fx.specialize_shapes import SpecializeShapesPass
-from passes.fx.split_adaln import SplitAdaLNPass
-from passes.fx.split_attention import SplitAttentionPass
-from passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
-from passes.onnx.fold_constants import FoldConstantsPass
-from passes.onnx.fuse_rms_norm import FuseRMSNormPass
-from passes.onnx.fuse_rotary_embedding import FuseRotaryEmbeddingPass
-from passes.onnx.name_weights_by_content import NameWeightsByContentPass
-from passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
+from neodragon_npu.passes.base import Pass
+from neodragon_npu.passes.fx.convert_rope_to_half_split import ConvertRopeToHalfSplitPass
+from neodragon_npu.passes.fx.fold_attention_scale import FoldAttentionScalePass
+from neodragon_npu.passes.fx.remove_identity_modules import RemoveIdentityModulesPass
+from neodragon_npu.passes.fx.specialize_shapes import SpecializeShapesPass
+from neodragon_npu.passes.fx.split_adaln import SplitAdaLNPass
+from neodragon_npu.passes.fx.split_attention import SplitAttentionPass
+from neodragon_npu.passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
+from neodragon_npu.passes.onnx.fold_constants import FoldConstantsPass
+from neodragon_npu.passes.onnx.fuse_rms_norm import FuseRMSNormPass
+from neodragon_npu.passes.onnx.fuse_rotary_embedding import FuseRotaryEmbeddingPass
+from neodragon_npu.passes.onnx.name_weights_by_content import NameWeightsByContentPass
+from neodragon_npu.passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
 
 
 def denoiser_fx(

@@ -14,8 +14,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def tiny_denoiser():
-    from neodragon_models.configs import get_denoiser_config
-    from neodragon_models.denoiser import build_denoiser
+    from neodragon_npu.neodragon_models.configs import get_denoiser_config
+    from neodragon_npu.neodragon_models.denoiser import build_denoiser
 
     return build_denoiser(get_denoiser_config("tiny"), seed=0)
 
@@ -23,6 +23,6 @@ def tiny_denoiser():
 @pytest.fixture(scope="session")
 def tiny_stage_inputs(tiny_denoiser):
     """Envelope inputs of every tiny stage, as {stage: {name: tensor}}."""
-    from neodragon_models.sampling import example_stage_inputs
+    from neodragon_npu.neodragon_models.sampling import example_stage_inputs
 
     return {s: example_stage_inputs(tiny_denoiser, s, seed=3) for s in range(3)}

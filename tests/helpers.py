@@ -14,8 +14,8 @@ import onnxruntime as ort
 import torch
 import torch.fx as fx
 
-from graphs import fx as fx_utils
-from passes.base import Pass
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.passes.base import Pass
 
 FP32_ATOL = 1e-5
 

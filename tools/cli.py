@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from graphs.targets import DEFAULT_TARGET, TARGETS
+from neodragon_npu.graphs.targets import DEFAULT_TARGET, TARGETS
 
 EXIT_ERROR = 2
 EXIT_CHECK_FAILED = 3
@@ -43,7 +43,7 @@ def _parse_bytes(text: str) -> int:
 
 
 def _high_precision(args: argparse.Namespace) -> tuple[str, ...]:
-    from passes.pipelines import FIRST_BLOCKS_AT_16_BIT, denoiser_high_precision
+    from neodragon_npu.passes.pipelines import FIRST_BLOCKS_AT_16_BIT, denoiser_high_precision
 
     if args.high_precision == ["none"]:
         if args.first_blocks_16bit is not None:
@@ -54,8 +54,8 @@ def _high_precision(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _cmd_build_all_stages(args: argparse.Namespace) -> int:
-    from passes.flows.denoiser import BuildCheckError
-    from passes.flows.denoiser_stages import AllStagesOptions, build_denoiser_stages
+    from neodragon_npu.tools.engine.single import BuildCheckError
+    from neodragon_npu.tools.engine.family import AllStagesOptions, build_denoiser_stages
 
     opts = AllStagesOptions(
         config=args.config,
@@ -89,7 +89,7 @@ def _cmd_build_all_stages(args: argparse.Namespace) -> int:
 
 
 def _cmd_emit(args: argparse.Namespace) -> int:
-    from passes.flows.hub import plan_hub_jobs, submit_hub_jobs
+    from neodragon_npu.tools.engine.hub import plan_hub_jobs, submit_hub_jobs
 
     if not args.hub:
         raise ValueError("emit needs a destination: --hub (Qualcomm AI Hub)")
@@ -105,7 +105,7 @@ def _cmd_emit(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from passes.flows.denoiser import BuildCheckError, DenoiserBuildOptions, build_denoiser_stage
+    from neodragon_npu.tools.engine.single import BuildCheckError, DenoiserBuildOptions, build_denoiser_stage
 
     if args.pipeline != "denoiser":
         raise ValueError(f"unknown pipeline {args.pipeline!r}; available: denoiser")
@@ -143,7 +143,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_importance(args: argparse.Namespace) -> int:
-    from passes.flows.importance import run_importance
+    from neodragon_npu.tools.engine.importance import run_importance
 
     data = run_importance(
         args.config,
@@ -161,7 +161,7 @@ def _cmd_importance(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from passes.flows.bench import fidelity_benchmark, format_fidelity
+    from neodragon_npu.tools.engine.bench import fidelity_benchmark, format_fidelity
 
     if args.benchmark != "fidelity":
         raise ValueError(f"unknown benchmark {args.benchmark!r}; available: fidelity")
@@ -178,7 +178,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from passes.flows.verify_build import format_verify, read_build, verify_build
+    from neodragon_npu.tools.engine.verify_build import format_verify, read_build, verify_build
 
     build, manifest = read_build(args.build)
     result = verify_build(build, prompts=args.prompts, calls_per_prompt=args.calls_per_prompt,
@@ -192,7 +192,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from passes.flows.stage_report import format_stage_report, report_json, stage_report
+    from neodragon_npu.tools.engine.stage_report import format_stage_report, report_json, stage_report
 
     if args.pipeline != "denoiser":
         raise ValueError(f"unknown pipeline {args.pipeline!r}; available: denoiser")
@@ -206,8 +206,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from passes.registry import load_pipeline_file
-    from passes.runner import apply_pipeline
+    from neodragon_npu.passes.registry import load_pipeline_file
+    from neodragon_npu.tools.engine.apply import apply_pipeline
 
     passes = load_pipeline_file(args.pipeline_file)
     result = apply_pipeline(
@@ -224,16 +224,16 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from graphs import onnx_io
-    from graphs.diff import diff_onnx, format_diff
+    from neodragon_npu.graphs import onnx_io
+    from neodragon_npu.graphs.diff import diff_onnx, format_diff
 
     print(format_diff(diff_onnx(onnx_io.load(args.a), onnx_io.load(args.b)), limit=args.limit))
     return 0
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from graphs import onnx_io
-    from graphs.stats import format_stats, onnx_stats
+    from neodragon_npu.graphs import onnx_io
+    from neodragon_npu.graphs.stats import format_stats, onnx_stats
 
     for path in args.models:
         stats = onnx_stats(onnx_io.load(path), activation_bytes=args.activation_bytes)
@@ -244,7 +244,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_passes(args: argparse.Namespace) -> int:
     import inspect
 
-    from passes.registry import PASSES, pass_options
+    from neodragon_npu.passes.registry import PASSES, pass_options
 
     for name, cls in PASSES.items():
         print(f"{name:<28} [{cls.IR:<4}] {cls.summary()}")

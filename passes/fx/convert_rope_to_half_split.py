@@ -8,17 +8,17 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from graphs import fx as fx_utils
-from graphs.fx_attention import find_attention, passthrough_source
-from graphs.fx_channels import Permute, apply_plan, plan_push_up
-from kernels.rope import (
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.graphs.fx_attention import find_attention, passthrough_source
+from neodragon_npu.graphs.fx_channels import Permute, apply_plan, plan_push_up
+from neodragon_npu.kernels.rope import (
     half_split_permutation,
     interleaved_to_half_split,
     rope_full_tables,
     rope_half_split,
     rope_interleaved,
 )
-from passes.base import Pass, PassResult
+from neodragon_npu.passes.base import Pass, PassResult
 
 # Ops a pair swap may be written with (stack/cat of strided slices, reshapes, negation).
 _MOVEMENT = {

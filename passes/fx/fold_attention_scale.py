@@ -7,10 +7,10 @@ import operator
 
 import torch.fx as fx
 
-from graphs import fx as fx_utils
-from graphs.fx_attention import find_attention
-from graphs.fx_channels import Scale, apply_plan, plan_push_up
-from passes.base import Pass, PassResult
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.graphs.fx_attention import find_attention
+from neodragon_npu.graphs.fx_channels import Scale, apply_plan, plan_push_up
+from neodragon_npu.passes.base import Pass, PassResult
 
 
 class FoldAttentionScalePass(Pass):

@@ -11,9 +11,9 @@ from typing import Sequence
 import torch.fx as fx
 from torch import nn
 
-from graphs import fx as fx_utils
-from neodragon_models.pruning import check_removal, load_importance, select_blocks
-from passes.base import Pass, PassResult, PreconditionError
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.neodragon_models.pruning import check_removal, load_importance, select_blocks
+from neodragon_npu.passes.base import Pass, PassResult, PreconditionError
 
 ORIGIN = "_origin_block_index"  # set on every block module: its index in the unpruned model
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from graphs import fx as fx_utils
-from passes.base import Pass, PassResult
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.passes.base import Pass, PassResult
 
 _IDENTITY_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.fx as fx
 from torch.fx.node import map_arg
 
-from graphs import fx as fx_utils
-from passes.base import Pass, PassResult, PostconditionError, PreconditionError
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.passes.base import Pass, PassResult, PostconditionError, PreconditionError
 
 
 class SpecializeShapesPass(Pass):

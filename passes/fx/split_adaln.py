@@ -8,8 +8,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphs import fx as fx_utils
-from passes.base import Pass, PassResult
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.passes.base import Pass, PassResult
 
 
 def _name(node: fx.Node) -> str:

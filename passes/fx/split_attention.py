@@ -6,10 +6,10 @@ from typing import Sequence
 
 import torch.fx as fx
 
-from graphs import fx as fx_utils
-from graphs.fx_attention import find_attention
-from kernels.attention import attention_split, plan_chunks
-from passes.base import Pass, PassResult
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.graphs.fx_attention import find_attention
+from neodragon_npu.kernels.attention import attention_split, plan_chunks
+from neodragon_npu.passes.base import Pass, PassResult
 
 
 class SplitAttentionPass(Pass):

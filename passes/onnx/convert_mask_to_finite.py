@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from kernels.attention import MASK_VALUE
-from passes.base import Pass, PassResult, PostconditionError
+from neodragon_npu.kernels.attention import MASK_VALUE
+from neodragon_npu.passes.base import Pass, PassResult, PostconditionError
 
 # Consumers that take weights, never masks: their constant inputs are not examined.
 _WEIGHT_CONSUMERS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "LayerNormalization"}

@@ -6,7 +6,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 from onnxscript.optimizer import _constant_folding
 
-from passes.base import Pass, PassResult
+from neodragon_npu.passes.base import Pass, PassResult
 
 
 class FoldConstantsPass(Pass):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphs.onnx_edit import along_axis, const_array
-from passes.base import Pass, PassResult
+from neodragon_npu.graphs.onnx_edit import along_axis, const_array
+from neodragon_npu.passes.base import Pass, PassResult
 
 _INTEGER = {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16}
 

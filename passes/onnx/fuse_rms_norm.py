@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphs.onnx_edit import const_array, const_scalar, producer, replace_with, require_opset
-from passes.base import Pass, PassResult
+from neodragon_npu.graphs.onnx_edit import const_array, const_scalar, producer, replace_with, require_opset
+from neodragon_npu.passes.base import Pass, PassResult
 
 
 def _rsqrt_input(value: ir.Value) -> ir.Value | None:

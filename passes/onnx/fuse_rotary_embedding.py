@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphs.onnx_edit import const_array, producer, replace_with, require_opset
-from passes.base import Pass, PassResult
+from neodragon_npu.graphs.onnx_edit import const_array, producer, replace_with, require_opset
+from neodragon_npu.passes.base import Pass, PassResult
 
 
 def _half(value: ir.Value, x_holder: list, which: str) -> bool:

@@ -8,7 +8,7 @@ import re
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
-from passes.base import Pass, PassResult
+from neodragon_npu.passes.base import Pass, PassResult
 
 PREFIX = "w_"
 # Names an exporter makes up (counters, output names); parameter names are kept as they are.

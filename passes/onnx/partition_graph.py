@@ -6,8 +6,8 @@ from typing import Sequence
 
 import onnx_ir as ir
 
-from graphs import partition
-from passes.base import Pass, PassResult, PostconditionError
+from neodragon_npu.graphs import partition
+from neodragon_npu.passes.base import Pass, PassResult, PostconditionError
 
 
 class PartitionGraphPass(Pass):

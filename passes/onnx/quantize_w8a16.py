@@ -13,11 +13,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from graphs.onnx_edit import matches_any
-from graphs.samples import load_samples
-from passes.base import Pass, PassResult, PreconditionError
-from passes.onnx.fold_weight_quantization import FoldWeightQuantizationPass
-from passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
+from neodragon_npu.graphs.onnx_edit import matches_any
+from neodragon_npu.graphs.feeds import load_samples
+from neodragon_npu.passes.base import Pass, PassResult, PreconditionError
+from neodragon_npu.passes.onnx.fold_weight_quantization import FoldWeightQuantizationPass
+from neodragon_npu.passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
 
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
@@ -193,7 +193,7 @@ class QuantizeW8A16Pass(Pass):
 
 def _session_kwargs() -> dict:
     """aimet's session takes the thread limit of :func:`graphs.qnn.thread_limit`."""
-    from graphs.qnn import session_threads
+    from neodragon_npu.graphs.qnn import session_threads
 
     threads = session_threads()
     return {"intra_op_num_threads": threads} if threads else {}

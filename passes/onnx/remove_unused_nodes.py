@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass as _IrRemoveUnused
 
-from passes.base import Pass, PassResult
+from neodragon_npu.passes.base import Pass, PassResult
 
 
 class RemoveUnusedNodesPass(Pass):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphs.onnx_edit import const_array, producer
-from passes.base import Pass, PassResult
+from neodragon_npu.graphs.onnx_edit import const_array, producer
+from neodragon_npu.passes.base import Pass, PassResult
 
 _UNSIGNED = {ir.DataType.UINT16, ir.DataType.UINT8}
 

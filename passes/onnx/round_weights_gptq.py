@@ -9,11 +9,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from graphs import onnx_io
-from graphs.gptq import DEFAULT_ROWS_PER_FEED, HessianSet, round_model_weights
-from graphs.samples import load_samples
-from passes.base import Pass, PassResult, PreconditionError
-from passes.onnx.quantize_w8a16 import is_quantized
+from neodragon_npu.graphs import onnx_io
+from neodragon_npu.graphs.quant.gptq import DEFAULT_ROWS_PER_FEED, HessianSet, round_model_weights
+from neodragon_npu.graphs.feeds import load_samples
+from neodragon_npu.passes.base import Pass, PassResult, PreconditionError
+from neodragon_npu.passes.onnx.quantize_w8a16 import is_quantized
 
 
 class RoundWeightsGPTQPass(Pass):

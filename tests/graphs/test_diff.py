@@ -1,6 +1,6 @@
 from onnx import TensorProto, helper
 
-from graphs.diff import diff_onnx, format_diff
+from neodragon_npu.graphs.diff import diff_onnx, format_diff
 from tests.helpers import onnx_model
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from graphs import onnx_io
-from graphs.export import export_onnx, exported_model
+from neodragon_npu.graphs import onnx_io
+from neodragon_npu.graphs.export import export_onnx, exported_model
 from tests.helpers import run_onnx
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from graphs import fx as fx_utils
+from neodragon_npu.graphs import fx as fx_utils
 
 
 class Viewer(torch.nn.Module):

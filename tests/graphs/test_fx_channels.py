@@ -1,7 +1,7 @@
 import torch
 
-from graphs import fx as fx_utils
-from graphs.fx_channels import Permute, Scale, apply_plan, plan_push_up
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.graphs.fx_channels import Permute, Scale, apply_plan, plan_push_up
 
 
 class Chain(torch.nn.Module):

@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from graphs import export as export_module
-from graphs.export import export_onnx
-from graphs.onnx_attention import expand_split_attention
-from kernels.attention import MASK_VALUE, SPLIT_ATTENTION_DOMAIN, attention_split, traced_as_one_node
+from neodragon_npu.graphs import export as export_module
+from neodragon_npu.graphs.export import export_onnx
+from neodragon_npu.graphs.onnx_attention import expand_split_attention
+from neodragon_npu.kernels.attention import MASK_VALUE, SPLIT_ATTENTION_DOMAIN, attention_split, traced_as_one_node
 
 
 class _Attention(torch.nn.Module):
@@ -71,7 +71,7 @@ def test_expanded_graph_equals_the_kernel_and_the_op_by_op_export(tmp_path, monk
     onnx.checker.check_model(proto, full_check=True)  # every new value's shape and type agree
     # its constants carry generated names, which the weight naming replaces by content names
     # (so the stage graphs of one model share them)
-    from passes.onnx.name_weights_by_content import NameWeightsByContentPass
+    from neodragon_npu.passes.onnx.name_weights_by_content import NameWeightsByContentPass
 
     named = NameWeightsByContentPass()(ir.load(str(one_node))).model
     assert all(n.startswith("w_") or n.startswith("proj.") for n in named.graph.initializers), \

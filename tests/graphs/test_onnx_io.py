@@ -3,7 +3,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graphs import onnx_io
+from neodragon_npu.graphs import onnx_io
 from tests.helpers import onnx_model, run_onnx
 
 

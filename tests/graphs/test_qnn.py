@@ -7,11 +7,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from graphs import onnx_io, qnn
-from graphs.export import export_onnx
-from graphs.targets import get_target
-from graphs.verify import sqnr_db
-from passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
+from neodragon_npu.graphs import onnx_io, qnn
+from neodragon_npu.graphs.export import export_onnx
+from neodragon_npu.graphs.targets import get_target
+from neodragon_npu.graphs.verify import sqnr_db
+from neodragon_npu.passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
 
 MIN_SQNR_DB = 35.0
 
@@ -133,7 +133,7 @@ def test_cpu_sessions_run_a_w8a16_matmul_with_its_16_bit_activation():
 def test_thread_limit_holds_torch_the_blas_and_new_sessions_and_is_undone(qdq_model):
     from threadpoolctl import threadpool_info
 
-    from passes.onnx.quantize_w8a16 import _session_kwargs
+    from neodragon_npu.passes.onnx.quantize_w8a16 import _session_kwargs
 
     model = qdq_model[0] / "q.onnx"
 

@@ -3,8 +3,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from graphs import fx as fx_utils
-from graphs.stats import NodeRecord, TensorGraph, compute_stats, format_stats, fx_stats, onnx_stats
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.graphs.stats import NodeRecord, TensorGraph, compute_stats, format_stats, fx_stats, onnx_stats
 from tests.helpers import onnx_model
 
 

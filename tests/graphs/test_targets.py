@@ -1,6 +1,6 @@
 import pytest
 
-from graphs.targets import DEFAULT_TARGET, get_target
+from neodragon_npu.graphs.targets import DEFAULT_TARGET, get_target
 
 
 def test_named_targets_map_to_soc_and_arch():

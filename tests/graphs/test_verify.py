@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from graphs.verify import GraphInvariantError, compare, sqnr_db, verify_onnx
+from neodragon_npu.graphs.verify import GraphInvariantError, compare, sqnr_db, verify_onnx
 from tests.helpers import onnx_model
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from kernels.attention import MASK_VALUE, attention_explicit, attention_sdpa
+from neodragon_npu.kernels.attention import MASK_VALUE, attention_explicit, attention_sdpa
 
 
 def _qkv(seed=0, s=12):
@@ -33,7 +33,7 @@ def test_fully_masked_rows_stay_finite():
 
 
 def test_split_kernel_equals_sdpa_and_plans_fit_the_budget():
-    from kernels.attention import attention_split, plan_chunks
+    from neodragon_npu.kernels.attention import attention_split, plan_chunks
 
     q, k, v = _qkv(3, s=20)
     bias = torch.randn(1, 1, 20, 20)
@@ -45,7 +45,7 @@ def test_split_kernel_equals_sdpa_and_plans_fit_the_budget():
 
 
 def test_folded_bias_row_equals_adding_it():
-    from kernels.attention import attention_split
+    from neodragon_npu.kernels.attention import attention_split
 
     q, k, v = _qkv(4, s=6)
     row = torch.tensor([0.0, 0.0, MASK_VALUE, 0.0, MASK_VALUE, 0.0])

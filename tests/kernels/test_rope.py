@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.rope import (
+from neodragon_npu.kernels.rope import (
     freqs_cis_6d,
     half_split_permutation,
     interleaved_to_half_split,

@@ -1,7 +1,7 @@
 import pytest
 
-from neodragon_models.configs import get_denoiser_config
-from neodragon_models.denoiser import count_parameters
+from neodragon_npu.neodragon_models.configs import get_denoiser_config
+from neodragon_npu.neodragon_models.denoiser import count_parameters
 
 # Paper: 2.028 B -> 1.518 B parameters (ContextAdapter excluded).
 PAPER_PARAMS = {"neodragon": 1.518e9, "baseline": 2.028e9}

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from neodragon_models import pyramid
-from neodragon_models.denoiser import build_denoiser, save_denoiser
-from neodragon_models.configs import get_denoiser_config
-from neodragon_models.sampling import example_stage_inputs, rollout, synthetic_prompt
-from neodragon_models.weights import CheckpointError, WEIGHTS_NAME
+from neodragon_npu.neodragon_models import pyramid
+from neodragon_npu.neodragon_models.denoiser import build_denoiser, save_denoiser
+from neodragon_npu.neodragon_models.configs import get_denoiser_config
+from neodragon_npu.neodragon_models.sampling import example_stage_inputs, rollout, synthetic_prompt
+from neodragon_npu.neodragon_models.weights import CheckpointError, WEIGHTS_NAME
 
 
 def _random_clips(cfg, unit, stage, seed):

@@ -3,11 +3,11 @@ import dataclasses
 import pytest
 import torch
 
-from neodragon_models.configs import get_denoiser_config
-from neodragon_models.denoiser import build_denoiser
-from neodragon_models.importance import block_importance, rank_blocks
-from neodragon_models.pruning import prune_blocks
-from neodragon_models.sampling import example_stage_inputs
+from neodragon_npu.neodragon_models.configs import get_denoiser_config
+from neodragon_npu.neodragon_models.denoiser import build_denoiser
+from neodragon_npu.neodragon_models.importance import block_importance, rank_blocks
+from neodragon_npu.neodragon_models.pruning import prune_blocks
+from neodragon_npu.neodragon_models.sampling import example_stage_inputs
 
 IDENTITY_BLOCKS = (1, 3)
 

@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from neodragon_models.configs import get_denoiser_config
-from neodragon_models.context_adapter import ContextAdapter
-from neodragon_models.denoiser import Denoiser, build_denoiser, count_parameters, save_denoiser
-from neodragon_models.mmdit import PyramidMMDiT
-from neodragon_models.pruning import parse_removal, prune_blocks, select_blocks
-from neodragon_models.sampling import example_stage_inputs
+from neodragon_npu.neodragon_models.configs import get_denoiser_config
+from neodragon_npu.neodragon_models.context_adapter import ContextAdapter
+from neodragon_npu.neodragon_models.denoiser import Denoiser, build_denoiser, count_parameters, save_denoiser
+from neodragon_npu.neodragon_models.mmdit import PyramidMMDiT
+from neodragon_npu.neodragon_models.pruning import parse_removal, prune_blocks, select_blocks
+from neodragon_npu.neodragon_models.sampling import example_stage_inputs
 
 
 def _meta(name):

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import MASK_VALUE
-from neodragon_models import pyramid
-from neodragon_models.configs import PyramidGeometry, get_denoiser_config
+from neodragon_npu.kernels.attention import MASK_VALUE
+from neodragon_npu.neodragon_models import pyramid
+from neodragon_npu.neodragon_models.configs import PyramidGeometry, get_denoiser_config
 
 NEO = get_denoiser_config("neodragon").geometry
 

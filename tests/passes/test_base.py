@@ -1,6 +1,6 @@
 import pytest
 
-from passes.base import Pass, PassError, PassManager, PassResult, PostconditionError, PreconditionError, Sequential
+from neodragon_npu.passes.base import Pass, PassError, PassManager, PassResult, PostconditionError, PreconditionError, Sequential
 
 
 class Box:

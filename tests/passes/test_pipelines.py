@@ -1,12 +1,12 @@
 import torch
 
-from graphs import fx as fx_utils
-from graphs import onnx_io
-from graphs.export import export_onnx
-from graphs.verify import verify_onnx
-from neodragon_models import pyramid
-from passes.base import PassManager
-from passes.pipelines import PIPELINES, denoiser_fx, denoiser_fx_baseline, denoiser_onnx, denoiser_onnx_baseline
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.graphs import onnx_io
+from neodragon_npu.graphs.export import export_onnx
+from neodragon_npu.graphs.verify import verify_onnx
+from neodragon_npu.neodragon_models import pyramid
+from neodragon_npu.passes.base import PassManager
+from neodragon_npu.passes.pipelines import PIPELINES, denoiser_fx, denoiser_fx_baseline, denoiser_onnx, denoiser_onnx_baseline
 from tests.helpers import run_onnx
 
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
-from passes.registry import PASSES, create_pass, load_pipeline_file, pass_options
+from neodragon_npu.passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
+from neodragon_npu.passes.registry import PASSES, create_pass, load_pipeline_file, pass_options
 
 
 def test_every_pass_is_registered_with_a_summary():

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from graphs import fx as fx_utils
-from graphs import onnx_io
-from graphs.export import export_onnx
-from graphs.verify import verify_onnx
-from neodragon_models import pyramid
-from neodragon_models.configs import ContextAdapterConfig, DenoiserConfig, MMDiTConfig, PyramidGeometry
-from neodragon_models.denoiser import build_denoiser
-from neodragon_models.reference import reference_forward
-from neodragon_models.sampling import synthetic_prompt
-from passes.base import PassManager
-from passes.pipelines import denoiser_fx, denoiser_onnx
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.graphs import onnx_io
+from neodragon_npu.graphs.export import export_onnx
+from neodragon_npu.graphs.verify import verify_onnx
+from neodragon_npu.neodragon_models import pyramid
+from neodragon_npu.neodragon_models.configs import ContextAdapterConfig, DenoiserConfig, MMDiTConfig, PyramidGeometry
+from neodragon_npu.neodragon_models.denoiser import build_denoiser
+from neodragon_npu.neodragon_models.reference import reference_forward
+from neodragon_npu.neodragon_models.sampling import synthetic_prompt
+from neodragon_npu.passes.base import PassManager
+from neodragon_npu.passes.pipelines import denoiser_fx, denoiser_onnx
 from tests.helpers import run_onnx
 
 NARROW = DenoiserConfig(

@@ -1,6 +1,6 @@
 import pytest
 
-from tools.cli import EXIT_ERROR, build_parser, main
+from neodragon_npu.tools.cli import EXIT_ERROR, build_parser, main
 
 
 def test_passes_and_targets_are_listed(capsys):
@@ -75,7 +75,7 @@ def test_a_terminated_build_leaves_nothing_behind(tmp_path):
 
     out = tmp_path / "build"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tools.cli", "build", "denoiser", "--all-stages", "--config", "tiny", "--out", str(out)],
+        [sys.executable, "-m", "neodragon_npu.tools.cli", "build", "denoiser", "--all-stages", "--config", "tiny", "--out", str(out)],
         cwd=os.getcwd(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )
     deadline = time.monotonic() + 120
@@ -114,8 +114,8 @@ def test_sigterm_inside_exec_of_a_string_still_exits_130(tmp_path):
 
 
 def test_first_blocks_16bit_sets_which_blocks_keep_16_bit_weights():
-    from passes.pipelines import DENOISER_HIGH_PRECISION, first_blocks_patterns
-    from tools.cli import _high_precision
+    from neodragon_npu.passes.pipelines import DENOISER_HIGH_PRECISION, first_blocks_patterns
+    from neodragon_npu.tools.cli import _high_precision
 
     def patterns(*argv):
         return _high_precision(build_parser().parse_args(["build", "denoiser", "--out", "x", *argv]))

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphs import fx as fx_utils
-from kernels.rope import rope_tables
-from passes.fx.convert_rope_to_half_split import ConvertRopeToHalfSplitPass
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.kernels.rope import rope_tables
+from neodragon_npu.passes.fx.convert_rope_to_half_split import ConvertRopeToHalfSplitPass
 from tests.helpers import FP32_ATOL, check_fx_pass
 
 HEADS, HEAD_DIM, SEQ, WIDTH = 2, 8, 6, 16
@@ -66,7 +66,7 @@ def test_interleaved_rope_becomes_half_split_with_equal_outputs(swap):
 
 
 def test_denoiser_stage_graph(tiny_denoiser, tiny_stage_inputs):
-    from passes.fx.specialize_shapes import SpecializeShapesPass
+    from neodragon_npu.passes.fx.specialize_shapes import SpecializeShapesPass
 
     inputs = list(tiny_stage_inputs[2].values())
     gm = fx_utils.trace(tiny_denoiser.stage_module(2), inputs)

@@ -3,8 +3,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from graphs import fx as fx_utils
-from passes.fx.fold_attention_scale import FoldAttentionScalePass
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.passes.fx.fold_attention_scale import FoldAttentionScalePass
 from tests.helpers import FP32_ATOL, check_fx_pass
 
 D = 8

@@ -2,12 +2,12 @@ import json
 
 import pytest
 
-from graphs import fx as fx_utils
-from neodragon_models import pyramid
-from neodragon_models.pruning import prune_blocks
-from neodragon_models.sampling import example_stage_inputs
-from passes.base import PreconditionError
-from passes.fx.remove_blocks import RemoveBlocksPass
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.neodragon_models import pyramid
+from neodragon_npu.neodragon_models.pruning import prune_blocks
+from neodragon_npu.neodragon_models.sampling import example_stage_inputs
+from neodragon_npu.passes.base import PreconditionError
+from neodragon_npu.passes.fx.remove_blocks import RemoveBlocksPass
 from tests.helpers import check_fx_pass
 
 

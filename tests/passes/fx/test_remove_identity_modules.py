@@ -1,7 +1,7 @@
 import torch
 
-from graphs import fx as fx_utils
-from passes.fx.remove_identity_modules import RemoveIdentityModulesPass
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.passes.fx.remove_identity_modules import RemoveIdentityModulesPass
 from tests.helpers import check_fx_pass
 
 

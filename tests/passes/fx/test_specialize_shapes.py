@@ -1,7 +1,7 @@
 import torch
 
-from graphs import fx as fx_utils
-from passes.fx.specialize_shapes import SpecializeShapesPass
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.passes.fx.specialize_shapes import SpecializeShapesPass
 from tests.helpers import FP32_ATOL, check_fx_pass
 
 

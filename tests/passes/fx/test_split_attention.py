@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphs import fx as fx_utils
-from kernels.attention import MASK_VALUE, attention_split
-from passes.fx.split_attention import SplitAttentionPass
+from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.kernels.attention import MASK_VALUE, attention_split
+from neodragon_npu.passes.fx.split_attention import SplitAttentionPass
 from tests.helpers import FP32_ATOL, check_fx_pass
 
 H, S, D = 3, 12, 8

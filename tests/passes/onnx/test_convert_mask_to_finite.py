@@ -3,8 +3,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from kernels.attention import MASK_VALUE
-from passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
+from neodragon_npu.kernels.attention import MASK_VALUE
+from neodragon_npu.passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
 from tests.helpers import check_onnx_pass, onnx_model, run_onnx
 
 

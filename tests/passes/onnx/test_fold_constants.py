@@ -2,7 +2,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from passes.onnx.fold_constants import FoldConstantsPass
+from neodragon_npu.passes.onnx.fold_constants import FoldConstantsPass
 from tests.helpers import check_onnx_pass, onnx_model
 
 

@@ -3,8 +3,8 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs.onnx_edit import weight_values
-from passes.onnx.fold_weight_quantization import FoldWeightQuantizationPass
+from neodragon_npu.graphs.onnx_edit import weight_values
+from neodragon_npu.passes.onnx.fold_weight_quantization import FoldWeightQuantizationPass
 from tests.helpers import check_onnx_pass, clone_onnx, onnx_model, run_onnx
 
 

@@ -3,10 +3,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from graphs import onnx_io
-from graphs.export import export_onnx
-from passes.onnx.fold_constants import FoldConstantsPass
-from passes.onnx.fuse_rms_norm import FuseRMSNormPass
+from neodragon_npu.graphs import onnx_io
+from neodragon_npu.graphs.export import export_onnx
+from neodragon_npu.passes.onnx.fold_constants import FoldConstantsPass
+from neodragon_npu.passes.onnx.fuse_rms_norm import FuseRMSNormPass
 from tests.helpers import check_onnx_pass, onnx_model
 
 

@@ -1,11 +1,11 @@
 import numpy as np
 import torch
 
-from graphs import onnx_io
-from graphs.export import export_onnx
-from kernels.rope import rope_half_split, rope_tables
-from passes.onnx.fold_constants import FoldConstantsPass
-from passes.onnx.fuse_rotary_embedding import FuseRotaryEmbeddingPass
+from neodragon_npu.graphs import onnx_io
+from neodragon_npu.graphs.export import export_onnx
+from neodragon_npu.kernels.rope import rope_half_split, rope_tables
+from neodragon_npu.passes.onnx.fold_constants import FoldConstantsPass
+from neodragon_npu.passes.onnx.fuse_rotary_embedding import FuseRotaryEmbeddingPass
 from tests.helpers import check_onnx_pass
 
 S, D = 6, 16

@@ -3,7 +3,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper
 
-from passes.onnx.name_weights_by_content import NameWeightsByContentPass, content_name
+from neodragon_npu.passes.onnx.name_weights_by_content import NameWeightsByContentPass, content_name
 from tests.helpers import check_onnx_pass, onnx_model
 
 W = np.arange(64 * 32, dtype=np.float32).reshape(64, 32) / 100

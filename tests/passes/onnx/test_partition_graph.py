@@ -2,19 +2,19 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from graphs import partition
-from graphs.export import export_onnx
-from graphs import onnx_io
-from neodragon_models import pyramid
-from passes.onnx.partition_graph import PartitionGraphPass
+from neodragon_npu.graphs import partition
+from neodragon_npu.graphs.export import export_onnx
+from neodragon_npu.graphs import onnx_io
+from neodragon_npu.neodragon_models import pyramid
+from neodragon_npu.passes.onnx.partition_graph import PartitionGraphPass
 from tests.helpers import run_onnx
 
 
 @pytest.fixture(scope="module")
 def stage_models(tiny_denoiser, tiny_stage_inputs, tmp_path_factory):
-    from graphs import fx as fx_utils
-    from passes.base import PassManager
-    from passes.pipelines import denoiser_fx, denoiser_onnx
+    from neodragon_npu.graphs import fx as fx_utils
+    from neodragon_npu.passes.base import PassManager
+    from neodragon_npu.passes.pipelines import denoiser_fx, denoiser_onnx
 
     folder = tmp_path_factory.mktemp("part")
     models = {}

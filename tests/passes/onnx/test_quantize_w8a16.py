@@ -5,12 +5,12 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from graphs import onnx_io
-from graphs.export import export_onnx
-from graphs.samples import save_samples
-from graphs.verify import sqnr_db
-from passes.base import PreconditionError
-from passes.onnx.quantize_w8a16 import QuantizeW8A16Pass, aimet_config_file, is_quantized
+from neodragon_npu.graphs import onnx_io
+from neodragon_npu.graphs.export import export_onnx
+from neodragon_npu.graphs.feeds import save_samples
+from neodragon_npu.graphs.verify import sqnr_db
+from neodragon_npu.passes.base import PreconditionError
+from neodragon_npu.passes.onnx.quantize_w8a16 import QuantizeW8A16Pass, aimet_config_file, is_quantized
 from tests.helpers import run_onnx
 
 # A W8A16 MLP block must stay this close to fp32 on held-out inputs.
@@ -150,8 +150,8 @@ def test_weight_quantizers_run_in_the_first_calibration_forward_only(float_model
     fifth of one partition's calibration time, measured once). On weights already on their int8 grid, what GPTQ
     hands over, the encodings are then aimet's own up to float rounding; on float weights
     the activation ranges differ, so the quantizers really were off."""
-    from graphs.gptq import round_to_nearest
-    from passes.onnx import quantize_w8a16
+    from neodragon_npu.graphs.quant.gptq import round_to_nearest
+    from neodragon_npu.passes.onnx import quantize_w8a16
 
     on_grid = onnx_io.load(float_model)
     for value in on_grid.graph.initializers.values():
@@ -208,7 +208,7 @@ def test_calibration_outputs_are_the_float_forwards_with_the_first_on_quantized_
 def test_calibration_forwards_asked_for_keep_the_weights_quantized(float_model):
     """GPTQ's feeds are handed on as a quantized model would deliver them: their forwards run
     on aimet's int8 weights (the round-to-nearest grid), the others on the float weights."""
-    from graphs.gptq import round_to_nearest
+    from neodragon_npu.graphs.quant.gptq import round_to_nearest
 
     model = onnx_io.load(float_model)
     on_grid = onnx_io.load(float_model)

@@ -2,7 +2,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
+from neodragon_npu.passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
 from tests.helpers import check_onnx_pass, onnx_model
 
 FEEDS = {"x": np.arange(4, dtype=np.float32)}

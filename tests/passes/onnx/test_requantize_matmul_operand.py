@@ -3,12 +3,12 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from graphs import onnx_io, qnn
-from graphs.export import export_onnx
-from graphs.targets import get_target
-from graphs.verify import sqnr_db
-from passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
-from passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
+from neodragon_npu.graphs import onnx_io, qnn
+from neodragon_npu.graphs.export import export_onnx
+from neodragon_npu.graphs.targets import get_target
+from neodragon_npu.graphs.verify import sqnr_db
+from neodragon_npu.passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
+from neodragon_npu.passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
 from tests.helpers import check_onnx_pass, clone_onnx
 
 

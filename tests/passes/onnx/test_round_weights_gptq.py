@@ -4,13 +4,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from graphs import gptq, onnx_io
-from graphs.export import export_onnx
-from graphs.onnx_edit import const_array
-from graphs.verify import sqnr_db
-from passes.base import PreconditionError
-from passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
-from passes.onnx.round_weights_gptq import RoundWeightsGPTQPass
+from neodragon_npu.graphs.quant import gptq
+
+from neodragon_npu.graphs import onnx_io
+from neodragon_npu.graphs.export import export_onnx
+from neodragon_npu.graphs.onnx_edit import const_array
+from neodragon_npu.graphs.verify import sqnr_db
+from neodragon_npu.passes.base import PreconditionError
+from neodragon_npu.passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
+from neodragon_npu.passes.onnx.round_weights_gptq import RoundWeightsGPTQPass
 from tests.helpers import check_onnx_pass, clone_onnx
 
 K, N, TOKENS = 96, 64, 256

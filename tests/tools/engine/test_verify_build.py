@@ -1,0 +1,115 @@
+"""`neodragon-npu verify`: an all-stages build measured on fresh prompts."""
+
+import json
+
+import pytest
+
+from neodragon_npu.tools.engine.artifacts import MANIFEST
+from neodragon_npu.tools.engine.family import ALL_STAGES_MIN_SQNR_DB
+
+
+def test_verify_reproduces_the_builds_check_and_measures_fresh_prompts(build, capsys, caplog):
+    """On the build's own check calls, `verify` must give the build's figures; on fresh
+    prompts it gives its own, call by call."""
+    from neodragon_npu.tools.engine import verify_build as vb
+    from neodragon_npu.tools.cli import main
+
+    out, result = build
+    same = vb.verify_build(out, prompts=1, calls_per_prompt=2, first_seed=2000)  # the build's check prompt
+    assert same.calls == {s: [(2000, 1), (2000, 2)] for s in range(3)}
+    first = vb.verify_build(out, prompts=1, calls_per_prompt=1, float_chain=True, first_seed=2000)  # the build chains one
+    for s in range(3):
+        assert same.sqnr_db["w8a16_cpu"][s] == pytest.approx(result.sqnr_db["w8a16_cpu"][s], abs=1e-6)
+        assert first.sqnr_db["float_chain"][s] == pytest.approx(result.sqnr_db["float_chain"][s], abs=1e-6)
+        assert min(same.per_call_db["w8a16_cpu"][s]) <= same.sqnr_db["w8a16_cpu"][s] <= max(same.per_call_db["w8a16_cpu"][s])
+
+    assert main(["verify", str(out), "--prompts", "1", "--json", str(out.parent / "verify.json")]) == 0
+    printed = capsys.readouterr().out
+    fresh = json.loads((out.parent / "verify.json").read_text())
+    assert fresh["prompts"] == [3000] and list(fresh["sqnr_db"]) == ["w8a16_cpu"]
+    for s in ("0", "1", "2"):
+        assert fresh["calls"][s] == [[3000, u] for u in (1, 2, 3)]  # tiny: every one of its 3 units
+        assert fresh["sqnr_db"]["w8a16_cpu"][s] >= ALL_STAGES_MIN_SQNR_DB
+        assert f"stage {s}: {fresh['sqnr_db']['w8a16_cpu'][s]:6.2f} dB pooled over 3 call(s)" in printed
+
+    # a chosen prompt, here the build's own check prompt: said not to be fresh
+    assert main(["verify", str(out), "--first-seed", "2000", "--prompts", "1", "--calls-per-prompt", "2",
+                 "--json", str(out.parent / "verify2000.json")]) == 0
+    again = json.loads((out.parent / "verify2000.json").read_text())
+    assert again["calls"]["0"] == [[2000, 1], [2000, 2]]
+    assert again["sqnr_db"]["w8a16_cpu"]["0"] == round(same.sqnr_db["w8a16_cpu"][0], 2)
+    assert "seeds 2000-2000 include the build's calibration (1000+) or check (2000+) prompts" in caplog.text
+
+
+def test_verify_refuses_what_is_not_an_all_stages_build(tmp_path, capsys):
+    from neodragon_npu.tools.cli import main
+
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "holds no manifest.json: not a build directory" in capsys.readouterr().err
+    (tmp_path / MANIFEST).write_text(json.dumps({"tool": "neodragon-npu", "mode": "single-stage"}))
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "single-stage build" in capsys.readouterr().err
+
+
+def _scale_weights(qdq_path, factor):
+    """Multiply the scale of every int8 weight's DequantizeLinear in a QDQ file."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(qdq_path))
+    inits = {t.name: t for t in model.graph.initializer}
+    spoiled = {node.input[1] for node in model.graph.node if node.op_type == "DequantizeLinear"
+               and node.input[0] in inits and inits[node.input[0]].data_type == onnx.TensorProto.INT8}
+    assert spoiled, f"{qdq_path.name} holds no int8 weight"
+    for name in spoiled:
+        inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]) * np.float32(factor), name))
+    onnx.save(model, str(qdq_path))
+
+
+def test_per_partition_names_the_partition_that_loses(build, tmp_path, capsys):
+    """Partition by partition, verify gives the same stage figures as the plain chains; with
+    one partition's weights spoiled, that partition alone loses by itself, and the chain
+    loses from it on."""
+    import shutil
+
+    from neodragon_npu.tools.engine import verify_build as vb
+    from neodragon_npu.tools.cli import main
+
+    out, _ = build
+    plain = vb.verify_build(out, prompts=1, calls_per_prompt=1, float_chain=True)
+    split = vb.verify_build(out, prompts=1, calls_per_prompt=1, per_partition=True)
+    n = len(json.loads((out / MANIFEST).read_text())["partitions"])
+    assert n >= 3
+    for s in range(3):
+        for label in ("w8a16_cpu", "float_chain"):
+            assert split.sqnr_db[label][s] == pytest.approx(plain.sqnr_db[label][s], abs=1e-6)
+        losses = split.partitions[s]
+        assert len(losses) == n
+        assert losses[0].local_db == pytest.approx(losses[0].chain_db, abs=1e-9)  # the same inputs
+        assert all(x.worst_local_db <= x.local_db + 1e-9 for x in losses)  # pooled lies between the tensors'
+        assert losses[-1].worst_tensor == "noise_pred"
+
+    spoiled = tmp_path / "spoiled"
+    shutil.copytree(out, spoiled)
+    manifest = json.loads((spoiled / MANIFEST).read_text())
+    part = sorted(manifest["partitions"], key=lambda p: p["index"])[1]
+    _scale_weights(spoiled / part["graphs"]["0"]["qdq_model"], 1.25)
+    bad = vb.verify_build(spoiled, prompts=1, calls_per_prompt=1, per_partition=True)
+    good, worse = split.partitions[0], bad.partitions[0]
+    assert worse[0] == good[0]
+    assert worse[1].local_db < good[1].local_db - 10 and worse[1].chain_db < good[1].chain_db - 10
+    assert all(w.chain_db < g.chain_db for w, g in zip(worse[1:], good[1:]))  # from it on
+    assert all(w.local_db == pytest.approx(g.local_db, abs=1e-6) for w, g in zip(worse[2:], good[2:]))
+    assert min(range(n), key=lambda k: worse[k].local_db) == 1
+    assert bad.partitions[1] == split.partitions[1] and bad.partitions[2] == split.partitions[2]
+
+    assert main(["verify", str(spoiled), "--prompts", "1", "--calls-per-prompt", "1", "--per-partition",
+                 "--json", str(tmp_path / "v.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 0, partition by partition" in printed
+    row = next(x for x in printed.splitlines() if x.strip().startswith("1 ") and "dB" in x)
+    assert f"{worse[1].local_db:6.2f} dB" in row and worse[1].worst_tensor in row
+    saved = json.loads((tmp_path / "v.json").read_text())
+    assert saved["partitions"]["0"][1]["local_db"] == round(worse[1].local_db, 2)
+    assert list(saved["sqnr_db"]) == ["w8a16_cpu", "float_chain"]

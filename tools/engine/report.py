@@ -1,0 +1,70 @@
+"""The short human-readable report written next to every build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from neodragon_npu.tools.engine.host import host_line
+from neodragon_npu.graphs.stats import GraphStats, format_bytes, format_stats
+
+
+def _stats_pair(before: GraphStats, after: GraphStats, label: str) -> list[str]:
+    def row(name: str, a: float, b: float, fmt) -> str:
+        return f"  {name:<24}{fmt(a):>14} -> {fmt(b):<14}"
+
+    return [
+        f"{label}:",
+        row("nodes", before.node_count, after.node_count, str),
+        row("op-output bytes/call", before.op_output_bytes, after.op_output_bytes, format_bytes),
+        row("largest tensor", before.largest_tensor[1], after.largest_tensor[1], format_bytes),
+        row("peak live activations", before.peak_live_bytes, after.peak_live_bytes, format_bytes),
+        row("weights", before.weight_bytes, after.weight_bytes, format_bytes),
+    ]
+
+
+def _passes(records: list[dict]) -> list[str]:
+    return [
+        f"  {r['pass']:<28} {'modified' if r['modified'] else 'no change':<10} {r['seconds']:.2f} s"
+        for r in records
+    ]
+
+
+def render_report(report: dict) -> str:
+    lines = [report["title"], "=" * len(report["title"]), ""]
+    if "host" in report:
+        lines += [f"Host: {host_line(report['host'])}", ""]
+    if "steps" in report:
+        lines.append("Steps:")
+        for r in report["steps"]:
+            cpu = f"  CPU {r.cpu_seconds:6.0f} s" if r.cpu_seconds is not None else ""
+            lines.append(f"  {r.name:<64} {r.seconds:8.1f} s{cpu}  peak RSS {r.peak_rss_bytes / 1e9:.2f} GB")
+        lines.append("")
+    if "fx_before" in report:
+        lines += _stats_pair(report["fx_before"], report["fx_after"], "FX graph (fp32 bytes)")
+        lines += _passes(report["fx_passes"]) + [""]
+    if "onnx_before" in report:
+        lines += _stats_pair(report["onnx_before"], report["onnx_after"], "ONNX graph (fp32 bytes)")
+        lines += _passes(report["onnx_passes"]) + [""]
+        lines.append(format_stats(report["onnx_after"], "Float ONNX graph handed to quantization:"))
+        lines.append("")
+    if "float_check" in report:
+        worst = min(c.sqnr_db for c in report["float_check"])
+        lines.append(f"Float ONNX vs PyTorch: worst sample SQNR {worst:.1f} dB")
+    if "qdq" in report:
+        q = report["qdq"]
+        n_q = q.op_counts.get("QuantizeLinear", 0) + q.op_counts.get("DequantizeLinear", 0)
+        lines.append(f"W8A16 QDQ model: {q.node_count} nodes ({n_q} Q/DQ), weights {format_bytes(q.weight_bytes)}")
+    if "compile_seconds" in report:
+        lines.append(f"HTP context binary built in {report['compile_seconds']:.1f} s")
+    if "htp_check" in report:
+        lines.append("")
+        lines.append("HTP simulator vs fp32 PyTorch (check prompts, not used for calibration):")
+        for sample, cmp in report["htp_check"]:
+            lines.append(f"  prompt {sample.prompt_seed} unit {sample.unit}: {cmp}")
+        lines.append(f"  all samples pooled: SQNR {report['htp_sqnr_db']:.2f} dB")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(path: Path, report: dict) -> Path:
+    path.write_text(render_report(report))
+    return path
