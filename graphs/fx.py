@@ -62,16 +62,53 @@ def propagate_shapes(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+TRACING_METHODS = ("symbolic", "export")
+
+
+class _LeafTracer(fx.Tracer):
+    """torch.fx's tracer that keeps modules of the named classes whole (``call_module``)."""
+
+    def __init__(self, leaf_classes: Sequence[str]) -> None:
+        super().__init__()
+        self.leaf_classes = set(leaf_classes)
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return type(m).__name__ in self.leaf_classes or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace(
-    module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, share_parameters: bool = False
+    module: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    share_parameters: bool = False,
+    method: str = "symbolic",
+    leaf_modules: Sequence[str] = (),
 ) -> fx.GraphModule:
-    """Symbolically trace ``module`` and annotate it at the shapes of ``example_inputs``.
+    """Trace ``module`` and annotate it at the shapes of ``example_inputs``.
+
+    ``method="symbolic"`` is torch.fx's symbolic tracer: modules stay ``call_module`` nodes,
+    which the module-level FX passes match; ``leaf_modules`` (class names) are kept whole,
+    for embedders whose Python control flow the tracer cannot follow. ``method="export"``
+    traces with torch.export to ATen ops, which follows any Python the module runs at these
+    shapes; the module-level passes then find nothing to match (they say so).
 
     FX passes edit parameters in place (permuting, scaling, splitting them), so the graph
     gets its own copy of the module unless ``share_parameters`` is set -- which a build
-    does for full-size models it drops right after tracing, to avoid a second 6 GB copy.
+    does for full-size models it drops right after tracing, to avoid a second copy.
     """
-    gm = fx.symbolic_trace(module if share_parameters else copy.deepcopy(module))
+    if method not in TRACING_METHODS:
+        raise ValueError(f"unknown tracing method {method!r}; expected one of {TRACING_METHODS}")
+    root = module if share_parameters else copy.deepcopy(module)
+    if method == "export":
+        if leaf_modules:
+            raise ValueError("leaf modules apply to symbolic tracing, not to torch.export")
+        with torch.no_grad():
+            gm = torch.export.export(root.eval(), tuple(example_inputs), strict=False).module()
+    elif leaf_modules:
+        tracer = _LeafTracer(leaf_modules)
+        gm = fx.GraphModule(root, tracer.trace(root), type(root).__name__)
+    else:
+        gm = fx.symbolic_trace(root)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     if len(placeholders) != len(example_inputs):
         raise ValueError(
@@ -81,6 +118,12 @@ def trace(
     for node, example in zip(placeholders, example_inputs):
         node.meta[INPUT_SPEC] = (tuple(example.shape), example.dtype)
     return propagate_shapes(gm)
+
+
+def target_name(node: fx.Node) -> str:
+    """What a node calls, by name: ``"chunk"``, ``"linear"``, ``"getattr"``, a module path."""
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
 def placeholder_names(gm: fx.GraphModule) -> list[str]:

@@ -16,6 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from neodragon_npu.graphs.fx import target_name
+
 
 @dataclass
 class AttentionMatch:
@@ -29,11 +31,6 @@ class AttentionMatch:
     nodes: list[fx.Node]  # everything the match replaces (output last)
 
 
-def _name(node: fx.Node) -> str:
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
 def _arg(node: fx.Node, index: int, key: str, default=None):
     if len(node.args) > index:
         return node.args[index]
@@ -41,7 +38,7 @@ def _arg(node: fx.Node, index: int, key: str, default=None):
 
 
 def _is_last_two_transpose(node) -> bool:
-    if not isinstance(node, fx.Node) or _name(node) != "transpose":
+    if not isinstance(node, fx.Node) or target_name(node) != "transpose":
         return False
     rank = len(node.meta["tensor_meta"].shape) if "tensor_meta" in node.meta else 4
     return sorted(d % rank for d in node.args[1:3]) == [rank - 2, rank - 1]
@@ -65,16 +62,16 @@ def _single_use(node) -> bool:
 
 def _match_explicit(node: fx.Node) -> AttentionMatch | None:
     """``node`` is the final matmul(softmax(...), v)."""
-    if _name(node) != "matmul" or len(node.args) != 2:
+    if target_name(node) != "matmul" or len(node.args) != 2:
         return None
     probs, v = node.args
-    if not _single_use(probs) or _name(probs) != "softmax" or _arg(probs, 1, "dim") != -1:
+    if not _single_use(probs) or target_name(probs) != "softmax" or _arg(probs, 1, "dim") != -1:
         return None
     chain = [probs]
     x, bias = probs.args[0], None
     if _single_use(x) and x.target in (operator.add, torch.add):
         a, b = x.args[:2]
-        scores_side = isinstance(a, fx.Node) and _name(a) in ("matmul", "mul", "truediv")
+        scores_side = isinstance(a, fx.Node) and target_name(a) in ("matmul", "mul", "truediv")
         (scores, bias) = (a, b) if scores_side else (b, a)
         chain.insert(0, x)
         x = scores
@@ -86,7 +83,7 @@ def _match_explicit(node: fx.Node) -> AttentionMatch | None:
         scale = float(b) if x.target is operator.mul else 1.0 / float(b)
         chain.insert(0, x)
         x = a
-    if not (_single_use(x) and _name(x) == "matmul"):
+    if not (_single_use(x) and target_name(x) == "matmul"):
         return None
     q, kt = x.args[:2]
     if not (_single_use(kt) and _is_last_two_transpose(kt)):
@@ -107,7 +104,7 @@ def passthrough_source(node: fx.Node) -> fx.Node:
     """Skip ops upward that commute with per-channel rewrites of Q/K: ``contiguous``,
     ``clone`` and multiplication or division by a Python number."""
     while isinstance(node, fx.Node):
-        if node.op == "call_method" and _name(node) in ("contiguous", "clone"):
+        if node.op == "call_method" and target_name(node) in ("contiguous", "clone"):
             node = node.args[0]
         elif node.target in (operator.mul, operator.truediv) and isinstance(node.args[1], (int, float)):
             node = node.args[0]

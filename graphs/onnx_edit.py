@@ -10,6 +10,14 @@ import onnx_ir as ir
 from neodragon_npu.graphs.shared_weights import untag
 
 
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def is_quantized(model: ir.Model) -> bool:
+    """True if the model holds Q/DQ nodes (a QDQ model)."""
+    return any(node.op_type in _QDQ_OPS for node in model.graph)
+
+
 def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
     """The node producing ``value`` if its op type is one of ``op_types`` (any if none)."""
     if value is None:

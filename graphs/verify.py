@@ -91,3 +91,20 @@ def compare(reference: np.ndarray, test: np.ndarray) -> Comparison:
     err = float(np.max(np.abs(reference - test))) if reference.size else 0.0
     scale = float(np.max(np.abs(reference))) if reference.size else 0.0
     return Comparison(sqnr_db(reference, test), err, err / scale if scale else float("inf") if err else 0.0)
+
+
+def pooled_sqnr(pairs) -> float:
+    """SQNR over several (reference, test) pairs together: signal and noise energies summed
+    over all of them, so a sample counts by its energy, not as one vote."""
+    signal = noise = 0.0
+    for ref, test in pairs:
+        ref = np.asarray(ref, dtype=np.float64)
+        if ref.shape != np.shape(test):
+            raise ValueError(f"shape mismatch: {ref.shape} vs {np.shape(test)}")
+        signal += float(np.sum(ref**2))
+        noise += float(np.sum((ref - np.asarray(test, dtype=np.float64)) ** 2))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * float(np.log10(signal / noise))

@@ -6,6 +6,11 @@ the *result*, and checks that an in-place pass really returned the object it was
 ``modified`` must be computed honestly: a pass that found nothing to do returns False and
 leaves the model untouched, so running any pass twice reports no change the second time.
 
+A pass that leaves a site alone says why (onnxscript's check-with-a-reason habit):
+``self.skip(site, reason)`` inside ``call`` records it; the reasons come back as
+``PassResult.notes``, are logged at debug level, and ``apply --explain`` prints them. A pass
+that found no candidate at all gets one note saying what it looked for (``LOOKS_FOR``).
+
 Models are ``torch.fx.GraphModule`` for FX passes and ``onnx_ir.Model`` for ONNX passes
 (``IR = "fx"`` or ``"onnx"``). Options are keyword-only constructor arguments; passes keep
 no state between calls.
@@ -16,7 +21,7 @@ from __future__ import annotations
 import abc
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -39,6 +44,7 @@ class PostconditionError(PassError):
 class PassResult:
     model: Any
     modified: bool
+    notes: list[str] = field(default_factory=list)  # why sites were left alone
 
 
 class Pass(abc.ABC):
@@ -46,15 +52,20 @@ class Pass(abc.ABC):
 
     IR: ClassVar[str] = ""  # "fx" or "onnx"
     IN_PLACE: ClassVar[bool] = True
-    NAME: ClassVar[str] = ""  # registry name when snake_case of the class name reads badly
+    NAME: ClassVar[str] = ""  # registry name: the file's name (a contract test checks it)
+    LOOKS_FOR: ClassVar[str] = ""  # what a site looks like, for the note when none is found
 
     @classmethod
     def pass_name(cls) -> str:
-        """Registry name: ``NAME``, or the class name without "Pass" in snake_case."""
-        if cls.NAME:
-            return cls.NAME
-        name = cls.__name__.removesuffix("Pass")
-        return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+        """Registry name: ``NAME``, which equals the pass's module (file) name."""
+        if not cls.NAME:
+            raise PassError(f"{cls.__name__} sets no NAME (the name of its file)")
+        return cls.NAME
+
+    def skip(self, site: str, reason: str) -> None:
+        """Record that ``site`` was left alone and why (see the module docstring)."""
+        self._notes.append(f"{site}: {reason}")
+        logger.debug("      %s leaves %s alone: %s", self.pass_name(), site, reason)
 
     @classmethod
     def summary(cls) -> str:
@@ -71,11 +82,21 @@ class Pass(abc.ABC):
 
     def __call__(self, model: Any) -> PassResult:
         self.requires(model)
-        result = self.call(model)
+        self._notes: list[str] = []
+        try:
+            result = self.call(model)
+        except Exception as exc:
+            exc.add_note(f"(in pass {self.pass_name()})")
+            raise
         if not isinstance(result, PassResult):
             raise PassError(f"{self.pass_name()} returned {type(result).__name__}, not PassResult")
         if self.IN_PLACE and result.model is not model:
             raise PassError(f"{self.pass_name()} is declared in-place but returned a new model")
+        result.notes = self._notes + result.notes
+        if not result.modified and not result.notes:
+            result.notes.append(f"nothing to do: no {self.LOOKS_FOR or 'site'} in the graph")
+            logger.debug("      %s: %s", self.pass_name(), result.notes[-1])
+        del self._notes
         self.ensures(result.model)
         return result
 
@@ -83,11 +104,15 @@ class Pass(abc.ABC):
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
 
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "_notes"}
+
 
 class Sequential(Pass):
     """Run passes in order; modified if any of them modified the model."""
 
     IN_PLACE = False
+    NAME = "sequential"
 
     def __init__(self, passes: Sequence[Pass]) -> None:
         self.passes = list(passes)
@@ -107,6 +132,7 @@ class PassRecord:
     name: str
     modified: bool
     seconds: float
+    notes: list[str] = field(default_factory=list)
 
 
 class PassManager(Pass):
@@ -118,6 +144,7 @@ class PassManager(Pass):
     """
 
     IN_PLACE = False
+    NAME = "pass_manager"
 
     def __init__(
         self,
@@ -147,7 +174,7 @@ class PassManager(Pass):
                 start = time.perf_counter()
                 result = p(model)
                 model = result.model
-                record = PassRecord(p.pass_name(), result.modified, time.perf_counter() - start)
+                record = PassRecord(p.pass_name(), result.modified, time.perf_counter() - start, result.notes)
                 records.append(record)
                 logger.info(
                     "      pass %-28s %s in %.2f s",
@@ -170,9 +197,9 @@ class PassManager(Pass):
             any_modified |= step_modified
             if not step_modified:
                 break
-        return PassManagerResult(model, any_modified, records)
+        return PassManagerResult(model, any_modified, records=records)
 
 
 @dataclass
 class PassManagerResult(PassResult):
-    records: list[PassRecord]
+    records: list[PassRecord] = field(default_factory=list)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from neodragon_npu.passes.base import Pass
 from neodragon_npu.passes.fx.convert_rope_to_half_split import ConvertRopeToHalfSplitPass
 from neodragon_npu.passes.fx.fold_attention_scale import FoldAttentionScalePass
@@ -10,11 +13,16 @@ from neodragon_npu.passes.fx.specialize_shapes import SpecializeShapesPass
 from neodragon_npu.passes.fx.split_adaln import SplitAdaLNPass
 from neodragon_npu.passes.fx.split_attention import SplitAttentionPass
 from neodragon_npu.passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
+from neodragon_npu.passes.onnx.convert_to_fp16 import ConvertToFP16Pass
+from neodragon_npu.passes.onnx.fold_weight_quantization import FoldWeightQuantizationPass
 from neodragon_npu.passes.onnx.fold_constants import FoldConstantsPass
 from neodragon_npu.passes.onnx.fuse_rms_norm import FuseRMSNormPass
 from neodragon_npu.passes.onnx.fuse_rotary_embedding import FuseRotaryEmbeddingPass
 from neodragon_npu.passes.onnx.name_weights_by_content import NameWeightsByContentPass
+from neodragon_npu.passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
 from neodragon_npu.passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
+from neodragon_npu.passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
+from neodragon_npu.passes.onnx.round_weights_gptq import RoundWeightsGPTQPass
 
 
 def denoiser_fx(
@@ -91,18 +99,11 @@ def first_blocks_patterns(count: int) -> tuple[str, ...]:
     return tuple(patterns)
 
 
-# Weights kept at 16 bit in every denoiser build, from the per-layer SQNR report:
-# * the conditioning MLPs (timestep and pooled-text embedders, 0.5% of the weights) feed
-#   every adaLN modulation (tiny stage 2: 29.9 -> 33.4 dB with them at 16 bit);
-# * the adaLN Linears (split or not, and norm_out's): int8 leaves their outputs at ~42 dB,
-#   and a modulation of (1 + scale) with scale up to 18.4 carries that error into every
-#   token; they run once per call on one vector, so 16 bit costs weight bytes (~1/3 of
-#   the transformer's) but no compute;
-# * the patch embedding (the MatMul reading ``latent_tokens``) and ``proj_out``, the first
-#   and last layers (0.2 M weights each).
-# Measured on the 2-block full-width model, stage 2, transformer partition, aimet CPU:
-# 31.4 dB (embedders only) -> 33.5 (+ adaLN) -> 34.9-35.6 dB (+ first/last, with GPTQ;
-# the spread is over GPTQ row counts, one held-out call).
+# Weights every denoiser build keeps at 16 bit, chosen from the per-layer SQNR report
+# (figures: docs/quantization.md): the conditioning MLPs, which feed every adaLN
+# modulation; the adaLN Linears (one vector per call, so weight bytes but no compute; a
+# modulation of (1 + scale) carries their error into every token); the patch embedding
+# (the MatMul reading ``latent_tokens``) and ``proj_out``, the first and last layers.
 DENOISER_HIGH_PRECISION_LAYERS = (
     "*time_text_embed*",
     "*norm1*.linear*",
@@ -110,28 +111,10 @@ DENOISER_HIGH_PRECISION_LAYERS = (
     "latent_tokens",
     "/proj_out/*",
 )
-# And every Linear of the first two MMDiT blocks. Their input is the patch embedding (std
-# about 1) and their output std is 5-7: what they add is most of the residual stream, so
-# their weight error is not diluted as in the later blocks. Per partition of the full-size
-# model (float inputs), stage 2: blocks 0-1 lose 36.6 dB, blocks 2-3 40.6, then 42.7-47.8.
-# Re-quantizing only blocks 0-1 of the full build at 16 bit moved the chained 18-block
-# result from 32.87 / 32.18 / 32.77 to 34.56 / 34.07 / 34.23 dB (stages 0 / 1 / 2, aimet
-# simulation); block 0 alone gave 33.86 / 33.58 / 32.62. Cost: 2 x 57 M weights at 16 bit,
-# 113 MB more per target (full-build binaries 2.40 GB; 2.28 GB in an earlier build with them int8).
-# Blocks 2-3 are then the partition that loses most by itself (`verify --per-partition`,
-# 41.1 / 41.4 / 41.8 dB). With them at 16 bit too (`--first-blocks-16bit 4`) the full build's
-# `verify` on 16 fresh calls per stage went from 35.48 / 36.05 / 37.31 to 36.86 / 37.69 /
-# 38.59 dB (worst stage-0 call 31.41 -> 33.77 dB) for another 113 MB per target (binaries
-# 2.53 -> 2.64 GB); not the default yet, as the tiny test model has only three blocks.
+# And every Linear of the first MMDiT blocks: their output is most of the residual stream,
+# so their weight error is not diluted as in later blocks.
 FIRST_BLOCKS_AT_16_BIT = 2
-# And the ContextAdapter's Linears (130 M weights, +130 MB per target). Stage 0 has the
-# fewest image tokens (80 real ones in unit 1), so the 128 context tokens weigh most in its
-# attention. Re-quantizing only the ContextAdapter's partition of a full build with its
-# Linears in float (every other partition's integers unchanged) moved the 18-block result
-# from 34.75 / 36.29 / 35.16 to 35.49 / 36.63 / 35.26 dB. A whole build with them at 16 bit
-# gave 35.55 / 36.47 / 34.43 dB on the build's two check calls per stage, too few to judge
-# by: `neodragon-npu verify` of the default build on 16 fresh calls per stage (8 prompts)
-# gives 35.48 / 36.02 / 37.08 dB, on 12 (2 prompts x 6 units) 36.15 / 36.17 / 37.00 dB.
+# And the ContextAdapter's Linears: the 128 context tokens weigh most in stage 0's attention.
 CONTEXT_ADAPTER_PATTERNS = ("/network_layers.*",)
 
 
@@ -151,9 +134,113 @@ def denoiser_onnx_baseline() -> list[Pass]:
     return [FoldConstantsPass(), ConvertMaskToFinitePass(), RemoveUnusedNodesPass()]
 
 
-PIPELINES = {
-    "denoiser_fx": denoiser_fx,
-    "denoiser_fx_baseline": denoiser_fx_baseline,
-    "denoiser_onnx": denoiser_onnx,
-    "denoiser_onnx_baseline": denoiser_onnx_baseline,
-}
+def cleanup_fx() -> list[Pass]:
+    """FX passes for any model: what makes a traced graph static and simple."""
+    return [
+        # Dropout/Identity are no-ops at inference.
+        RemoveIdentityModulesPass(),
+        # No Shape/Gather chains reach ONNX (facts 4.5).
+        SpecializeShapesPass(),
+    ]
+
+
+def cleanup_onnx() -> list[Pass]:
+    """ONNX passes for any model: fold, make masks finite, drop what is dead."""
+    return [FoldConstantsPass(), ConvertMaskToFinitePass(), RemoveUnusedNodesPass()]
+
+
+# --- precision: what turns a float graph into what the NPU runs -------------------------
+
+WEIGHT_ROUNDINGS = ("gptq", "adaround", "nearest")
+
+
+@dataclass(frozen=True)
+class W8A16:
+    """Per-channel int8 weights, 16-bit activations. ``high_precision``: fnmatch patterns of
+    weights kept at 16 bit; ``rounding``: how int8 weights are rounded."""
+
+    high_precision: tuple[str, ...] = ()
+    kv_bits: int = 16
+    rounding: str = "gptq"
+    adaround_iterations: int = 10000
+    range_margin: float = 2.0
+    name: ClassVar[str] = "w8a16"
+
+    def __post_init__(self) -> None:
+        if self.rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"unknown weight rounding {self.rounding!r}; known: {', '.join(WEIGHT_ROUNDINGS)}")
+        if self.kv_bits not in (8, 16):
+            raise ValueError(f"K/V bits must be 8 or 16, got {self.kv_bits}")
+        if self.adaround_iterations < 1:
+            raise ValueError(f"AdaRound iterations must be at least 1, got {self.adaround_iterations}")
+
+    def describe(self) -> dict:
+        out = {"weights": "int8 per-channel symmetric", "activations": "uint16", "kv_bits": self.kv_bits,
+               "high_precision": list(self.high_precision), "weight_rounding": self.rounding}
+        if self.rounding == "adaround":
+            out["adaround_iterations"] = self.adaround_iterations
+        return out
+
+
+@dataclass(frozen=True)
+class FP16:
+    """Every float tensor in FP16, as the HTP computes float graphs."""
+
+    name: ClassVar[str] = "fp16"
+
+    def describe(self) -> dict:
+        return {"weights": "float16", "activations": "float16"}
+
+
+PRECISIONS = {"w8a16": W8A16, "fp16": FP16}
+
+
+def w8a16(
+    precision: W8A16,
+    *,
+    calibration,
+    htp_arch: int,
+    encodings_dir=None,
+    encodings_prefix: str = "model",
+    hessians=None,
+    on_output=None,
+    quantized_weight_feeds=(),
+) -> list[Pass]:
+    """The W8A16 pipeline for a float graph (or a merged family of graphs).
+
+    ``hessians`` (a :class:`neodragon_npu.graphs.quant.gptq.HessianSet`) lets a caller that
+    gathered GPTQ's statistics elsewhere (over graphs sharing the weights) hand them in;
+    without it GPTQ runs the model on ``calibration``. ``on_output`` and
+    ``quantized_weight_feeds`` go to aimet's calibration forwards (see QuantizeW8A16Pass)."""
+    passes: list[Pass] = []
+    if precision.rounding == "gptq":
+        # int8 weights rounded with GPTQ on the calibration activations, onto the grid aimet
+        # then keeps bit for bit (the model stays float)
+        source = {"hessians": hessians} if hessians is not None else {"calibration": calibration}
+        passes.append(RoundWeightsGPTQPass(skip=precision.high_precision, **source))
+    passes.append(
+        # aimet-onnx QuantSim: int8 weights (AdaRound's rounding if asked), activation
+        # ranges calibrated on the pipeline's own samples, the AIMET encodings file
+        QuantizeW8A16Pass(
+            calibration=calibration,
+            htp_arch=htp_arch,
+            encodings_dir=encodings_dir,
+            encodings_prefix=encodings_prefix,
+            range_margin=precision.range_margin,
+            high_precision=precision.high_precision,
+            adaround_iterations=precision.adaround_iterations if precision.rounding == "adaround" else 0,
+            on_output=on_output,
+            quantized_weight_feeds=quantized_weight_feeds,
+        )
+    )
+    if precision.kv_bits == 16:
+        # the QNN EP drops an unsigned 16-bit MatMul operand (K, V) to 8 bit: make it signed
+        passes.append(RequantizeMatMulOperandPass())
+    # the weights stored as the integers the NPU holds: a third of the file, no requantizing
+    passes.append(FoldWeightQuantizationPass())
+    return passes
+
+
+def fp16(precision: FP16) -> list[Pass]:
+    """The FP16 pipeline: the graph emitted in FP16, so the simulator computes as the HTP."""
+    return [ConvertToFP16Pass()]

@@ -2,53 +2,40 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
+import pkgutil
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from neodragon_npu.passes.base import Pass
-from neodragon_npu.passes.fx.convert_rope_to_half_split import ConvertRopeToHalfSplitPass
-from neodragon_npu.passes.fx.fold_attention_scale import FoldAttentionScalePass
-from neodragon_npu.passes.fx.remove_blocks import RemoveBlocksPass
-from neodragon_npu.passes.fx.remove_identity_modules import RemoveIdentityModulesPass
-from neodragon_npu.passes.fx.specialize_shapes import SpecializeShapesPass
-from neodragon_npu.passes.fx.split_adaln import SplitAdaLNPass
-from neodragon_npu.passes.fx.split_attention import SplitAttentionPass
-from neodragon_npu.passes.onnx.convert_mask_to_finite import ConvertMaskToFinitePass
-from neodragon_npu.passes.onnx.fold_constants import FoldConstantsPass
-from neodragon_npu.passes.onnx.fold_weight_quantization import FoldWeightQuantizationPass
-from neodragon_npu.passes.onnx.fuse_rms_norm import FuseRMSNormPass
-from neodragon_npu.passes.onnx.fuse_rotary_embedding import FuseRotaryEmbeddingPass
-from neodragon_npu.passes.onnx.name_weights_by_content import NameWeightsByContentPass
-from neodragon_npu.passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
-from neodragon_npu.passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
-from neodragon_npu.passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
-from neodragon_npu.passes.onnx.round_weights_gptq import RoundWeightsGPTQPass
 
-PASSES: dict[str, type[Pass]] = {
-    cls.pass_name(): cls
-    for cls in (
-        RemoveBlocksPass,
-        RemoveIdentityModulesPass,
-        SpecializeShapesPass,
-        SplitAdaLNPass,
-        ConvertRopeToHalfSplitPass,
-        FoldAttentionScalePass,
-        SplitAttentionPass,
-        FoldConstantsPass,
-        ConvertMaskToFinitePass,
-        FuseRMSNormPass,
-        FuseRotaryEmbeddingPass,
-        RemoveUnusedNodesPass,
-        NameWeightsByContentPass,
-        RoundWeightsGPTQPass,
-        QuantizeW8A16Pass,
-        RequantizeMatMulOperandPass,
-        FoldWeightQuantizationPass,
-    )
-}
+IR_FOLDERS = ("fx", "onnx")  # passes/<ir>/<name>.py holds the pass registered as <name>
+
+
+def _discover() -> dict[str, type[Pass]]:
+    """Every pass module under passes/fx and passes/onnx, by file name: each holds one Pass
+    subclass whose NAME is that file name (a misnamed pass fails here, at import)."""
+    found: dict[str, type[Pass]] = {}
+    root = Path(__file__).parent
+    for ir_name in IR_FOLDERS:
+        for info in sorted(pkgutil.iter_modules([str(root / ir_name)]), key=lambda i: i.name):
+            module = importlib.import_module(f"{__package__}.{ir_name}.{info.name}")
+            classes = [c for c in vars(module).values()
+                       if isinstance(c, type) and issubclass(c, Pass) and c.__module__ == module.__name__]
+            if len(classes) != 1:
+                raise ImportError(f"passes/{ir_name}/{info.name}.py defines {len(classes)} passes; one per file")
+            cls = classes[0]
+            if cls.NAME != info.name or cls.IR != ir_name:
+                raise ImportError(f"passes/{ir_name}/{info.name}.py: {cls.__name__} has NAME {cls.NAME!r} and IR "
+                                  f"{cls.IR!r}; the file's name and folder are {info.name!r} and {ir_name!r}")
+            found[cls.NAME] = cls
+    return found
+
+
+PASSES: dict[str, type[Pass]] = _discover()
 
 
 def pass_options(cls: type[Pass]) -> dict[str, Any]:

@@ -42,49 +42,88 @@ def _parse_bytes(text: str) -> int:
         raise ValueError(f"cannot read {text!r} as a size (e.g. 768M, 1G, 500000)") from None
 
 
-def _high_precision(args: argparse.Namespace) -> tuple[str, ...]:
-    from neodragon_npu.passes.pipelines import FIRST_BLOCKS_AT_16_BIT, denoiser_high_precision
+def _graph_selection(args: argparse.Namespace, spec) -> tuple[tuple[str, ...], bool]:
+    """The graphs asked for (``--graph``, or the model's own flag: the denoiser's ``--stage``)
+    and whether as a family (``--all-graphs`` / ``--all-stages``)."""
+    graphs = tuple(args.graph or ())
+    family = bool(args.all_graphs)
+    own, own_all = spec.graph_flags
+    for flag, value in (("stage", args.stage), ("all-stages", args.all_stages)):
+        if value and flag not in (own, own_all):
+            raise ValueError(f"--{flag} is not an option of {spec.name}; choose its graphs with --graph / --all-graphs")
+    graphs += tuple(args.stage or ())
+    family = family or bool(args.all_stages)
+    return graphs, family
 
-    if args.high_precision == ["none"]:
-        if args.first_blocks_16bit is not None:
-            raise ValueError("--high-precision none quantizes every weight to 8 bit: leave out --first-blocks-16bit")
-        return ()
-    first = FIRST_BLOCKS_AT_16_BIT if args.first_blocks_16bit is None else args.first_blocks_16bit
-    return denoiser_high_precision(first) + tuple(args.high_precision or ())
 
+def build_options(args: argparse.Namespace) -> "BuildOptions":
+    """The command line's build options, model options included (only those given)."""
+    from neodragon_npu.neodragon_models.specs import get_model
+    from neodragon_npu.tools.engine.options import BuildOptions
 
-def _cmd_build_all_stages(args: argparse.Namespace) -> int:
-    from neodragon_npu.tools.engine.single import BuildCheckError
-    from neodragon_npu.tools.engine.family import AllStagesOptions, build_denoiser_stages
-
-    opts = AllStagesOptions(
+    spec = get_model(args.model)
+    graphs, family = _graph_selection(args, spec)
+    high = args.high_precision or []
+    high_precision, extra = (None, tuple(high))
+    if "none" in high:
+        if high != ["none"]:
+            raise ValueError("--high-precision none keeps no weight at 16 bit: give it alone")
+        high_precision, extra = (), ()
+    model_options = {name: getattr(args, name) for name in _model_option_names()
+                     if getattr(args, name, None) is not None}
+    return BuildOptions(
+        model=args.model,
         config=args.config,
-        targets=tuple(args.target.split(",")),
+        graphs=graphs,
+        family=family,
+        targets=tuple(t.strip() for t in args.target.split(",") if t.strip()),
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
         seed=args.seed,
         calibration_samples=args.calibration_samples,
-        check_prompts=args.check_prompts,
         check_samples=args.check_samples,
-        max_partition_weight_bytes=_parse_bytes(args.partition_budget),
+        exporter=args.exporter,
+        until=args.until,
+        fx_pipeline=args.pipeline,
+        skip_passes=tuple(args.skip_pass or ()),
+        precision=args.precision,
         kv_bits=args.kv_bits,
         weight_rounding=args.weight_rounding,
+        high_precision=high_precision,
+        extra_high_precision=extra,
+        adaround_iterations=args.adaround_iterations,
+        partition_budget=_parse_bytes(args.partition_budget) if args.partition_budget else None,
+        gptq_samples=args.gptq_samples,
         gptq_target=args.gptq_target,
-        high_precision=_high_precision(args),
-        remove_blocks=args.remove_blocks,
-        importance=Path(args.importance) if args.importance else None,
-        skip_passes=tuple(args.skip_pass or ()),
         verify_htp=args.verify_htp,
-        exporter=args.exporter,
+        layer_report=args.layer_report,
         verify_each_pass=args.verify_each_pass,
         dump_dir=Path(args.dump_dir) if args.dump_dir else None,
+        min_sqnr_db=args.min_sqnr_db,
+        model_options=model_options,
     )
+
+
+def _model_option_names() -> list[str]:
+    from neodragon_npu.neodragon_models.specs import MODELS
+
+    return list(dict.fromkeys(o.name for spec in MODELS.values() for o in spec.options))
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from neodragon_npu.tools.engine.build import build
+    from neodragon_npu.tools.engine.steps import BuildCheckError
+
+    opts = build_options(args)
     try:
-        build_denoiser_stages(opts, args.out)
+        result = build(opts, args.out)
     except BuildCheckError as exc:
         print(f"neodragon-npu: check failed: {exc}", file=sys.stderr)
         return EXIT_CHECK_FAILED
     print((Path(args.out) / "report.txt").read_text(), end="")
     print(f"build written to {args.out}")
+    sqnr = getattr(result, "sqnr_db", None)
+    if isinstance(sqnr, float):
+        print(f"HTP simulator vs fp32: {sqnr:.2f} dB SQNR")
     return 0
 
 
@@ -101,44 +140,6 @@ def _cmd_emit(args: argparse.Namespace) -> int:
         return 0
     jobs = submit_hub_jobs(requests)
     print(f"submitted {len(jobs)} job(s): {', '.join(jobs)}")
-    return 0
-
-
-def _cmd_build(args: argparse.Namespace) -> int:
-    from neodragon_npu.tools.engine.single import BuildCheckError, DenoiserBuildOptions, build_denoiser_stage
-
-    if args.pipeline != "denoiser":
-        raise ValueError(f"unknown pipeline {args.pipeline!r}; available: denoiser")
-    if args.all_stages:
-        return _cmd_build_all_stages(args)
-    opts = DenoiserBuildOptions(
-        config=args.config,
-        stage=args.stage,
-        target=args.target,
-        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
-        seed=args.seed,
-        calibration_prompts=args.calibration_prompts,
-        check_prompts=args.check_prompts,
-        exporter=args.exporter,
-        until=args.until,
-        remove_blocks=args.remove_blocks,
-        importance=Path(args.importance) if args.importance else None,
-        skip_passes=tuple(args.skip_pass or ()),
-        kv_bits=args.kv_bits,
-        weight_rounding=args.weight_rounding,
-        high_precision=_high_precision(args),
-        verify_each_pass=args.verify_each_pass,
-        dump_dir=Path(args.dump_dir) if args.dump_dir else None,
-    )
-    try:
-        result = build_denoiser_stage(opts, args.out)
-    except BuildCheckError as exc:
-        print(f"neodragon-npu: check failed: {exc}", file=sys.stderr)
-        return EXIT_CHECK_FAILED
-    print((Path(args.out) / "report.txt").read_text(), end="")
-    print(f"build written to {args.out}")
-    if result.sqnr_db is not None:
-        print(f"HTP simulator vs fp32: {result.sqnr_db:.2f} dB SQNR")
     return 0
 
 
@@ -219,6 +220,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     )
     for r in result.records:
         print(f"{r.name:<28} {'modified' if r.modified else 'no change':<10} {r.seconds:7.2f} s")
+        if args.explain:
+            for note in r.notes:
+                print(f"    {note}")
     print(f"wrote {result.output}")
     return 0
 
@@ -255,10 +259,82 @@ def _cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare_builds(args: argparse.Namespace) -> int:
+    from neodragon_npu.tools.engine.compare import compare_builds
+
+    differences, report = compare_builds(args.a, args.b)
+    print(report)
+    return 0 if not differences else 1
+
+
 def _cmd_targets(_args: argparse.Namespace) -> int:
     for t in TARGETS.values():
         print(f"{t.name:<10} {t.description:<56} soc_model {t.soc_model:<3} htp v{t.htp_arch}")
     return 0
+
+
+def _add_build(sub) -> None:
+    from neodragon_npu.neodragon_models.specs import MODELS
+
+    models = "; ".join(f"{name}: {spec.summary}" for name, spec in MODELS.items())
+    b = sub.add_parser(
+        "build", help="build a model's graphs into verified context binaries",
+        description=f"Models: {models}.",
+        epilog="example: neodragon-npu build quicksrnet --config small -o build/sr",
+    )
+    b.add_argument("model", help=f"model ({', '.join(MODELS)})")
+    b.add_argument("-o", "--out", required=True, help="output directory (new, empty, or a previous build)")
+    b.add_argument("--config", help="model config (default: the model's; e.g. tiny, neodragon, small, large)")
+    b.add_argument("--target", default=DEFAULT_TARGET, help=f"target SoCs, a comma list ({', '.join(TARGETS)}; "
+                   f"default {DEFAULT_TARGET})")
+    g = b.add_argument_group("graphs (a single graph, or a family of graphs sharing weights)")
+    g.add_argument("--graph", action="append", help="a graph by name or key (default: the model's main graph)")
+    g.add_argument("--all-graphs", action="store_true", help="every graph as a family: partitioned, shared weights")
+    g.add_argument("--stage", action="append", help="denoiser: a pyramid stage (0, 1, 2; default 2)")
+    g.add_argument("--all-stages", action="store_true", help="denoiser: the three stage graphs as a family")
+    b.add_argument("--checkpoint", help="the released weights (denoiser: a folder holding "
+                   "diffusion_transformer_320p/ and context_adapter/; quicksrnet: the zoo's .pth.tar)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights (default 0)")
+    b.add_argument("--calibration-samples", type=int, help="calibration samples per graph (default: the model's)")
+    b.add_argument("--check-samples", type=int, help="held-out check samples per graph (default: the model's)")
+    b.add_argument("--until", default="verify", choices=("export", "quantize", "compile", "verify"),
+                   help="stop after this step (default verify)")
+    b.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"), help="ONNX exporter (default legacy)")
+    b.add_argument("--pipeline", default="optimized", help="named pass pipeline: optimized (default), or the "
+                   "denoiser's baseline (static shapes only)")
+    b.add_argument("--skip-pass", action="append", help="leave a pass out (ablation); repeatable")
+    q = b.add_argument_group("precision")
+    q.add_argument("--precision", choices=("w8a16", "fp16"), help="default: the model's (w8a16 for these models)")
+    q.add_argument("--kv-bits", type=int, choices=(8, 16), help="bits of K and V in attention (default 16)")
+    q.add_argument("--weight-rounding", choices=("gptq", "adaround", "nearest"),
+                   help="int8 weight rounding (default: the model's; denoiser gptq, quicksrnet adaround)")
+    q.add_argument("--adaround-iterations", type=int, help="AdaRound optimizer steps per layer (default 10000)")
+    q.add_argument("--high-precision", action="append", metavar="PATTERN",
+                   help="node or weight name pattern whose weights stay 16-bit, added to the model's "
+                   "(passes/pipelines.py); 'none' keeps no weight at 16 bit")
+    f = b.add_argument_group("family builds (--all-graphs / --all-stages)")
+    f.add_argument("--partition-budget", help="fp32 weight bytes per partition (default 768M)")
+    f.add_argument("--gptq-samples", type=int, help="calibration calls per graph feeding GPTQ (default 2)")
+    f.add_argument("--gptq-target", choices=("quantized", "float"),
+                   help="GPTQ aims at the float weights on the quantized chain's inputs (quantized, default) "
+                   "or at the float chain's layer outputs (float)")
+    f.add_argument("--verify-htp", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the chained binaries in the HTP simulator (default: small models only)")
+    f.add_argument("--layer-report", action=argparse.BooleanOptionalAction, default=None,
+                   help="the per-layer SQNR report (default: small models only)")
+    m = b.add_argument_group("model options")
+    seen = set()
+    for spec in MODELS.values():
+        for option in spec.options:
+            if option.name in seen:
+                continue
+            seen.add(option.name)
+            m.add_argument(f"--{option.name.replace('_', '-')}", dest=option.name, type=option.type,
+                           help=f"{spec.name}: {option.help}")
+    b.add_argument("--min-sqnr-db", type=float, help="fail the build below this SQNR (default: the model's)")
+    b.add_argument("--verify-each-pass", action="store_true", help="verify the graph after every pass")
+    b.add_argument("--dump-dir", help="write the graph after every pass here")
+    b.set_defaults(func=_cmd_build)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,69 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="build a named pipeline into an output directory")
-    b.add_argument("pipeline", help="pipeline name (denoiser)")
-    b.add_argument("--config", default="tiny", help="model config: tiny, neodragon, baseline")
-    b.add_argument("--stage", type=int, default=2, help="pyramid stage (0, 1, 2)")
-    b.add_argument(
-        "--target", default=DEFAULT_TARGET, help=f"target SoC ({', '.join(TARGETS)}); with --all-stages a comma list"
-    )
-    b.add_argument("--all-stages", action="store_true", help="all three stage graphs, partitioned, shared weights")
-    b.add_argument("--calibration-samples", type=int, default=8, help="--all-stages: calibration samples per stage")
-    b.add_argument("--partition-budget", default="768M", help="--all-stages: fp32 weight bytes per partition")
-    b.add_argument("--check-samples", type=int, default=2, help="--all-stages: check calls per stage")
-    b.add_argument("--kv-bits", type=int, default=16, choices=(8, 16), help="bits of K and V in attention")
-    b.add_argument(
-        "--weight-rounding", default="gptq", choices=("gptq", "nearest"),
-        help="int8 weight rounding: gptq uses the calibration activations (default), nearest does not",
-    )
-    b.add_argument(
-        "--gptq-target", default="quantized", choices=("quantized", "float"),
-        help="--all-stages: GPTQ aims each layer at its float weights on the inputs of the chain with "
-        "quantized weights (plain GPTQ, default) or at the float chain's layer output (asymmetric; "
-        "overfits on few samples)",
-    )
-    b.add_argument(
-        "--high-precision", action="append",
-        help="node or weight name pattern whose weights stay 16-bit, added to the default (embedders, "
-        "adaLN, first and last layers, the first blocks, the ContextAdapter: passes/pipelines.py); "
-        "'none' quantizes every weight to 8 bit",
-    )
-    b.add_argument(
-        "--first-blocks-16bit", type=int, metavar="N",
-        help="the first N MMDiT blocks keep 16-bit weights (default 2; a full-size block costs 57 MB "
-        "per target; 4 gave 1.3-1.6 dB more on the full-size build)",
-    )
-    b.add_argument("--skip-pass", action="append", help="leave a pass out (ablation); repeatable")
-    b.add_argument(
-        "--verify-htp", action=argparse.BooleanOptionalAction, default=None,
-        help="--all-stages: run the chained binaries in the HTP simulator (default: small models only)",
-    )
-    b.add_argument("--out", required=True, help="output directory (new, empty, or a previous build)")
-    b.add_argument("--checkpoint", help="folder holding diffusion_transformer_320p/ and context_adapter/")
-    b.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
-    b.add_argument("--calibration-prompts", type=int, default=8, help="prompts for calibration")
-    b.add_argument("--check-prompts", type=int, default=2, help="held-out prompts for the check")
-    b.add_argument("--until", default="verify", choices=("export", "quantize", "compile", "verify"))
-    b.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"))
-    b.add_argument("--remove-blocks", help="blocks to remove first: 3,7,9 or count=N or threshold=T")
-    b.add_argument("--importance", help="importance.json from `neodragon-npu importance` (for count/threshold)")
-    b.add_argument("--verify-each-pass", action="store_true", help="verify the graph after every pass")
-    b.add_argument("--dump-dir", help="write the graph after every pass here")
-    b.set_defaults(func=_cmd_build)
+    _add_build(sub)
 
     e = sub.add_parser("emit", help="send a build's graphs to Qualcomm AI Hub")
-    e.add_argument("build", help="a build directory (neodragon-npu build ... --all-stages or single stage)")
+    e.add_argument("build", help="a build directory")
     e.add_argument("--hub", action="store_true", help="prepare and submit AI Hub jobs")
     e.add_argument("--target", default=DEFAULT_TARGET)
     e.add_argument("--profile", action="store_true", help="also profile on the device")
-    e.add_argument("--no-link", action="store_true", help="do not link the stage graphs into shared binaries")
+    e.add_argument("--no-link", action="store_true", help="do not link a family's graphs into shared binaries")
     e.add_argument("--dry-run", action="store_true", help="print the requests, submit nothing")
     e.set_defaults(func=_cmd_emit)
 
     im = sub.add_parser("importance", help="score MMDiT blocks (BI_image, BI_text) on pipeline inputs")
     im.add_argument("--config", default="tiny")
-    im.add_argument("--out", required=True, help="output directory")
+    im.add_argument("-o", "--out", required=True, help="output directory")
     im.add_argument("--prompts", type=int, default=1)
     im.add_argument("--samples-per-stage", type=int, default=4, help="calls per stage and prompt (units)")
     im.add_argument("--checkpoint", help="folder holding diffusion_transformer_320p/ and context_adapter/")
@@ -354,9 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--work-dir")
     be.set_defaults(func=_cmd_bench)
 
-    v = sub.add_parser("verify", help="measure an all-stages build on fresh prompts (aimet simulation, CPU)")
-    v.add_argument("build", help="a build directory (neodragon-npu build denoiser --all-stages)")
-    v.add_argument("--prompts", type=int, default=2, help="fresh prompts (seeds 3000+)")
+    v = sub.add_parser("verify", help="measure a family build on fresh samples (aimet simulation, CPU)")
+    v.add_argument("build", help="a family build directory (build ... --all-stages / --all-graphs)")
+    v.add_argument("--prompts", type=int, default=2, help="fresh prompts (denoiser) or samples, seeds 3000+")
     v.add_argument("--first-seed", type=int, help="the first prompt's seed (default 3000; one prompt: --prompts 1)")
     v.add_argument("--calls-per-prompt", type=int, help="units per prompt (default: every unit)")
     v.add_argument("--float-chain", action="store_true", help="also chain the float partitions (the build did)")
@@ -376,10 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=_cmd_report)
 
-    a = sub.add_parser("apply", help="run a pipeline file (ordered passes) on a model")
+    a = sub.add_parser("apply", help="run a pipeline file (ordered passes) on a model",
+                       epilog="example: neodragon-npu apply my.toml denoiser:tiny:2 -o a.onnx --explain")
     a.add_argument("pipeline_file", help="TOML or JSON file with [[passes]] name/options")
-    a.add_argument("model", help="an .onnx file or denoiser:<config>:<stage>")
-    a.add_argument("--out", required=True, help="output .onnx file")
+    a.add_argument("model", help="an .onnx file or <model>:<config>:<graph> (e.g. denoiser:tiny:2, quicksrnet:small:x2)")
+    a.add_argument("-o", "--out", required=True, help="output .onnx file")
+    a.add_argument("--explain", action="store_true", help="say why each pass left each site alone")
     a.add_argument("--verify-each-pass", action="store_true")
     a.add_argument("--dump-dir")
     a.set_defaults(func=_cmd_apply)
@@ -396,12 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-ops", type=int, default=8)
     s.set_defaults(func=_cmd_stats)
 
-    p = sub.add_parser("passes", help="list passes")
+    p = sub.add_parser("passes", help="list the passes a pipeline file or apply can name")
     p.add_argument("--options", dest="verbose_options", action="store_true", help="show options")
     p.set_defaults(func=_cmd_passes)
 
     t = sub.add_parser("targets", help="list targets")
     t.set_defaults(func=_cmd_targets)
+
+    c = sub.add_parser("compare-builds", help="compare two build directories file by file, timings aside")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.set_defaults(func=_cmd_compare_builds)
     return parser
 
 

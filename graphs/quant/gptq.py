@@ -173,11 +173,48 @@ def gptq_round(
     return (q_out.astype(np.float64) * scale64).astype(w_kn.dtype)
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """How a 2-D convolution reads its input: each output position multiplies one patch."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right (ONNX order)
+    dilations: tuple[int, int]
+
+    def rows(self, x: np.ndarray, count: int) -> np.ndarray:
+        """Up to ``count`` evenly spaced output positions' input patches of ``x`` [1, C, H, W],
+        as rows [R, C * kh * kw] in the order of the weight's reshape(O, -1)."""
+        (kh, kw), (sh, sw), (top, left, bottom, right), (dh, dw) = self.kernel, self.strides, self.pads, self.dilations
+        xp = np.pad(np.asarray(x[0], dtype=np.float32), ((0, 0), (top, bottom), (left, right)))
+        ho = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
+        wo = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
+        flat = np.arange(ho * wo)
+        if flat.size > count:
+            flat = np.linspace(0, flat.size - 1, count).round().astype(int)
+        oy, ox = flat // wo, flat % wo
+        ys = oy[:, None] * sh + np.arange(kh)[None, :] * dh  # [R, kh]
+        xs = ox[:, None] * sw + np.arange(kw)[None, :] * dw  # [R, kw]
+        patches = xp[:, ys[:, :, None], xs[:, None, :]]  # [C, R, kh, kw]
+        return np.ascontiguousarray(patches.transpose(1, 0, 2, 3).reshape(len(flat), -1))
+
+
 @dataclass
 class _Site:
     weight: str  # initializer name
     x: str  # the activation it multiplies
     transposed: bool  # Gemm(transB=1): stored [N, K]
+    conv: ConvGeometry | None = None  # a Conv: the weight [O, C, kh, kw] acts as [C*kh*kw, O]
+
+    def to_kn(self, w: np.ndarray) -> np.ndarray:
+        if self.conv is not None:
+            return w.reshape(w.shape[0], -1).T
+        return w.T if self.transposed else w
+
+    def from_kn(self, w_kn: np.ndarray, shape) -> np.ndarray:
+        if self.conv is not None:
+            return np.ascontiguousarray(w_kn.T).reshape(shape)
+        return w_kn.T.copy() if self.transposed else w_kn
 
 
 @dataclass
@@ -228,17 +265,19 @@ class HessianSet:
             raise ValueError(f"accumulate: {len(feeds)} feeds but {len(float_feeds)} float feeds")
         path = Path(model_path)
         proto = onnx.load(str(path), load_external_data=False)
-        readers: dict[str, list[str]] = {}  # input tensor -> weights reading it
+        # (input tensor, how it is read: None for MatMul/Gemm, a conv's geometry) -> weights
+        readers: dict[tuple[str, ConvGeometry | None], list[str]] = {}
         for site in weight_sites(ir.serde.deserialize_model(proto), skip):
-            readers.setdefault(site.x, []).append(site.weight)
+            readers.setdefault((site.x, site.conv), []).append(site.weight)
         if not readers and float_feeds is None:
             return 0
-        tensors = sorted(readers)
-        key_of = {x: min(readers[x]) for x in tensors}
-        self.inputs_of.update({w: key_of[x] for x in tensors for w in readers[x]})
+        groups = sorted(readers, key=lambda g: (g[0], g[1] is not None, str(g[1])))
+        key_of = {g: min(readers[g]) for g in groups}
+        self.inputs_of.update({w: key_of[g] for g in groups for w in readers[g]})
+        tensors = sorted({g[0] for g in groups})
         outputs = [o.name for o in proto.graph.output]
         del proto.graph.output[:]
-        for name in tensors + ([o for o in outputs if o not in readers] if float_feeds is not None else []):
+        for name in tensors + ([o for o in outputs if o not in tensors] if float_feeds is not None else []):
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         probe = path.with_name(f".{path.stem}.probe.onnx")  # next to it: same external data
         try:
@@ -254,24 +293,36 @@ class HessianSet:
                     run = dict(zip(names, session.run(names, {n: env[n] for n in wanted})))
                     env.update({o: run[o] for o in outputs})
                     targets = [run[t] for t in tensors]
-                for j, (tensor, x) in enumerate(zip(tensors, values)):
-                    name = key_of[tensor]
-                    rows, k = int(np.prod(x.shape[:-1])), x.shape[-1]
-                    if self.total_feeds and min(rows, self.rows_per_feed) * self.total_feeds < self.min_rows_ratio * k:
-                        continue  # too few rows for its width: it will be rounded to nearest
-                    pick = None
-                    if rows > self.rows_per_feed:
-                        pick = np.linspace(0, rows - 1, self.rows_per_feed).round().astype(int)
-                    x2 = np.asarray(x, dtype=np.float32).reshape(-1, k)
-                    x2 = x2 if pick is None else x2[pick]
+                value_of = dict(zip(tensors, values))
+                target_of = dict(zip(tensors, targets)) if targets is not None else None
+                for group in groups:
+                    tensor, conv = group
+                    name, x = key_of[group], value_of[tensor]
+                    if conv is not None:
+                        x2 = conv.rows(x, self.rows_per_feed)
+                        k = x2.shape[1]
+                        t2 = conv.rows(target_of[tensor], self.rows_per_feed) if target_of is not None else None
+                        if self.total_feeds and x2.shape[0] * self.total_feeds < self.min_rows_ratio * k:
+                            continue
+                    else:
+                        rows, k = int(np.prod(x.shape[:-1])), x.shape[-1]
+                        if self.total_feeds and min(rows, self.rows_per_feed) * self.total_feeds < self.min_rows_ratio * k:
+                            continue  # too few rows for its width: it will be rounded to nearest
+                        pick = None
+                        if rows > self.rows_per_feed:
+                            pick = np.linspace(0, rows - 1, self.rows_per_feed).round().astype(int)
+                        x2 = np.asarray(x, dtype=np.float32).reshape(-1, k)
+                        x2 = x2 if pick is None else x2[pick]
+                        t2 = None
+                        if target_of is not None:
+                            t2 = np.asarray(target_of[tensor], dtype=np.float32).reshape(-1, k)
+                            t2 = t2 if pick is None else t2[pick]
                     if name not in self.hessians:
                         self.hessians[name] = np.zeros((k, k), dtype=np.float32)
                         self.rows[name] = 0
                     self.hessians[name] += x2.T @ x2
                     self.rows[name] += x2.shape[0]
-                    if targets is not None:
-                        t2 = np.asarray(targets[j], dtype=np.float32).reshape(-1, k)
-                        t2 = t2 if pick is None else t2[pick]
+                    if t2 is not None:
                         if name not in self.cross:
                             self.cross[name] = np.zeros((k, k), dtype=np.float32)
                         self.cross[name] += x2.T @ (t2 - x2)
@@ -279,16 +330,21 @@ class HessianSet:
             del session
         finally:
             probe.unlink(missing_ok=True)
-        return len(tensors)
+        return len(groups)
 
 
 def weight_sites(model: ir.Model, skip: Iterable[str] = ()) -> list[_Site]:
-    """MatMul(x, W) and Gemm(x, W) nodes with a 2-D initializer weight; nodes matching a
-    ``skip`` pattern (:func:`graphs.onnx_edit.matches_any`: the weights kept at 16 bit) are
-    left out."""
+    """MatMul(x, W) and Gemm(x, W) nodes with a 2-D initializer weight, and 2-D Conv(x, W)
+    nodes (one group) with a 4-D initializer weight; nodes matching a ``skip`` pattern
+    (:func:`graphs.onnx_edit.matches_any`: the weights kept at 16 bit) are left out."""
     patterns = list(skip)
     sites: list[_Site] = []
     for node in model.graph:
+        if node.op_type == "Conv" and len(node.inputs) >= 2:
+            site = _conv_site(node)
+            if site is not None and not matches_any(node, patterns):
+                sites.append(site)
+            continue
         if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
             continue
         w = node.inputs[1]
@@ -307,6 +363,20 @@ def weight_sites(model: ir.Model, skip: Iterable[str] = ()) -> list[_Site]:
     return sites
 
 
+def _conv_site(node: ir.Node) -> _Site | None:
+    w = node.inputs[1]
+    if w is None or not w.is_initializer() or w.const_value is None or len(w.shape or ()) != 4:
+        return None
+    attrs = {a.name: a.value for a in node.attributes.values()}
+    if attrs.get("group", 1) != 1 or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        return None
+    kernel = tuple(int(d) for d in w.shape[2:])
+    pads = tuple(attrs.get("pads", (0, 0, 0, 0)))
+    geometry = ConvGeometry(kernel, tuple(attrs.get("strides", (1, 1))), (pads[0], pads[1], pads[2], pads[3]),
+                            tuple(attrs.get("dilations", (1, 1))))
+    return _Site(w.name, node.inputs[0].name, False, geometry)
+
+
 def round_model_weights(model: ir.Model, hessians: HessianSet, skip: Iterable[str] = ()) -> list[str]:
     """Replace every eligible weight of ``model`` by its GPTQ rounding (computed once per
     weight name and cached in ``hessians``). Returns the names replaced."""
@@ -317,12 +387,12 @@ def round_model_weights(model: ir.Model, hessians: HessianSet, skip: Iterable[st
         value = model.graph.initializers[site.weight]
         if site.weight not in hessians.rounded:
             w = const_array(value)
-            w_kn = w.T if site.transposed else w
+            w_kn = site.to_kn(w)
             if on_grid(w_kn):
                 continue
             key = hessians.inputs_of[site.weight]
             rounded = gptq_round(w_kn, hessians.hessians[key], cross=hessians.cross.get(key))
-            hessians.rounded[site.weight] = rounded.T.copy() if site.transposed else rounded
+            hessians.rounded[site.weight] = site.from_kn(rounded, w.shape)
         value.const_value = ir.tensor(hessians.rounded[site.weight], name=site.weight)
         replaced.append(site.weight)
     return replaced

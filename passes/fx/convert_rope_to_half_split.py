@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.graphs.fx import target_name
 from neodragon_npu.graphs.fx_attention import find_attention, passthrough_source
 from neodragon_npu.graphs.fx_channels import Permute, apply_plan, plan_push_up
 from neodragon_npu.kernels.rope import (
@@ -27,14 +28,9 @@ _MOVEMENT = {
 }
 
 
-def _name(node: fx.Node) -> str:
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
 def _is_op(node, *ops) -> bool:
     return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and (
-        node.target in ops or _name(node) in {getattr(o, "__name__", o) for o in ops}
+        node.target in ops or target_name(node) in {getattr(o, "__name__", o) for o in ops}
     )
 
 
@@ -45,9 +41,9 @@ def _movement_subgraph(r: fx.Node, x: fx.Node) -> list[fx.Node] | None:
         n = stack.pop()
         if n is x or n in nodes or fx_utils.STATIC_VALUE in n.meta:
             continue  # shape queries only read x's (static) shape
-        if n.op not in ("call_function", "call_method") or _name(n) not in _MOVEMENT | {"mul"}:
+        if n.op not in ("call_function", "call_method") or target_name(n) not in _MOVEMENT | {"mul"}:
             return None
-        if _name(n) == "mul" and not any(a == -1 for a in n.args):  # only negation by -1
+        if target_name(n) == "mul" and not any(a == -1 for a in n.args):  # only negation by -1
             return None
         nodes.append(n)
         stack.extend(n.all_input_nodes)
@@ -152,23 +148,30 @@ class ConvertRopeToHalfSplitPass(Pass):
     """
 
     IR = "fx"
+    NAME = "convert_rope_to_half_split"
+    LOOKS_FOR = "attention"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         converted = 0
         tables: dict[fx.Node, fx.Node] = {}
         for match in find_attention(gm):
             sites = [find_interleaved_rope(passthrough_source(n)) for n in (match.q, match.k)]
+            where = match.output.name
             if any(s is None for s in sites):
+                self.skip(where, "Q or K carries no interleaved RoPE")
                 continue
             if any(len(s.out.users) != 1 for s in sites):
+                self.skip(where, "the rotated Q or K has other readers")
                 continue
             head_dim = sites[0].x.meta["tensor_meta"].shape[-1]
             perm = Permute(tuple(half_split_permutation(head_dim).tolist()))
             plans = [plan_push_up(gm, s.x, perm) for s in sites]
             if any(isinstance(p, str) for p in plans):
+                self.skip(where, next(p for p in plans if isinstance(p, str)))
                 continue
             if set(plans[0].nodes) & set(plans[1].nodes):
-                continue  # Q and K share producers: one permutation would hit both twice
+                self.skip(where, "Q and K share producers: one permutation would hit both twice")
+                continue
             for plan in plans:
                 apply_plan(gm, plan)
             for site in sites:

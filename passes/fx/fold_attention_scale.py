@@ -30,6 +30,8 @@ class FoldAttentionScalePass(Pass):
     """
 
     IR = "fx"
+    NAME = "fold_attention_scale"
+    LOOKS_FOR = "attention (scaled_dot_product_attention, or softmax(QK^T)V)"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         folded = 0
@@ -46,11 +48,14 @@ class FoldAttentionScalePass(Pass):
             elif match.kind == "explicit" and match.scale != 1.0:
                 factor, source = match.scale, q
             else:
+                self.skip(match.output.name, "the attention has no scale to fold (scale 1)")
                 continue
             if len(source.users) != 1 and pre_scale is None:
+                self.skip(match.output.name, f"Q ({source.name}) has other readers, which the scale must not reach")
                 continue
             plan = plan_push_up(gm, source, Scale(factor))
             if isinstance(plan, str):
+                self.skip(match.output.name, plan)
                 continue
             apply_plan(gm, plan)
             if pre_scale is not None:

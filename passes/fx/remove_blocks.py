@@ -12,7 +12,6 @@ import torch.fx as fx
 from torch import nn
 
 from neodragon_npu.graphs import fx as fx_utils
-from neodragon_npu.neodragon_models.pruning import check_removal, load_importance, select_blocks
 from neodragon_npu.passes.base import Pass, PassResult, PreconditionError
 
 ORIGIN = "_origin_block_index"  # set on every block module: its index in the unpruned model
@@ -46,7 +45,7 @@ def _block_of(node: fx.Node, prefix: str) -> int | None:
 
 
 class RemoveBlocksPass(Pass):
-    """Remove MMDiT blocks chosen explicitly, by count or by threshold on importance scores.
+    """Remove blocks of a transformer's block list, given by their indices.
 
     A removed block's residual streams are rewired: every use of a block output reads the
     block input of the same shape (image stream to image stream, text to text). Removing
@@ -57,40 +56,38 @@ class RemoveBlocksPass(Pass):
         before: h1, c1 = block_k(h0, c0);  h2, c2 = block_k+1(h1, c1)
         after:  h2, c2 = block_k+1(h0, c0)        (then blocks renumbered 0..n-k-1)
 
-    Indices always refer to the unpruned model (each block module remembers its original
+    Choosing blocks from importance scores (a count or a threshold) is the build's business
+    (``neodragon_models.pruning.select_blocks``); the pass takes indices. Indices always
+    refer to the unpruned model (each block module remembers its original
     index), so running the pass again with the same selection changes nothing. The old ->
     new index map goes to ``gm.meta["block_mapping"]`` and to ``mapping_path``.
     """
 
     IR = "fx"
+    NAME = "remove_blocks"
+    LOOKS_FOR = "block list"
 
     def __init__(
         self,
         *,
-        blocks: Sequence[int] | None = None,
-        count: int | None = None,
-        threshold: float | None = None,
-        importance: str | Path | None = None,
+        blocks: Sequence[int],
         blocks_path: str | None = None,
         mapping_path: str | Path | None = None,
     ) -> None:
-        modes = sum(x is not None for x in (blocks, count, threshold))
-        if modes != 1:
-            raise ValueError("remove_blocks: give exactly one of blocks, count or threshold")
-        if (count is not None or threshold is not None) and importance is None:
-            raise ValueError("remove_blocks: count and threshold need an importance file")
-        self.blocks = list(blocks) if blocks is not None else None
-        self.count, self.threshold, self.importance = count, threshold, importance
+        blocks = list(blocks)
+        if not blocks or any(not isinstance(b, int) or b < 0 for b in blocks):
+            raise ValueError(f"remove_blocks: blocks must be a non-empty list of block indices, got {blocks!r}")
+        self.blocks = sorted(set(blocks))
         self.blocks_path = blocks_path
         self.mapping_path = mapping_path
 
     def _selection(self, n_original: int) -> list[int]:
-        if self.blocks is not None:
-            return check_removal(n_original, self.blocks)
-        ranking, scores = load_importance(self.importance)
-        if len(ranking) != n_original:
-            raise PreconditionError(f"remove_blocks: {self.importance} scores {len(ranking)} blocks, the model has {n_original}")
-        return select_blocks(ranking, scores, count=self.count, threshold=self.threshold)
+        bad = [b for b in self.blocks if b >= n_original]
+        if bad:
+            raise PreconditionError(f"remove_blocks: blocks {bad} do not exist; the model has blocks 0..{n_original - 1}")
+        if len(self.blocks) >= n_original:
+            raise PreconditionError(f"remove_blocks: removing {len(self.blocks)} of {n_original} blocks leaves none")
+        return self.blocks
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         prefix = self.blocks_path or gm.meta.get("block_list_path") or _block_list_path(gm)
@@ -106,6 +103,7 @@ class RemoveBlocksPass(Pass):
         n_original = gm.meta.get("original_block_count", len(blocks))
         remove_now = [origins.index(o) for o in self._selection(n_original) if o in origins]
         if not remove_now:
+            self.skip(prefix, f"blocks {self.blocks} are already removed")
             return PassResult(gm, False)
         if len(remove_now) == len(blocks):
             raise PreconditionError("remove_blocks: that would remove every block")

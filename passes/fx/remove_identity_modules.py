@@ -19,6 +19,8 @@ class RemoveIdentityModulesPass(Pass):
     """
 
     IR = "fx"
+    NAME = "remove_identity_modules"
+    LOOKS_FOR = "Dropout or Identity module"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         removed = 0

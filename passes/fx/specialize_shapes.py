@@ -24,6 +24,8 @@ class SpecializeShapesPass(Pass):
     """
 
     IR = "fx"
+    NAME = "specialize_shapes"
+    LOOKS_FOR = "shape query (x.shape, x.size(), x.dim())"
 
     def requires(self, gm: fx.GraphModule) -> None:
         try:

@@ -9,17 +9,13 @@ import torch.fx as fx
 from torch import nn
 
 from neodragon_npu.graphs import fx as fx_utils
+from neodragon_npu.graphs.fx import target_name
 from neodragon_npu.passes.base import Pass, PassResult
-
-
-def _name(node: fx.Node) -> str:
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
 def _chunk_sizes(node: fx.Node, width: int, rank: int) -> list[int] | None:
     """Sizes of the parts when ``node`` chunks/splits its input along the last dim."""
-    name = _name(node)
+    name = target_name(node)
     args, kwargs = node.args, node.kwargs
     if name == "chunk":
         chunks = args[1] if len(args) > 1 else kwargs.get("chunks")
@@ -56,6 +52,7 @@ class SplitAdaLNPass(Pass):
 
     IR = "fx"
     NAME = "split_adaln"
+    LOOKS_FOR = "Linear whose output is chunked (x.chunk(k) / split)"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         split = 0
@@ -64,17 +61,24 @@ class SplitAdaLNPass(Pass):
             if not isinstance(module, nn.Linear) or len(linear.users) != 1:
                 continue
             chunker = next(iter(linear.users))
+            if target_name(chunker) not in ("unsqueeze", "chunk", "split"):
+                continue
             unsqueeze = None
-            if _name(chunker) == "unsqueeze" and len(chunker.users) == 1:
+            if target_name(chunker) == "unsqueeze" and len(chunker.users) == 1:
                 dim = chunker.args[1] if len(chunker.args) > 1 else chunker.kwargs.get("dim")
                 out_rank = len(chunker.meta["tensor_meta"].shape)
                 if dim % out_rank == out_rank - 1:
+                    self.skip(linear.name, "unsqueezed on its last axis, so its chunks would not be features")
                     continue
                 unsqueeze, chunker = chunker, next(iter(chunker.users))
             rank = len((unsqueeze or linear).meta["tensor_meta"].shape)
             sizes = _chunk_sizes(chunker, module.out_features, rank)
             users = list(chunker.users)
-            if not sizes or len(sizes) < 2 or not all(u.target is operator.getitem for u in users):
+            if not sizes or len(sizes) < 2:
+                self.skip(linear.name, f"{target_name(chunker)} does not cut the feature axis into two or more parts")
+                continue
+            if not all(u.target is operator.getitem for u in users):
+                self.skip(linear.name, "a reader takes the chunks as a whole, not one by one")
                 continue
             self._split(gm, linear, module, unsqueeze, chunker, sizes)
             split += 1

@@ -31,6 +31,8 @@ class SplitAttentionPass(Pass):
     """
 
     IR = "fx"
+    NAME = "split_attention"
+    LOOKS_FOR = "attention (scaled_dot_product_attention, or softmax(QK^T)V)"
 
     def __init__(
         self,
@@ -64,6 +66,7 @@ class SplitAttentionPass(Pass):
             q_shape = match.q.meta["tensor_meta"].shape
             k_shape = match.k.meta["tensor_meta"].shape
             if len(q_shape) != 4:
+                self.skip(match.output.name, f"Q has rank {len(q_shape)}, not [batch, heads, tokens, dim]")
                 continue
             heads, seq, keys = q_shape[1], q_shape[2], k_shape[2]
             segments = self._segments(seq, keys, match.bias is not None)
@@ -76,7 +79,8 @@ class SplitAttentionPass(Pass):
                 min_rows=self.min_rows,
             )
             if heads == 1 and len(chunks) == 1 and chunks[0][2] == keys:
-                continue  # already one tile
+                self.skip(match.output.name, "one head whose scores fit one tile: nothing to split")
+                continue
             with gm.graph.inserting_before(match.output):
                 new = gm.graph.call_function(
                     attention_split,

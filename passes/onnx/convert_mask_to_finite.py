@@ -39,6 +39,8 @@ class ConvertMaskToFinitePass(Pass):
     """
 
     IR = "onnx"
+    NAME = "convert_mask_to_finite"
+    LOOKS_FOR = "mask constant at or below -threshold (-inf, finfo.min)"
 
     def __init__(self, *, mask_value: float = MASK_VALUE, threshold: float = 1e4) -> None:
         if not np.isfinite(mask_value) or mask_value >= 0:

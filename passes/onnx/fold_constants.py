@@ -23,6 +23,8 @@ class FoldConstantsPass(Pass):
     """
 
     IR = "onnx"
+    NAME = "fold_constants"
+    LOOKS_FOR = "subgraph computed from constants alone"
 
     def __init__(
         self, *, input_size_limit: int = 1 << 40, output_size_limit: int = 1 << 40, max_rounds: int = 4

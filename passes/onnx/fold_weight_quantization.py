@@ -40,6 +40,8 @@ class FoldWeightQuantizationPass(Pass):
     """
 
     IR = "onnx"
+    NAME = "fold_weight_quantization"
+    LOOKS_FOR = "QuantizeLinear of a weight initializer"
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
@@ -49,15 +51,18 @@ class FoldWeightQuantizationPass(Pass):
                 continue
             weight, scale_value, zp_value = node.inputs[:3]
             if weight is None or not weight.is_initializer() or scale_value is None or zp_value is None:
-                continue
+                continue  # an activation's quantizer: not a weight
             attrs = {a.name: a.value for a in node.attributes.values()}
             if attrs.get("block_size", 0) or attrs.get("output_dtype", 0) or attrs.get("saturate", 1) != 1:
+                self.skip(node.name, "blocked, typed or non-saturating QuantizeLinear: not reproduced here")
                 continue
             w, scale, zp = const_array(weight), const_array(scale_value), const_array(zp_value)
             if w is None or scale is None or zp is None or zp_value.dtype not in _INTEGER:
+                self.skip(node.name, "scale or zero point is not a constant integer encoding")
                 continue
             if len(weight.uses()) != 1 or weight.is_graph_output():
-                continue  # the float weight is read elsewhere too: keep it as it is
+                self.skip(node.name, f"the float weight {weight.name} is read elsewhere too: kept as it is")
+                continue
             axis = int(attrs.get("axis", 1))
             axis = axis + w.ndim if axis < 0 else axis
             # the integers take the weight's name: encodings files and weight sharing

@@ -55,6 +55,27 @@ def _match(final: ir.Node):
     return None
 
 
+def _why_not(mean: ir.Node, square: ir.Node) -> str:
+    """Why the RMSNorm chain starting at ``mean = ReduceMean(Pow(x, 2))`` did not fuse."""
+    if mean.attributes.get_int("keepdims", 1) != 1:
+        return "ReduceMean drops its axis (keepdims=0)"
+    readers = [u for u, _ in mean.outputs[0].uses()]
+    add = next((u for u in readers if u.op_type == "Add"), None)
+    if add is None or not any(const_scalar(v) is not None for v in add.inputs):
+        return "mean(x^2) is not followed by + eps (a constant)"
+    root = next((u for u, _ in add.outputs[0].uses() if u.op_type == "Sqrt"), None)
+    if root is None:
+        return "no Sqrt after mean(x^2) + eps"
+    inverse = next((u for u, _ in root.outputs[0].uses() if u.op_type in ("Div", "Reciprocal")), None)
+    if inverse is None or (inverse.op_type == "Div" and const_scalar(inverse.inputs[0]) != 1.0):
+        return "no 1 / sqrt(...) after the Sqrt"
+    x = square.inputs[0]
+    mul = next((u for u, _ in inverse.outputs[0].uses() if u.op_type == "Mul" and x in u.inputs), None)
+    if mul is None:
+        return "1 / sqrt(mean(x^2) + eps) does not multiply x itself (a Cast in between?)"
+    return "the normalised x is not multiplied by a 1-D constant weight of x's width, or has other readers"
+
+
 class FuseRMSNormPass(Pass):
     """Fuse the RMSNorm op chain into one ONNX RMSNormalization node (raises opset to 23).
 
@@ -69,6 +90,7 @@ class FuseRMSNormPass(Pass):
 
     IR = "onnx"
     NAME = "fuse_rms_norm"
+    LOOKS_FOR = "RMSNorm chain x * rsqrt(mean(x^2) + eps) * w"
 
     def call(self, model: ir.Model) -> PassResult:
         fused = 0
@@ -90,4 +112,8 @@ class FuseRMSNormPass(Pass):
             from onnx_ir.passes.common import RemoveUnusedNodesPass
 
             RemoveUnusedNodesPass()(model)
+        for node in model.graph:
+            square = producer(node.inputs[0], "Pow") if node.op_type == "ReduceMean" and node.inputs else None
+            if square is not None and const_scalar(square.inputs[1]) == 2.0:
+                self.skip(node.name, _why_not(node, square))
         return PassResult(model, fused > 0)

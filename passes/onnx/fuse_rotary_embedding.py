@@ -90,6 +90,19 @@ class FuseRotaryEmbeddingPass(Pass):
 
     IR = "onnx"
     NAME = "fuse_rotary_embedding"
+    LOOKS_FOR = "half-split rotary pattern cat(lo*cos - hi*sin, hi*cos + lo*sin)"
+
+    def _explain(self, concat: ir.Node) -> None:
+        """Say why a Concat of a Sub and an Add (the rotation's shape) did not fuse."""
+        real, imag = _products(concat.inputs[0], "Sub"), _products(concat.inputs[1], "Add")
+        if real is None or imag is None:
+            return  # not a rotation candidate
+        out_shape = concat.outputs[0].shape
+        if out_shape is None or concat.attributes.get_int("axis") % len(out_shape) != len(out_shape) - 1:
+            self.skip(concat.name, "concatenates Sub and Add products, but not on the last axis")
+        else:
+            self.skip(concat.name, "Sub and Add products, but not of the two halves of one tensor with the "
+                                   "same cos and sin (lo*cos - hi*sin, hi*cos + lo*sin)")
 
     def call(self, model: ir.Model) -> PassResult:
         fused = 0
@@ -99,6 +112,8 @@ class FuseRotaryEmbeddingPass(Pass):
                 continue
             match = _match(node)
             if match is None:
+                if node.op_type == "Concat" and len(node.inputs) == 2:
+                    self._explain(node)
                 continue
             x, cos, sin = match
             b, _, s, d = (int(v) for v in x.shape) if len(x.shape) == 4 else (0, 0, 0, 0)
@@ -108,6 +123,7 @@ class FuseRotaryEmbeddingPass(Pass):
                 for t in (cos, sin)
             )
             if b != 1 or not tables_ok:
+                self.skip(node.name, "batch is not 1 or the cos/sin tables are not [1, (1,) S, D/2]")
                 continue
             require_opset(model, 23)
             caches = []

@@ -40,6 +40,8 @@ class NameWeightsByContentPass(Pass):
     """
 
     IR = "onnx"
+    NAME = "name_weights_by_content"
+    LOOKS_FOR = "weight not yet named after its content"
 
     def __init__(self, *, min_bytes: int = 0) -> None:
         self.min_bytes = min_bytes

@@ -26,6 +26,8 @@ class PartitionGraphPass(Pass):
     """
 
     IR = "onnx"
+    NAME = "partition_graph"
+    LOOKS_FOR = "node whose partition changes"
 
     def __init__(
         self,

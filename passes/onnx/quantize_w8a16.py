@@ -13,13 +13,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from neodragon_npu.graphs.onnx_edit import matches_any
 from neodragon_npu.graphs.feeds import load_samples
+from neodragon_npu.graphs.onnx_edit import is_quantized, matches_any
 from neodragon_npu.passes.base import Pass, PassResult, PreconditionError
-from neodragon_npu.passes.onnx.fold_weight_quantization import FoldWeightQuantizationPass
-from neodragon_npu.passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
-
-_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 
 def aimet_config_file(htp_arch: int) -> str:
@@ -33,10 +29,6 @@ def aimet_config_file(htp_arch: int) -> str:
     )
     usable = [a for a in available if a <= htp_arch] or available[:1]
     return str(folder / f"htp_quantsim_config_v{usable[-1]}_per_channel_linear.json")
-
-
-def is_quantized(model: ir.Model) -> bool:
-    return any(node.op_type in _QDQ_OPS for node in model.graph)
 
 
 class QuantizeW8A16Pass(Pass):
@@ -57,11 +49,14 @@ class QuantizeW8A16Pass(Pass):
     prompts here. An int16 grid has ~96 dB of range, so a 2x margin costs 6 dB of
     resolution that the int8 weights never let us use anyway.
 
-    K and V -- the second operand of an activation-by-activation MatMul (K^T in QK^T, V in
-    PV) -- are requantized to signed symmetric int16 at the MatMul
-    (``RequantizeMatMulOperandPass``): the QNN EP converts an unsigned 16-bit second operand
-    to 8 bit but keeps a signed one. ``kv_bits=8`` skips that, which is what lets QNN drop
-    K and V to 8 bit; it is there to measure what 16-bit K/V is worth.
+    The pass leaves weights as fp32 initializers behind a QuantizeLinear, as aimet exports
+    them; the W8A16 pipeline (:func:`neodragon_npu.passes.pipelines.w8a16`) then keeps K
+    and V at 16 bit (``requantize_matmul_operand``) and stores the weights as integers
+    (``fold_weight_quantization``).
+
+    ``adaround_iterations`` > 0 chooses each Conv/MatMul/Gemm weight's rounding with aimet's
+    AdaRound on the calibration feeds (that many optimizer steps per layer) before the
+    activation ranges are calibrated; its weight encodings are then frozen.
     ``high_precision`` lists fnmatch patterns of node, weight or graph-input names (see
     :func:`graphs.onnx_edit.matches_any`) whose weights stay at 16 bit: the mixed-precision
     override the per-layer report points to. Graphs that share weights (the three stage
@@ -85,6 +80,7 @@ class QuantizeW8A16Pass(Pass):
     IR = "onnx"
     IN_PLACE = False
     NAME = "quantize_w8a16"
+    LOOKS_FOR = "float model to quantize"
 
     def __init__(
         self,
@@ -95,18 +91,18 @@ class QuantizeW8A16Pass(Pass):
         encodings_dir: str | Path | None = None,
         encodings_prefix: str = "model",
         range_margin: float = 2.0,
-        kv_bits: int = 16,
         high_precision: Sequence[str] = (),
+        adaround_iterations: int = 0,
         on_output: Callable[[int, dict[str, np.ndarray]], None] | None = None,
         quantized_weight_feeds: Sequence[int] = (),
     ) -> None:
-        if kv_bits not in (8, 16):
-            raise ValueError(f"quantize_w8a16: kv_bits must be 8 or 16, got {kv_bits}")
+        if adaround_iterations < 0:
+            raise ValueError(f"quantize_w8a16: adaround_iterations must be >= 0, got {adaround_iterations}")
         if range_margin < 1.0:
             raise ValueError(f"quantize_w8a16: range_margin must be >= 1, got {range_margin}")
         self.calibration = calibration
         self.range_margin = range_margin
-        self.kv_bits = kv_bits
+        self.adaround_iterations = adaround_iterations
         self.high_precision = list(high_precision)
         self.htp_arch = htp_arch
         self.quant_scheme = quant_scheme
@@ -133,6 +129,7 @@ class QuantizeW8A16Pass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         if is_quantized(model):
+            self.skip("model", "it already holds Q/DQ nodes")
             return PassResult(model, False)
         samples = self._samples()
         ir.external_data.load_to_model(model)  # aimet takes a proto: weights in memory (< 2 GB)
@@ -163,6 +160,10 @@ class QuantizeW8A16Pass(Pass):
                 def handler(i, out):
                     self.on_output(i, {rename[n]: v for n, v in out.items()})
 
+            if self.adaround_iterations:
+                from aimet_onnx import apply_adaround
+
+                apply_adaround(sim, [dict(f) for f in feeds], num_iterations=self.adaround_iterations)
             sim.compute_encodings(lambda session: _calibrate(sim, session, feeds, handler, self.quantized_weight_feeds))
             if self.range_margin != 1.0:
                 widen_activation_ranges(sim, self.range_margin)
@@ -172,12 +173,7 @@ class QuantizeW8A16Pass(Pass):
             qdq = sim.to_onnx_qdq()
         del sim, proto
         gc.collect()
-        result = ir.serde.deserialize_model(qdq)
-        if self.kv_bits == 16:
-            RequantizeMatMulOperandPass()(result)
-        FoldWeightQuantizationPass()(result)  # weights stored as the integers the NPU holds
-        return PassResult(result, True)
-
+        return PassResult(ir.serde.deserialize_model(qdq), True)
 
     def _set_precisions(self, sim, model: ir.Model) -> None:
         if not self.high_precision:

@@ -17,6 +17,8 @@ class RemoveUnusedNodesPass(Pass):
     """
 
     IR = "onnx"
+    NAME = "remove_unused_nodes"
+    LOOKS_FOR = "unused node or initializer"
 
     def call(self, model: ir.Model) -> PassResult:
         before = (len(model.graph), len(model.graph.initializers))

@@ -42,6 +42,8 @@ class RequantizeMatMulOperandPass(Pass):
     """
 
     IR = "onnx"
+    NAME = "requantize_matmul_operand"
+    LOOKS_FOR = "MatMul of two dequantized activations with an unsigned second operand"
 
     def call(self, model: ir.Model) -> PassResult:
         inserted = 0
@@ -53,10 +55,12 @@ class RequantizeMatMulOperandPass(Pass):
                 continue
             zero_point = second.inputs[2]
             if zero_point is None or zero_point.dtype not in _UNSIGNED:
+                self.skip(node.name, "its second operand is signed already: the QNN EP keeps it at 16 bit")
                 continue
             scale = const_array(second.inputs[1])
             zp = const_array(zero_point)
             if scale is None or zp is None or scale.size != 1:
+                self.skip(node.name, "the second operand's encoding is not one constant scale and zero point")
                 continue
             levels = 65535 if zero_point.dtype == ir.DataType.UINT16 else 255
             lo, hi = float(scale) * (0 - float(zp)), float(scale) * (levels - float(zp))

@@ -10,10 +10,10 @@ import numpy as np
 import onnx_ir as ir
 
 from neodragon_npu.graphs import onnx_io
+from neodragon_npu.graphs.onnx_edit import is_quantized
 from neodragon_npu.graphs.quant.gptq import DEFAULT_ROWS_PER_FEED, HessianSet, round_model_weights
 from neodragon_npu.graphs.feeds import load_samples
 from neodragon_npu.passes.base import Pass, PassResult, PreconditionError
-from neodragon_npu.passes.onnx.quantize_w8a16 import is_quantized
 
 
 class RoundWeightsGPTQPass(Pass):
@@ -33,6 +33,8 @@ class RoundWeightsGPTQPass(Pass):
     """
 
     IR = "onnx"
+    NAME = "round_weights_gptq"
+    LOOKS_FOR = "MatMul/Gemm/Conv weight off its int8 grid with enough calibration rows"
 
     def __init__(
         self,

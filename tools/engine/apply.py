@@ -1,30 +1,27 @@
-"""Run an ordered list of passes on a model: FX passes on a traced model, then ONNX passes.
+"""Run an ordered list of passes on a model: FX passes on a traced graph, then ONNX passes.
 
 The conversion from FX to ONNX happens once, where the first ONNX pass appears (or at the
 end), so a pipeline reads top to bottom in the order the graph flows through the toolkit.
+A model is an .onnx file or ``<model>:<config>:<graph>`` for any model of the spec table
+(the graph by name or key: ``denoiser:tiny:2``, ``quicksrnet:small:x2``).
 """
 
 from __future__ import annotations
 
 import gc
-import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from neodragon_npu.graphs import fx as fx_utils
 from neodragon_npu.graphs import onnx_io
 from neodragon_npu.graphs.export import export_onnx
 from neodragon_npu.graphs.verify import verify_fx, verify_onnx
-from neodragon_npu.neodragon_models import pyramid
-from neodragon_npu.neodragon_models.configs import get_denoiser_config
-from neodragon_npu.neodragon_models.denoiser import build_denoiser
-from neodragon_npu.neodragon_models.sampling import example_stage_inputs
+from neodragon_npu.neodragon_models.spec import GraphSpec, LoadOptions, ModelSpec
+from neodragon_npu.neodragon_models.specs import MODELS, get_model
 from neodragon_npu.passes.base import Pass, PassManager, PassRecord
+from neodragon_npu.tools.engine import steps
 
-logger = logging.getLogger("neodragon_npu")
-
-MODEL_SPEC_HELP = "an .onnx file, or denoiser:<config>:<stage> (e.g. denoiser:tiny:2)"
+MODEL_SPEC_HELP = "an .onnx file, or <model>:<config>:<graph> (e.g. denoiser:tiny:2, quicksrnet:small:x2)"
 
 
 @dataclass
@@ -33,12 +30,21 @@ class ApplyResult:
     records: list[PassRecord]
 
 
-def parse_model_spec(spec: str) -> tuple[str, str, int]:
-    parts = spec.split(":")
-    if len(parts) != 3 or parts[0] != "denoiser" or not parts[2].isdigit():
-        raise ValueError(f"model {spec!r} is neither an .onnx file nor {MODEL_SPEC_HELP}")
-    get_denoiser_config(parts[1])
-    return parts[0], parts[1], int(parts[2])
+def parse_model_spec(text: str) -> tuple[ModelSpec, str, GraphSpec]:
+    """``<model>:<config>:<graph>`` resolved through the model table."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"model {text!r} is neither an .onnx file nor {MODEL_SPEC_HELP}")
+    if parts[0] not in MODELS:
+        raise ValueError(f"model {text!r}: unknown model {parts[0]!r}; models: {', '.join(MODELS)}")
+    spec, config, name = get_model(parts[0]), parts[1], parts[2]
+    if config not in spec.configs():
+        raise ValueError(f"model {text!r}: unknown {spec.name} config {config!r}; known: {', '.join(spec.configs())}")
+    graphs = {g.name: g for g in spec.graphs(config)} | {g.manifest_key: g for g in spec.graphs(config)}
+    if name not in graphs:
+        keys = ", ".join(g.manifest_key for g in spec.graphs(config))
+        raise ValueError(f"model {text!r}: {spec.name} has no graph {name!r}; its graphs: {keys}")
+    return spec, config, graphs[name]
 
 
 def _split(passes: list[Pass]) -> tuple[list[Pass], list[Pass]]:
@@ -68,7 +74,7 @@ def apply_pipeline(
     if is_file and fx_passes:
         names = [p.pass_name() for p in fx_passes]
         raise ValueError(f"FX passes {names} need a traced model, not {model}; give {MODEL_SPEC_HELP}")
-    spec = None if is_file else parse_model_spec(model)
+    resolved = None if is_file else parse_model_spec(model)
 
     def manager(group: list[Pass], check, sub: str, dump) -> PassManager:
         return PassManager(
@@ -85,16 +91,15 @@ def apply_pipeline(
         if is_file:
             onnx_model = onnx_io.load(model)
         else:
-            _, config, stage = spec
-            denoiser = build_denoiser(get_denoiser_config(config), seed=seed)
-            example = example_stage_inputs(denoiser, stage, seed)
-            example_list = [example[n] for n in pyramid.STAGE_INPUT_NAMES]
-            gm = fx_utils.trace(denoiser.stage_module(stage), example_list, share_parameters=True)
+            spec, config, graph = resolved
+            options = {o.name: o.default for o in spec.options}
+            loaded = spec.load(LoadOptions(config=config, checkpoint=None, seed=seed, options=options))
+            gm, example = steps.trace(graph, loaded)
             if fx_passes:
                 records += manager(fx_passes, verify_fx, "fx", lambda g: g.code)(gm).records
             exported = Path(tmp) / "exported.onnx"
-            export_onnx(gm, example_list, exported, input_names=pyramid.STAGE_INPUT_NAMES, output_names=["noise_pred"])
-            del gm, denoiser
+            export_onnx(gm, example, exported, input_names=graph.input_names, output_names=graph.output_names)
+            del gm, loaded
             gc.collect()
             onnx_model = onnx_io.load(exported)
         if onnx_passes:

@@ -14,8 +14,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from neodragon_npu.tools.engine.family import AllStagesOptions, StagesResult, build_denoiser_stages
 from neodragon_npu.passes.pipelines import DENOISER_HIGH_PRECISION_LAYERS
+from neodragon_npu.tools.engine.build import build
+from neodragon_npu.tools.engine.family import FamilyResult
+from neodragon_npu.tools.engine.options import BuildOptions
 
 # variant name -> what changes against the full pipeline
 VARIANTS = {
@@ -26,7 +28,8 @@ VARIANTS = {
     # The defaults keep the first two blocks' Linears at 16 bit, which on the two-block
     # benchmark model is every block: these show the fixes where the blocks are int8, as
     # 16 of the 18 blocks of the full model are.
-    "int8 blocks, no adaLN split": {"high_precision": DENOISER_HIGH_PRECISION_LAYERS, "skip_passes": ("split_adaln",)},
+    "int8 blocks, no adaLN split": {"high_precision": DENOISER_HIGH_PRECISION_LAYERS,
+                                    "skip_passes": ("split_adaln",)},
     "int8 blocks, 8-bit K/V": {"high_precision": DENOISER_HIGH_PRECISION_LAYERS, "kv_bits": 8},
     "nearest rounding": {"weight_rounding": "nearest"},
     "float-target GPTQ": {"gptq_target": "float"},
@@ -41,21 +44,21 @@ def fidelity_benchmark(
     calibration_samples: int = 8,
     check_samples: int = 1,
     work_dir: str | Path | None = None,
-) -> dict[str, StagesResult]:
+) -> dict[str, FamilyResult]:
     names = variants or list(VARIANTS)
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="neodragon-bench-"))
-    base = AllStagesOptions(
-        config=config, targets=(target,), calibration_samples=calibration_samples,
-        check_prompts=1, check_samples=check_samples, verify_htp=True, layer_report=False, min_sqnr_db=0.0,
+    base = BuildOptions(
+        model="denoiser", config=config, family=True, targets=(target,), calibration_samples=calibration_samples,
+        check_samples=check_samples, verify_htp=True, layer_report=False, min_sqnr_db=0.0,
     )
     results = {}
     try:
         for name in names:
             out = root / name.replace(" ", "_").replace("/", "")
-            results[name] = build_denoiser_stages(replace(base, **VARIANTS[name]), out)
+            results[name] = build(replace(base, **VARIANTS[name]), out)
             if work_dir is None:
                 shutil.rmtree(out, ignore_errors=True)
     finally:
@@ -64,7 +67,7 @@ def fidelity_benchmark(
     return results
 
 
-def format_fidelity(config: str, results: dict[str, StagesResult]) -> str:
+def format_fidelity(config: str, results: dict[str, FamilyResult]) -> str:
     width = max([18, *map(len, results)])
     lines = [f"fidelity: {config}, SQNR against fp32 PyTorch (dB), one check call per stage", ""]
     lines.append(f"{'variant':<{width}} {'HTP simulator':^30}   {'aimet simulation (CPU)':^30}")
@@ -72,7 +75,7 @@ def format_fidelity(config: str, results: dict[str, StagesResult]) -> str:
     for name, result in results.items():
         htp = result.sqnr_db.get("htp_simulator", {})
         cpu = result.sqnr_db.get("w8a16_cpu", {})
-        row = " ".join(f"{htp.get(s, float('nan')):9.2f}" for s in range(3))
-        row2 = " ".join(f"{cpu.get(s, float('nan')):9.2f}" for s in range(3))
+        row = " ".join(f"{htp.get(str(s), float('nan')):9.2f}" for s in range(3))
+        row2 = " ".join(f"{cpu.get(str(s), float('nan')):9.2f}" for s in range(3))
         lines.append(f"{name:<{width}} {row}   {row2}")
     return "\n".join(lines)

@@ -54,13 +54,17 @@ def render_report(report: dict) -> str:
         q = report["qdq"]
         n_q = q.op_counts.get("QuantizeLinear", 0) + q.op_counts.get("DequantizeLinear", 0)
         lines.append(f"W8A16 QDQ model: {q.node_count} nodes ({n_q} Q/DQ), weights {format_bytes(q.weight_bytes)}")
+    if "fp16" in report:
+        peak, where = report["fp16_range"]
+        lines.append(f"FP16 graph: {report['fp16'].node_count} nodes, weights {format_bytes(report['fp16'].weight_bytes)}; "
+                     f"largest activation on the calibration samples {peak:.4g} ({where}; FP16 ends at 65504)")
     if "compile_seconds" in report:
         lines.append(f"HTP context binary built in {report['compile_seconds']:.1f} s")
     if "htp_check" in report:
         lines.append("")
         lines.append("HTP simulator vs fp32 PyTorch (check prompts, not used for calibration):")
-        for sample, cmp in report["htp_check"]:
-            lines.append(f"  prompt {sample.prompt_seed} unit {sample.unit}: {cmp}")
+        for label, cmp in report["htp_check"]:
+            lines.append(f"  {label}: {cmp}")
         lines.append(f"  all samples pooled: SQNR {report['htp_sqnr_db']:.2f} dB")
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from neodragon_npu.graphs.stats import format_bytes
 from neodragon_npu.neodragon_models import pyramid
 from neodragon_npu.neodragon_models.configs import get_denoiser_config
-from neodragon_npu.tools.engine.single import DenoiserBuildOptions, build_denoiser_stage
+from neodragon_npu.tools.engine.build import build
+from neodragon_npu.tools.engine.options import BuildOptions
 
 VARIANTS = ("baseline", "optimized")
 _COMPILE_STEP = "compile the HTP context binary"
@@ -60,9 +61,10 @@ def stage_report(
     cfg = get_denoiser_config(config)
     for stage in stages:
         cfg.geometry.stage_latent_hw(stage)
-    base = DenoiserBuildOptions(
-        config=config, target=target, seed=seed, until="compile" if compile else "export",
-        calibration_prompts=2, check_prompts=1,
+    cfg_units = len(cfg.geometry.denoised_units)
+    base = BuildOptions(
+        model="denoiser", config=config, targets=(target,), seed=seed, until="compile" if compile else "export",
+        calibration_samples=2 * cfg_units, check_samples=cfg_units,
     )
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="neodragon-report-"))
     results: dict[int, dict[str, StageFigures]] = {}
@@ -71,8 +73,8 @@ def stage_report(
             results[stage] = {}
             for variant in VARIANTS:
                 out = root / f"stage{stage}_{variant}"
-                build = build_denoiser_stage(replace(base, stage=stage, fx_pipeline=variant), out)
-                results[stage][variant] = StageFigures.from_manifest(build.manifest)
+                built = build(replace(base, graphs=(str(stage),), fx_pipeline=variant), out)
+                results[stage][variant] = StageFigures.from_manifest(built.manifest)
                 if work_dir is None:
                     shutil.rmtree(out, ignore_errors=True)  # a full-size float model is 6.5 GB
     finally:

@@ -1,17 +1,14 @@
-"""``neodragon-npu verify BUILD``: an all-stages build measured on fresh prompts.
+"""``neodragon-npu verify BUILD``: a family build measured on fresh samples.
 
-A build checks itself on a few held-out calls per stage (two by default): enough to catch a
-broken binary, not to settle a fraction of a dB. On the full-size build, stage 2 gave
-34.90 dB on its two check calls and 37.08 dB on 16 fresh ones (8 prompts; one call alone
-ranged from 35.9 to 38.5 dB). This runs the float pipeline again for prompts the
-build never saw (seeds from 3000; calibration used 1000+, the build's check 2000+), every
-unit of each unless told otherwise, and chains the build's QDQ partitions on the CPU
-(aimet's simulation), and optionally its float partitions, against the fp32 PyTorch
-outputs. With ``per_partition`` it also says where each stage loses: for every partition,
-the SQNR of the tensors it hands on when its QDQ graph runs on the float chain's inputs
-(the loss that partition adds by itself) and when the QDQ chain runs up to it (the loss
-so far), both against the float chain.
-The PyTorch model comes from the manifest: config, seed, checkpoint and removed blocks.
+A build checks itself on a few held-out calls per graph (two by default): enough to catch a
+broken binary, not to settle a fraction of a dB. This draws samples the build never saw
+from the model's own pipeline (seeds from 3000; calibration used 1000+, the build's check
+2000+), chains the build's QDQ partitions on the CPU (aimet's simulation), and optionally
+its float partitions, against the fp32 PyTorch outputs. With ``per_partition`` it also
+says where each graph loses: for every partition, the SQNR of the tensors it hands on when
+its QDQ graph runs on the float chain's inputs (the loss that partition adds by itself) and
+when the QDQ chain runs up to it (the loss so far), both against the float chain. The
+PyTorch model comes from the manifest: model, config, seed, checkpoint, removed blocks.
 """
 
 from __future__ import annotations
@@ -24,16 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from neodragon_npu.graphs import qnn
+from neodragon_npu.graphs import chain, qnn
 from neodragon_npu.tools.engine.artifacts import MANIFEST
 from neodragon_npu.tools.engine.progress import count, peak_rss_bytes, release_memory
-from neodragon_npu.graphs.feeds import to_numpy_feed
-from neodragon_npu.graphs.verify import sqnr_db
-from neodragon_npu.neodragon_models.sampling import collect_samples
-from neodragon_npu.tools.engine.single import load_denoiser
-from neodragon_npu.tools.engine.family import (
-    OUTPUT_NAME, _advance, _drop_unneeded, _inputs_needed_after, _pooled, _run_chain,
-)
+from neodragon_npu.graphs.verify import pooled_sqnr, sqnr_db
+from neodragon_npu.neodragon_models.spec import REFERENCE_SUFFIX, LoadOptions, SamplePlan
+from neodragon_npu.neodragon_models.specs import get_model
 
 logger = logging.getLogger("neodragon_npu")
 
@@ -58,7 +51,7 @@ class PartitionLoss:
 @dataclass
 class VerifyResult:
     prompts: list[int]
-    calls: dict[int, list[tuple[int, int]]]  # stage -> (prompt seed, unit) per call
+    calls: dict[str, list[str]]  # graph key -> what each call is ("prompt 3000 unit 1")
     sqnr_db: dict[str, dict[int, float]] = field(default_factory=dict)  # kind -> stage -> pooled dB
     per_call_db: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     partitions: dict[int, list[PartitionLoss]] = field(default_factory=dict)  # with per_partition
@@ -68,7 +61,7 @@ class VerifyResult:
     def as_json(self) -> dict:
         return {
             "prompts": self.prompts,
-            "calls": {str(s): [list(c) for c in calls] for s, calls in self.calls.items()},
+            "calls": {str(s): list(calls) for s, calls in self.calls.items()},
             "sqnr_db": {k: {str(s): round(v, 2) for s, v in per.items()} for k, per in self.sqnr_db.items()},
             "per_call_db": {k: {str(s): [round(v, 2) for v in vs] for s, vs in per.items()}
                             for k, per in self.per_call_db.items()},
@@ -80,17 +73,20 @@ class VerifyResult:
         }
 
 
-def _model_options(build: Path, manifest: dict):
-    """The options :func:`load_denoiser` needs, as the build recorded them."""
-    from types import SimpleNamespace
-
+def _load_options(spec, manifest: dict) -> LoadOptions:
+    """How the build loaded its model, from its manifest."""
     model = manifest["model"]
+    options = {o.name: o.default for o in spec.options}
     removed = model.get("removed_blocks")
+    if removed and "remove_blocks" in options:
+        options["remove_blocks"] = ",".join(str(b) for b in removed)
     checkpoint = model.get("checkpoint")
-    return SimpleNamespace(
-        config=model["config"], checkpoint=Path(checkpoint) if checkpoint else None, seed=model["seed"],
-        remove_blocks=",".join(str(b) for b in removed) if removed else None, importance=None,
-    )
+    return LoadOptions(config=model["config"], checkpoint=Path(checkpoint) if checkpoint else None,
+                       seed=model["seed"], options=options)
+
+
+def _pooled(refs, outs) -> float:
+    return pooled_sqnr(zip(refs, outs))
 
 
 def read_build(build: str | Path) -> tuple[Path, dict]:
@@ -99,9 +95,11 @@ def read_build(build: str | Path) -> tuple[Path, dict]:
     if not path.is_file():
         raise NotAnAllStagesBuild(f"{build} holds no {MANIFEST}: not a build directory")
     manifest = json.loads(path.read_text())
-    if manifest.get("mode") != "all-stages":
+    if "partitions" not in manifest or manifest.get("mode") is None:
         raise NotAnAllStagesBuild(
-            f"{build} is a single-stage build; verify measures all-stages builds (build denoiser --all-stages)")
+            f"{build} is a single-graph build; verify measures family builds (build ... --all-stages / --all-graphs)")
+    if "qdq_model" not in next(iter(manifest["partitions"][0]["graphs"].values())):
+        raise NotAnAllStagesBuild(f"{build} was built --until export: it holds no quantized partitions")
     return build, manifest
 
 
@@ -109,22 +107,22 @@ def _pooled_over(names: list[str], refs: list[dict], outs: list[dict]) -> float:
     return _pooled([r[n] for r in refs for n in names], [o[n] for o in outs for n in names])
 
 
-def _chains_by_partition(float_paths: list[Path], qdq_paths: list[Path], feeds: list[dict]):
+def _chains_by_partition(float_paths: list[Path], qdq_paths: list[Path], feeds: list[dict], outputs):
     """Run the float chain, the QDQ chain and each QDQ partition on the float chain's inputs
     side by side. Returns the two chains' stage outputs and a :class:`PartitionLoss` per
     partition."""
     floats, quants = [dict(f) for f in feeds], [dict(f) for f in feeds]
     losses = []
-    for k, (fp, qp, keep) in enumerate(zip(float_paths, qdq_paths, _inputs_needed_after(float_paths))):
+    for k, (fp, qp, keep) in enumerate(zip(float_paths, qdq_paths, chain.inputs_needed_after(float_paths))):
         f_session, q_session = qnn.cpu_session(fp), qnn.cpu_session(qp)
         inputs = [x.name for x in q_session.get_inputs()]
         names = [o.name for o in q_session.get_outputs()]
         if [o.name for o in f_session.get_outputs()] != names:
             raise ValueError(f"partition {k}: {fp.name} and {qp.name} do not have the same outputs")
-        handed = [n for n in names if n in keep or n == OUTPUT_NAME]
+        handed = [n for n in names if n in keep or n in outputs]
         local = [dict(zip(names, qnn.run(q_session, {n: env[n] for n in inputs}))) for env in floats]
-        _advance(q_session, quants)
-        _advance(f_session, floats)
+        chain.advance(q_session, quants)
+        chain.advance(f_session, floats)
         del f_session, q_session
         per_tensor = {n: _pooled_over([n], floats, local) for n in handed}
         worst = min(per_tensor, key=per_tensor.get)
@@ -133,9 +131,9 @@ def _chains_by_partition(float_paths: list[Path], qdq_paths: list[Path], feeds: 
         logger.info("      partition %d/%d: %.2f dB by itself, %.2f dB chained", k + 1, len(float_paths),
                     losses[-1].local_db, losses[-1].chain_db)
         del local
-        _drop_unneeded(floats, keep)
-        _drop_unneeded(quants, keep)
-    return [env[OUTPUT_NAME] for env in floats], [env[OUTPUT_NAME] for env in quants], losses
+        chain.drop_unneeded(floats, keep, outputs)
+        chain.drop_unneeded(quants, keep, outputs)
+    return [[env[o] for o in outputs] for env in floats], [[env[o] for o in outputs] for env in quants], losses
 
 
 def verify_build(
@@ -154,52 +152,60 @@ def verify_build(
         raise ValueError("calls per prompt must be at least 1")
     build, manifest = read_build(build)
     start = time.perf_counter()
+    spec = get_model(manifest["pipeline"])
+    load = _load_options(spec, manifest)
     parts = sorted(manifest["partitions"], key=lambda p: p["index"])
-    stages = sorted(int(s) for s in parts[0]["graphs"])
+    keys = list(parts[0]["graphs"])
+    graphs = [g for g in spec.graphs(load.config) if g.manifest_key in keys]
     paths = {
-        kind: {s: [build / p["graphs"][str(s)][f"{kind}_model"] for p in parts] for s in stages}
+        kind: {g.manifest_key: [build / p["graphs"][g.manifest_key][f"{kind}_model"] for p in parts] for g in graphs}
         for kind in ("qdq", "float")
     }
     missing = [p for per in paths.values() for ps in per.values() for p in ps if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{build}: {len(missing)} partition file(s) missing, e.g. {missing[0].name}")
 
-    denoiser = load_denoiser(_model_options(build, manifest))
-    units = len(denoiser.config.geometry.denoised_units)
-    per_prompt = units if calls_per_prompt is None else min(units, calls_per_prompt)
+    model = spec.load(load)
     first = FIRST_SEED if first_seed is None else first_seed
     seeds = list(range(first, first + prompts))
     if first < FIRST_SEED:
-        logger.warning("seeds %d-%d include the build's calibration (1000+) or check (2000+) prompts: "
+        logger.warning("seeds %d-%d include the build's calibration (1000+) or check (2000+) samples: "
                        "not fresh", seeds[0], seeds[-1])
-    logger.info("float pipeline: %d prompt(s), %d call(s) per stage each", prompts, per_prompt)
-    samples = collect_samples(denoiser, seeds, tuple(stages), progress=lambda i, n: count("prompt", i, n),
-                              units_per_prompt={seed: per_prompt for seed in seeds})
-    del denoiser
+    calls = spec.samples(model, graphs, SamplePlan(calibration=0, check=prompts * (calls_per_prompt or 1 << 16),
+                                                   family=True, check_groups=prompts, first_check_seed=first))
+    del model
     release_memory()
-    feeds = {s: [to_numpy_feed(x.inputs) for x in samples[s]] for s in stages}
-    refs = {s: [x.output.numpy() for x in samples[s]] for s in stages}
-    result = VerifyResult(seeds, {s: [(x.prompt_seed, x.unit) for x in samples[s]] for s in stages})
-    del samples
+    feeds, refs = {}, {}
+    for g in graphs:
+        feeds[g.manifest_key] = [dict(f) for f in calls.check[g.name]]
+        refs[g.manifest_key] = [[f.pop(o + REFERENCE_SUFFIX) for o in g.output_names] for f in feeds[g.manifest_key]]
+    result = VerifyResult(seeds, {g.manifest_key: list(calls.check_labels.get(g.name, [])) for g in graphs})
+    del calls
 
-    def record(s: int, label: str, outs: list[np.ndarray]) -> None:
-        result.sqnr_db.setdefault(label, {})[s] = _pooled(refs[s], outs)
-        result.per_call_db.setdefault(label, {})[s] = [sqnr_db(r, o) for r, o in zip(refs[s], outs)]
-        logger.info("      stage %d %s: %.2f dB over %d call(s)", s, label, result.sqnr_db[label][s], len(outs))
+    def record(s: str, label: str, outs) -> None:
+        result.sqnr_db.setdefault(label, {})[s] = _pooled(_flat(refs[s]), _flat(outs))
+        result.per_call_db.setdefault(label, {})[s] = [_pooled(r, o) for r, o in zip(refs[s], outs)]
+        logger.info("      %s %s: %.2f dB over %d call(s)", s, label, result.sqnr_db[label][s], len(outs))
 
-    for s in stages:
+    for g in graphs:
+        s = g.manifest_key
         if per_partition:
-            logger.info("      stage %d, partition by partition", s)
-            floats, quants, result.partitions[s] = _chains_by_partition(paths["float"][s], paths["qdq"][s], feeds[s])
+            logger.info("      graph %s, partition by partition", s)
+            floats, quants, result.partitions[s] = _chains_by_partition(paths["float"][s], paths["qdq"][s], feeds[s],
+                                                                        g.output_names)
             record(s, "w8a16_cpu", quants)
             record(s, "float_chain", floats)
             del floats, quants
             continue
         for kind, label in (("qdq", "w8a16_cpu"), ("float", "float_chain"))[: 2 if float_chain else 1]:
-            record(s, label, _run_chain(paths[kind][s], feeds[s]))
+            record(s, label, chain.run_chain(paths[kind][s], feeds[s], g.output_names))
     result.seconds = time.perf_counter() - start
     result.peak_rss_bytes = peak_rss_bytes()
     return result
+
+
+def _flat(per_call) -> list:
+    return [x for call in per_call for x in call]
 
 
 def format_verify(build: Path, manifest: dict, result: VerifyResult) -> str:
@@ -212,10 +218,10 @@ def format_verify(build: Path, manifest: dict, result: VerifyResult) -> str:
         for s in sorted(per):
             seen = built.get(label, {}).get(str(s))
             at_build = f"   (the build's own check: {seen:.2f} dB)" if seen is not None else ""
-            lines.append(f"  stage {s}: {per[s]:6.2f} dB pooled over {len(calls[s])} call(s); per call "
+            lines.append(f"  {s}: {per[s]:6.2f} dB pooled over {len(calls[s])} call(s); per call "
                          f"{min(calls[s]):.2f} to {max(calls[s]):.2f} dB{at_build}")
     for s, losses in result.partitions.items():
-        lines += ["", f"stage {s}, partition by partition (the tensors each hands on, against the float chain):",
+        lines += ["", f"{s}, partition by partition (the tensors each hands on, against the float chain):",
                   "  partition   by itself   chained   worst tensor by itself"]
         for k, x in enumerate(losses):
             lines.append(f"  {k:9d}   {x.local_db:6.2f} dB  {x.chain_db:6.2f} dB  {x.worst_local_db:6.2f} dB {x.worst_tensor}")

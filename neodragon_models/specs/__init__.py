@@ -1,0 +1,16 @@
+"""Every model the toolkit builds, by name: the one table the CLI and the engine read."""
+
+from __future__ import annotations
+
+from neodragon_npu.neodragon_models.spec import ModelSpec
+from neodragon_npu.neodragon_models.specs.denoiser import DENOISER
+from neodragon_npu.neodragon_models.specs.quicksrnet import QUICKSRNET
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (DENOISER, QUICKSRNET)}
+
+
+def get_model(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; models: {', '.join(MODELS)}") from None

@@ -1,0 +1,51 @@
+"""QuickSRNet 2x as a spec: one W8A16 graph, 320x512 -> 640x1024, AdaRound weights."""
+
+from __future__ import annotations
+
+from neodragon_npu.neodragon_models.quicksrnet import (
+    QUICKSRNET_CONFIGS, build_quicksrnet, count_parameters, get_quicksrnet_config, synthetic_frames,
+)
+from neodragon_npu.neodragon_models.spec import GraphSpec, ModelSpec, SamplePlan, Samples
+from neodragon_npu.passes import pipelines
+
+CALIBRATION, CHECK = 16, 4  # frames
+
+
+def _graphs(config: str) -> list[GraphSpec]:
+    return [GraphSpec(
+        name="x2", module=lambda model: model,
+        example_inputs=lambda model: {"frame": synthetic_frames(1, model.config.height, model.config.width, 0)},
+        input_names=("frame",), output_names=("upscaled",),
+        fx_passes=lambda model, target, pipeline: pipelines.cleanup_fx(),
+        onnx_passes=lambda pipeline: pipelines.cleanup_onnx(),
+    )]
+
+
+def _samples(model, graphs, plan: SamplePlan) -> Samples:
+    """Calibration frames (seed 1000) and check frames (from the plan's check seed) with
+    the float model's output as the reference."""
+    h, w = model.config.height, model.config.width
+    calib = synthetic_frames(plan.calibration or CALIBRATION, h, w, seed=1000).numpy()
+    frames = synthetic_frames(plan.check or CHECK, h, w, seed=plan.first_check_seed)
+    check, refs = frames.numpy(), model(frames).numpy()
+    return Samples(
+        calibration={"x2": [{"frame": f[None]} for f in calib]},
+        check={"x2": [{"frame": f[None], "upscaled_fp32": r[None]} for f, r in zip(check, refs)]},
+        check_labels={"x2": [f"frame {i}" for i in range(len(check))]},
+    )
+
+
+QUICKSRNET = ModelSpec(
+    name="quicksrnet",
+    summary="QuickSRNet 2x super-resolution (small / medium / large): W8A16 with AdaRound",
+    configs=lambda: tuple(QUICKSRNET_CONFIGS), default_config="small",
+    load=lambda o: build_quicksrnet(get_quicksrnet_config(o.config), checkpoint=o.checkpoint, seed=o.seed),
+    graphs=_graphs, samples=_samples,
+    precision=lambda options: pipelines.W8A16(rounding="adaround"),
+    describe=lambda model, o: {"config": o.config, "checkpoint": str(o.checkpoint) if o.checkpoint else None,
+                               "seed": o.seed, "params": count_parameters(model.config)},
+    weight_bytes=lambda model: sum(p.numel() * 4 for p in model.parameters()),
+    min_sqnr_db=40.0,
+    checkpoint_help="aimet-model-zoo's quicksrnet_<variant>_2x_checkpoint_float32.pth.tar",
+    reference_note="fp32 PyTorch QuickSRNet",
+)
