@@ -120,3 +120,33 @@ def weight_values(model: ir.Model) -> dict[str, np.ndarray]:
                 and len(value.shape or ()) >= 2:
             values[name] = const_array(value)
     return values
+
+
+# Ops whose constant operands can pin a spatial size: a graph holding one is not known to be
+# fully convolutional.
+_SHAPE_PINNING_OPS = {"Reshape", "Flatten", "Expand", "Tile", "ConstantOfShape", "Slice", "Gather", "MatMul",
+                      "Gemm", "Resize", "Upsample", "Pad"}
+
+
+def at_spatial_size(proto, height: int, width: int):
+    """A copy of a fully convolutional ONNX model (``onnx.ModelProto``) whose 4-D inputs are
+    ``[N, C, height, width]``, every other shape inferred anew: for work that depends only on
+    local statistics (weight rounding) on crops instead of whole frames. Raises ValueError
+    naming the first op that may pin a spatial size."""
+    import onnx
+
+    for node in proto.graph.node:
+        if node.op_type in _SHAPE_PINNING_OPS:
+            raise ValueError(f"{node.name or node.op_type} ({node.op_type}) may fix a spatial size: "
+                             "the graph is not known to be fully convolutional")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    inits = {t.name for t in copy.graph.initializer}
+    for value in copy.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name not in inits and len(dims) == 4:
+            dims[2].dim_value, dims[3].dim_value = height, width
+    for value in copy.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    del copy.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(copy, strict_mode=True)

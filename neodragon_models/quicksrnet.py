@@ -44,8 +44,8 @@ QUICKSRNET_CONFIGS = {
         QuickSRNetConfig("medium", 32, 5, False),
         QuickSRNetConfig("large", 64, 11, True),
         # narrow and on small frames, for tests: the two layouts (with and without the anchor)
-        QuickSRNetConfig("tiny", 8, 1, False, height=24, width=40),
-        QuickSRNetConfig("tiny-anchor", 8, 2, True, height=24, width=40),
+        QuickSRNetConfig("tiny", 8, 1, False, height=48, width=64),
+        QuickSRNetConfig("tiny-anchor", 8, 2, True, height=48, width=64),
     )
 }
 
@@ -112,45 +112,43 @@ def count_parameters(config: QuickSRNetConfig) -> int:
 # (dy, dx) of output pixel (2i + dy, 2j + dx) mixes input rows i-1, i (dy = 0) or i, i+1
 # (dy = 1) with weights 1/4, 3/4 (and 3/4, 1/4), columns alike.
 _TAPS = {0: (0.25, 0.75, 0.0), 1: (0.0, 0.75, 0.25)}
-# How much the synthetic network adds to that smooth upscale from its texture features:
-# a sharpening detail of a few percent of the signal, as a trained upscaler adds.
-DETAIL_SCALE = 0.06
+# The detail weights of ``conv_last`` relative to PyTorch's default initialisation scale
+# (1/sqrt(fan_in)): weights of a trained network's magnitude, adding a sharpening detail of
+# a few percent of the signal.
+DETAIL_GAIN = 2.0
 
 
 @torch.no_grad()
 def synthetic_init_(model: QuickSRNet, seed: int) -> None:
     """Seeded weights that behave like a trained 2x upscaler: the output is a bilinear
-    upsample of the input plus a small detail term from texture features, not clipped noise.
+    upsample of the input plus a small detail term, not clipped noise.
 
     Channels 0-2 of every feature map carry the input frame itself (identity taps, as the
-    zoo's own initialisation does for every channel), the others are random texture
-    filters; ``conv_last`` combines the frame channels into the bilinear taps of each output
-    sub-pixel (minus the anchor's nearest upsample, for Large) and adds the texture
-    channels with a small, zero-mean weight."""
+    zoo's own initialisation puts on every channel); the others are texture detectors:
+    random filters with no response to flat regions, so they are active on edges and
+    texture only, as a trained network's features are. ``conv_last`` turns the frame
+    channels into the bilinear taps of each output sub-pixel (less the anchor's nearest
+    upsample, for Large) and adds the texture channels with weights of a trained layer's
+    magnitude."""
     gen = torch.Generator().manual_seed(seed)
-    convs = [m for m in model.cnn if isinstance(m, nn.Conv2d)]
-    for conv in convs:
-        fan_in = conv.in_channels * 9
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) / math.sqrt(fan_in))
-        conv.bias.copy_(0.5 * torch.rand(conv.bias.shape, generator=gen))
+    for conv in (m for m in model.cnn if isinstance(m, nn.Conv2d)):
+        w = torch.randn(conv.weight.shape, generator=gen)
+        w -= w.mean(dim=(2, 3), keepdim=True)
+        conv.weight.copy_(w / math.sqrt(conv.in_channels * 9))
+        conv.bias.zero_()
         conv.weight[:3] = 0.0
-        conv.bias[:3] = 0.0
         for ch in range(3):
             conv.weight[ch, ch, 1, 1] = 1.0
-    last = model.conv_last
-    c = last.in_channels
-    s = model.scale
-    detail = torch.randn(last.weight.shape, generator=gen) / math.sqrt(max(1, (c - 3) * 9))
+    last, s = model.conv_last, model.scale
+    detail = torch.randn(last.weight.shape, generator=gen) * DETAIL_GAIN / math.sqrt(max(1, (last.in_channels - 3) * 9))
     detail[:, :3] = 0.0
-    last.weight.copy_(DETAIL_SCALE * detail)
-    # texture features sit around 0.5: a zero-mean detail term has the bias cancel that
-    last.bias.copy_(-DETAIL_SCALE * detail.sum(dim=(1, 2, 3)) * 0.5)
+    last.weight.copy_(detail)
+    last.bias.zero_()
     for ch in range(3):
         for dy in range(s):
             for dx in range(s):
                 out = ch * s * s + dy * s + dx
-                taps = torch.outer(torch.tensor(_TAPS[dy % 2]), torch.tensor(_TAPS[dx % 2]))
-                last.weight[out, ch] += taps
+                last.weight[out, ch] += torch.outer(torch.tensor(_TAPS[dy % 2]), torch.tensor(_TAPS[dx % 2]))
                 if model.config.ito_connection:
                     last.weight[out, ch, 1, 1] -= 1.0  # the anchor adds the nearest sample
 

@@ -22,6 +22,7 @@ from neodragon_npu.passes.onnx.name_weights_by_content import NameWeightsByConte
 from neodragon_npu.passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
 from neodragon_npu.passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
 from neodragon_npu.passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
+from neodragon_npu.passes.onnx.round_weights_adaround import RoundWeightsAdaRoundPass
 from neodragon_npu.passes.onnx.round_weights_gptq import RoundWeightsGPTQPass
 
 
@@ -163,6 +164,7 @@ class W8A16:
     kv_bits: int = 16
     rounding: str = "gptq"
     adaround_iterations: int = 10000
+    adaround_crop: tuple[int, int] | None = None  # fully convolutional models: AdaRound on crops
     range_margin: float = 2.0
     name: ClassVar[str] = "w8a16"
 
@@ -179,6 +181,8 @@ class W8A16:
                "high_precision": list(self.high_precision), "weight_rounding": self.rounding}
         if self.rounding == "adaround":
             out["adaround_iterations"] = self.adaround_iterations
+            if self.adaround_crop:
+                out["adaround_crop"] = list(self.adaround_crop)
         return out
 
 
@@ -218,9 +222,15 @@ def w8a16(
         # then keeps bit for bit (the model stays float)
         source = {"hessians": hessians} if hessians is not None else {"calibration": calibration}
         passes.append(RoundWeightsGPTQPass(skip=precision.high_precision, **source))
+    elif precision.rounding == "adaround":
+        # int8 weights rounded up or down as aimet's AdaRound learns from the calibration
+        # inputs (on crops for a fully convolutional model), again onto aimet's own grid
+        passes.append(RoundWeightsAdaRoundPass(calibration=calibration, iterations=precision.adaround_iterations,
+                                               htp_arch=htp_arch, skip=precision.high_precision,
+                                               crop=precision.adaround_crop))
     passes.append(
-        # aimet-onnx QuantSim: int8 weights (AdaRound's rounding if asked), activation
-        # ranges calibrated on the pipeline's own samples, the AIMET encodings file
+        # aimet-onnx QuantSim: int8 weights, activation ranges calibrated on the pipeline's
+        # own samples, the AIMET encodings file
         QuantizeW8A16Pass(
             calibration=calibration,
             htp_arch=htp_arch,
@@ -228,7 +238,6 @@ def w8a16(
             encodings_prefix=encodings_prefix,
             range_margin=precision.range_margin,
             high_precision=precision.high_precision,
-            adaround_iterations=precision.adaround_iterations if precision.rounding == "adaround" else 0,
             on_output=on_output,
             quantized_weight_feeds=quantized_weight_feeds,
         )

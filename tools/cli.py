@@ -337,14 +337,26 @@ def _add_build(sub) -> None:
     b.set_defaults(func=_cmd_build)
 
 
+class UsageError(ValueError):
+    """A command line argparse refused (unknown flag, bad choice, missing argument)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a refused command line is one line, not usage text and an exit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} -h)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="neodragon-npu",
         description="Compile Neodragon PyTorch modules into verified Hexagon NPU binaries.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     _add_build(sub)
@@ -450,9 +462,22 @@ def _terminated(signum, frame):
     raise Terminated
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("neodragon-npu")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"neodragon-npu: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     _configure_logging(-1 if args.quiet else args.verbose)
     previous = None
     if threading.current_thread() is threading.main_thread():

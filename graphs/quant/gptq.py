@@ -94,6 +94,17 @@ def inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
     return u.astype(np.float32)
 
 
+def keep_scales(w_kn: np.ndarray, rounded_kn: np.ndarray) -> np.ndarray:
+    """``rounded_kn`` (on the grid of ``w_kn``) with each channel's scale-setting element put
+    back to its round-to-nearest value, so that a min-max encoder finds the same scale in the
+    result as in ``w_kn`` (another rounding may have moved that element one step in)."""
+    out = np.array(rounded_kn, copy=True)
+    scale = channel_scales(w_kn.astype(np.float64))
+    rows, cols = _defining_rows(w_kn), np.arange(w_kn.shape[1])
+    out[rows, cols] = (np.round(w_kn[rows, cols] / scale) * scale).astype(out.dtype)
+    return out
+
+
 def round_to_nearest(w_kn: np.ndarray) -> np.ndarray:
     scale = channel_scales(w_kn.astype(np.float64))
     return (np.clip(np.round(w_kn / scale), QMIN, QMAX) * scale).astype(w_kn.dtype)

@@ -41,7 +41,8 @@ QUICKSRNET = ModelSpec(
     configs=lambda: tuple(QUICKSRNET_CONFIGS), default_config="small",
     load=lambda o: build_quicksrnet(get_quicksrnet_config(o.config), checkpoint=o.checkpoint, seed=o.seed),
     graphs=_graphs, samples=_samples,
-    precision=lambda options: pipelines.W8A16(rounding="adaround"),
+    # AdaRound learns each layer's rounding on 48x48 crops: a conv sees local statistics only
+    precision=lambda options: pipelines.W8A16(rounding="adaround", adaround_crop=(48, 48)),
     describe=lambda model, o: {"config": o.config, "checkpoint": str(o.checkpoint) if o.checkpoint else None,
                                "seed": o.seed, "params": count_parameters(model.config)},
     weight_bytes=lambda model: sum(p.numel() * 4 for p in model.parameters()),

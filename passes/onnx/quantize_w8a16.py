@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import io
-import logging
-import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -14,21 +10,9 @@ import numpy as np
 import onnx_ir as ir
 
 from neodragon_npu.graphs.feeds import load_samples
-from neodragon_npu.graphs.onnx_edit import is_quantized, matches_any
+from neodragon_npu.graphs.onnx_edit import is_quantized
+from neodragon_npu.graphs.quant import aimet
 from neodragon_npu.passes.base import Pass, PassResult, PreconditionError
-
-
-def aimet_config_file(htp_arch: int) -> str:
-    """aimet's HTP config with per-channel Linear weights for ``htp_arch`` (or the closest older)."""
-    import aimet_onnx
-
-    folder = Path(aimet_onnx.__file__).parent / "common" / "quantsim_config"
-    available = sorted(
-        int(p.name.split("_v")[1].split("_")[0])
-        for p in folder.glob("htp_quantsim_config_v*_per_channel_linear.json")
-    )
-    usable = [a for a in available if a <= htp_arch] or available[:1]
-    return str(folder / f"htp_quantsim_config_v{usable[-1]}_per_channel_linear.json")
 
 
 class QuantizeW8A16Pass(Pass):
@@ -54,9 +38,8 @@ class QuantizeW8A16Pass(Pass):
     and V at 16 bit (``requantize_matmul_operand``) and stores the weights as integers
     (``fold_weight_quantization``).
 
-    ``adaround_iterations`` > 0 chooses each Conv/MatMul/Gemm weight's rounding with aimet's
-    AdaRound on the calibration feeds (that many optimizer steps per layer) before the
-    activation ranges are calibrated; its weight encodings are then frozen.
+    Weights already on their int8 grid (``round_weights_gptq``, ``round_weights_adaround``)
+    are kept exactly: aimet's min-max per-channel encoding finds the same grid.
     ``high_precision`` lists fnmatch patterns of node, weight or graph-input names (see
     :func:`graphs.onnx_edit.matches_any`) whose weights stay at 16 bit: the mixed-precision
     override the per-layer report points to. Graphs that share weights (the three stage
@@ -92,17 +75,13 @@ class QuantizeW8A16Pass(Pass):
         encodings_prefix: str = "model",
         range_margin: float = 2.0,
         high_precision: Sequence[str] = (),
-        adaround_iterations: int = 0,
         on_output: Callable[[int, dict[str, np.ndarray]], None] | None = None,
         quantized_weight_feeds: Sequence[int] = (),
     ) -> None:
-        if adaround_iterations < 0:
-            raise ValueError(f"quantize_w8a16: adaround_iterations must be >= 0, got {adaround_iterations}")
         if range_margin < 1.0:
             raise ValueError(f"quantize_w8a16: range_margin must be >= 1, got {range_margin}")
         self.calibration = calibration
         self.range_margin = range_margin
-        self.adaround_iterations = adaround_iterations
         self.high_precision = list(high_precision)
         self.htp_arch = htp_arch
         self.quant_scheme = quant_scheme
@@ -134,21 +113,9 @@ class QuantizeW8A16Pass(Pass):
         samples = self._samples()
         ir.external_data.load_to_model(model)  # aimet takes a proto: weights in memory (< 2 GB)
         proto = ir.serde.serialize_model(model)
-        # aimet prints a banner, progress and an optional-dependency notice on import.
-        with contextlib.redirect_stdout(io.StringIO()), _quiet("Quant", "Utils"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            from aimet_onnx.quantsim import QuantizationSimModel
-
-            sim = QuantizationSimModel(
-                proto,
-                param_type="int8",
-                activation_type="int16",
-                quant_scheme=self.quant_scheme,
-                config_file=aimet_config_file(self.htp_arch),
-                providers=["CPUExecutionProvider"],
-                session_options_kwargs=_session_kwargs(),
-            )
-            self._set_precisions(sim, model)
+        with aimet.quiet():
+            sim = aimet.quantsim(proto, htp_arch=self.htp_arch, quant_scheme=self.quant_scheme)
+            aimet.keep_at_16_bit(sim, model, self.high_precision)
             input_names = [i.name for i in sim.session.get_inputs()]
             feeds = [{n: s[n] for n in input_names} for s in samples]
             del samples  # the feeds hold what calibration needs, and are dropped one by one
@@ -160,10 +127,6 @@ class QuantizeW8A16Pass(Pass):
                 def handler(i, out):
                     self.on_output(i, {rename[n]: v for n, v in out.items()})
 
-            if self.adaround_iterations:
-                from aimet_onnx import apply_adaround
-
-                apply_adaround(sim, [dict(f) for f in feeds], num_iterations=self.adaround_iterations)
             sim.compute_encodings(lambda session: _calibrate(sim, session, feeds, handler, self.quantized_weight_feeds))
             if self.range_margin != 1.0:
                 widen_activation_ranges(sim, self.range_margin)
@@ -174,26 +137,6 @@ class QuantizeW8A16Pass(Pass):
         del sim, proto
         gc.collect()
         return PassResult(ir.serde.deserialize_model(qdq), True)
-
-    def _set_precisions(self, sim, model: ir.Model) -> None:
-        if not self.high_precision:
-            return
-        param_names = set(sim.param_names)
-        for node in model.graph:
-            params = [v.name for v in node.inputs if v is not None and v.name in param_names]
-            if params and matches_any(node, self.high_precision, param_names):
-                for name in params:
-                    if name in sim.qc_quantize_op_dict:
-                        sim.qc_quantize_op_dict[name].set_precision("int16")
-
-
-def _session_kwargs() -> dict:
-    """aimet's session takes the thread limit of :func:`graphs.qnn.thread_limit`."""
-    from neodragon_npu.graphs.qnn import session_threads
-
-    threads = session_threads()
-    return {"intra_op_num_threads": threads} if threads else {}
-
 
 def _own_output_names(sim_names: list[str], names: list[str]) -> dict[str, str]:
     """aimet's names for the model outputs -> the model's own (a quantized output ``y``
@@ -274,14 +217,3 @@ def widen_activation_ranges(sim, margin: float) -> int:
     return widened
 
 
-@contextlib.contextmanager
-def _quiet(*names: str):
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)

@@ -133,7 +133,7 @@ def test_cpu_sessions_run_a_w8a16_matmul_with_its_16_bit_activation():
 def test_thread_limit_holds_torch_the_blas_and_new_sessions_and_is_undone(qdq_model):
     from threadpoolctl import threadpool_info
 
-    from neodragon_npu.passes.onnx.quantize_w8a16 import _session_kwargs
+    from neodragon_npu.graphs.quant.aimet import session_kwargs as _session_kwargs
 
     model = qdq_model[0] / "q.onnx"
 

@@ -12,6 +12,7 @@ class Decrement(Pass):
     """Decrement a counter down to zero."""
 
     IR = "test"
+    NAME = "decrement"
 
     def call(self, model):
         if model.n == 0:
@@ -22,6 +23,7 @@ class Decrement(Pass):
 
 class Replace(Pass):
     IR = "test"
+    NAME = "replace"
 
     def call(self, model):
         return PassResult(Box(model.n), False)
@@ -29,6 +31,7 @@ class Replace(Pass):
 
 class Guarded(Pass):
     IR = "test"
+    NAME = "guarded"
 
     def requires(self, model):
         if model.n < 0:

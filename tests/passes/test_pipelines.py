@@ -6,14 +6,37 @@ from neodragon_npu.graphs.export import export_onnx
 from neodragon_npu.graphs.verify import verify_onnx
 from neodragon_npu.neodragon_models import pyramid
 from neodragon_npu.passes.base import PassManager
-from neodragon_npu.passes.pipelines import PIPELINES, denoiser_fx, denoiser_fx_baseline, denoiser_onnx, denoiser_onnx_baseline
+from neodragon_npu.passes import pipelines
+from neodragon_npu.passes.pipelines import denoiser_fx, denoiser_fx_baseline, denoiser_onnx, denoiser_onnx_baseline
 from tests.helpers import run_onnx
 
 
 def test_pipelines_are_ordered_fx_then_onnx():
     assert {p.IR for p in denoiser_fx()} == {"fx"} == {p.IR for p in denoiser_fx_baseline()}
     assert {p.IR for p in denoiser_onnx()} == {"onnx"} == {p.IR for p in denoiser_onnx_baseline()}
-    assert set(PIPELINES) == {"denoiser_fx", "denoiser_fx_baseline", "denoiser_onnx", "denoiser_onnx_baseline"}
+    assert {p.IR for p in pipelines.cleanup_fx()} == {"fx"} and {p.IR for p in pipelines.cleanup_onnx()} == {"onnx"}
+
+
+def test_w8a16_is_its_four_passes_in_order_and_each_can_be_left_out():
+    names = [p.pass_name() for p in pipelines.w8a16(pipelines.W8A16(), calibration=[{}], htp_arch=79)]
+    assert names == ["round_weights_gptq", "quantize_w8a16", "requantize_matmul_operand", "fold_weight_quantization"]
+    names = [p.pass_name() for p in pipelines.w8a16(pipelines.W8A16(rounding="nearest", kv_bits=8), calibration=[{}],
+                                                    htp_arch=79)]
+    assert names == ["quantize_w8a16", "fold_weight_quantization"]
+    adaround = pipelines.w8a16(pipelines.W8A16(rounding="adaround", adaround_iterations=7, adaround_crop=(8, 8)),
+                               calibration=[{}], htp_arch=79)
+    assert [p.pass_name() for p in adaround][:2] == ["round_weights_adaround", "quantize_w8a16"]
+    assert (adaround[0].iterations, adaround[0].crop) == (7, (8, 8))
+    assert [p.pass_name() for p in pipelines.fp16(pipelines.FP16())] == ["convert_to_fp16"]
+
+
+def test_bad_precision_options_are_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown weight rounding"):
+        pipelines.W8A16(rounding="stochastic")
+    with pytest.raises(ValueError, match="K/V bits"):
+        pipelines.W8A16(kv_bits=4)
 
 
 def test_denoiser_pipeline_leaves_a_static_exact_fused_graph(tiny_denoiser, tiny_stage_inputs, tmp_path):
@@ -35,5 +58,6 @@ def test_denoiser_pipeline_leaves_a_static_exact_fused_graph(tiny_denoiser, tiny
     assert model.opset_imports[""] == 23
     out = run_onnx(model, {k: v.numpy() for k, v in inputs.items()})[0]
     assert abs(out - ref).max() < 1e-4
-    # a second run of the whole pipeline finds nothing to do
+    # a second run of the whole pipeline finds nothing to do, FX and ONNX alike
     assert not PassManager(denoiser_onnx())(model).modified
+    assert not PassManager(denoiser_fx(tile_budget_bytes=4096, mask_segments=segments))(gm).modified

@@ -16,12 +16,20 @@ def test_passes_and_targets_are_listed(capsys):
     [
         (["build", "denoiser", "--config", "nope", "--out", "x"], "unknown denoiser config 'nope'"),
         (["build", "denoiser", "--target", "sm1", "--out", "x"], "unknown target 'sm1'"),
-        (["build", "denoiser", "--stage", "7", "--out", "x"], "stage 7 is out of range"),
-        (["build", "vae", "--out", "x"], "unknown pipeline 'vae'"),
+        (["build", "denoiser", "--stage", "7", "--out", "x"], "--stage 7: denoiser has no such graph; its graphs: 0, 1, 2"),
+        (["build", "vae", "--out", "x"], "unknown model 'vae'; models: denoiser, quicksrnet"),
+        (["build", "denoiser", "--all-stages", "--until", "dance", "-o", "x"], "invalid choice: 'dance'"),
+        (["build", "denoiser", "--partition-budget", "1G", "-o", "x"], "--partition-budget applies to a family build"),
+        (["build", "denoiser", "--gptq-target", "float", "-o", "x"], "--gptq-target applies to a family build"),
+        (["build", "quicksrnet", "--stage", "2", "-o", "x"], "--stage is not an option of quicksrnet"),
+        (["build", "quicksrnet", "--remove-blocks", "1", "-o", "x"], "--remove-blocks is not an option of quicksrnet"),
+        (["build", "denoiser", "--skip-pass", "split_adaln_typo", "-o", "x"], "--skip-pass split_adaln_typo: no such pass"),
+        (["build", "denoiser", "--precision", "fp16", "--kv-bits", "8", "-o", "x"], "--kv-bits applies to W8A16 builds"),
+        (["build", "denoiser", "--target", "sm8750,sm8750", "-o", "x"], "names a target twice"),
         (["stats", "missing.onnx"], "missing.onnx: no such ONNX file"),
         (["build", "denoiser", "--high-precision", "none", "--first-blocks-16bit", "2", "--out", "x"],
          "leave out --first-blocks-16bit"),
-        (["build", "denoiser", "--first-blocks-16bit", "-1", "--out", "x"], "first blocks at 16 bit: -1 is negative"),
+        (["build", "denoiser", "--first-blocks-16bit", "-1", "--out", "x"], "--first-blocks-16bit -1 is negative"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(argv, message, capsys, tmp_path, monkeypatch):
@@ -46,9 +54,10 @@ def test_apply_stats_and_diff_end_to_end(tmp_path, capsys):
     assert "Totals:" in capsys.readouterr().out
 
 
-def test_build_requires_an_output_directory():
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["build", "denoiser"])
+def test_build_requires_an_output_directory(capsys):
+    assert main(["build", "denoiser"]) == EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "-o/--out" in err[0] and "neodragon-npu build -h" in err[0]
 
 
 def test_corrupt_model_and_unknown_pass_in_a_pipeline_file(tmp_path, capsys):
@@ -115,10 +124,12 @@ def test_sigterm_inside_exec_of_a_string_still_exits_130(tmp_path):
 
 def test_first_blocks_16bit_sets_which_blocks_keep_16_bit_weights():
     from neodragon_npu.passes.pipelines import DENOISER_HIGH_PRECISION, first_blocks_patterns
-    from neodragon_npu.tools.cli import _high_precision
+    from neodragon_npu.tools.cli import build_options
+    from neodragon_npu.tools.engine.options import plan_build
 
     def patterns(*argv):
-        return _high_precision(build_parser().parse_args(["build", "denoiser", "--out", "x", *argv]))
+        args = build_parser().parse_args(["build", "denoiser", "--out", "x", *argv])
+        return plan_build(build_options(args)).precision.high_precision
 
     assert patterns() == DENOISER_HIGH_PRECISION
     four = patterns("--first-blocks-16bit", "4", "--high-precision", "/extra/*")

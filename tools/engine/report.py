@@ -62,7 +62,7 @@ def render_report(report: dict) -> str:
         lines.append(f"HTP context binary built in {report['compile_seconds']:.1f} s")
     if "htp_check" in report:
         lines.append("")
-        lines.append("HTP simulator vs fp32 PyTorch (check prompts, not used for calibration):")
+        lines.append("HTP simulator vs fp32 PyTorch (check samples, not used for calibration):")
         for label, cmp in report["htp_check"]:
             lines.append(f"  {label}: {cmp}")
         lines.append(f"  all samples pooled: SQNR {report['htp_sqnr_db']:.2f} dB")

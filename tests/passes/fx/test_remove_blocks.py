@@ -4,7 +4,7 @@ import pytest
 
 from neodragon_npu.graphs import fx as fx_utils
 from neodragon_npu.neodragon_models import pyramid
-from neodragon_npu.neodragon_models.pruning import prune_blocks
+from neodragon_npu.neodragon_models.pruning import load_importance, prune_blocks, select_blocks
 from neodragon_npu.neodragon_models.sampling import example_stage_inputs
 from neodragon_npu.passes.base import PreconditionError
 from neodragon_npu.passes.fx.remove_blocks import RemoveBlocksPass
@@ -38,28 +38,34 @@ def test_explicit_removal_equals_the_pruned_model(tiny_denoiser, removed, tmp_pa
     assert not RemoveBlocksPass(blocks=removed)(gm).modified  # indices are the original ones
 
 
-def test_count_and_threshold_use_the_importance_ranking(tiny_denoiser, tmp_path):
-    path = _importance(tmp_path, [0.3, 0.01, 0.2])
+def test_blocks_chosen_from_importance_scores_remove_the_least_important(tiny_denoiser, tmp_path):
+    """Selection by count or threshold belongs to the build (pruning.select_blocks); the pass
+    takes what it selects."""
+    ranking, scores = load_importance(_importance(tmp_path, [0.3, 0.01, 0.2]))
     gm, inputs = _traced(tiny_denoiser)
-    assert check_fx_pass(RemoveBlocksPass(count=1, importance=path), gm, inputs).modified
+    assert check_fx_pass(RemoveBlocksPass(blocks=select_blocks(ranking, scores, count=1)), gm, inputs).modified
     assert gm.meta["block_mapping"] == {0: 0, 2: 1}
     gm, inputs = _traced(tiny_denoiser)
-    assert check_fx_pass(RemoveBlocksPass(threshold=0.25, importance=path), gm, inputs).modified
+    assert check_fx_pass(RemoveBlocksPass(blocks=select_blocks(ranking, scores, threshold=0.25)), gm, inputs).modified
     assert gm.meta["block_mapping"] == {0: 0}
 
 
-def test_nothing_below_the_threshold_changes_nothing(tiny_denoiser, tmp_path):
+def test_a_second_run_changes_nothing_and_says_why(tiny_denoiser):
     gm, inputs = _traced(tiny_denoiser)
+    assert RemoveBlocksPass(blocks=[1])(gm).modified
     code = gm.code
-    check = check_fx_pass(RemoveBlocksPass(threshold=0.001, importance=_importance(tmp_path, [0.3, 0.2, 0.1])), gm, inputs)
-    assert not check.modified and gm.code == code and check.max_abs_error == 0
+    again = RemoveBlocksPass(blocks=[1])(gm)
+    assert not again.modified and gm.code == code
+    assert any("already removed" in note for note in again.notes)
 
 
-def test_bad_selections_are_refused(tiny_denoiser, tmp_path):
-    with pytest.raises(ValueError, match="exactly one of"):
-        RemoveBlocksPass(blocks=[1], count=1)
-    with pytest.raises(ValueError, match="need an importance file"):
-        RemoveBlocksPass(count=1)
+def test_bad_selections_are_refused(tiny_denoiser):
+    with pytest.raises(ValueError, match="non-empty list of block indices"):
+        RemoveBlocksPass(blocks=[])
+    with pytest.raises(ValueError, match="non-empty list of block indices"):
+        RemoveBlocksPass(blocks=[-1])
     gm, _ = _traced(tiny_denoiser)
-    with pytest.raises(PreconditionError, match="scores 2 blocks, the model has 3"):
-        RemoveBlocksPass(count=1, importance=_importance(tmp_path, [0.1, 0.2]))(gm)
+    with pytest.raises(PreconditionError, match=r"blocks \[5\] do not exist"):
+        RemoveBlocksPass(blocks=[5])(gm)
+    with pytest.raises(PreconditionError, match="leaves none"):
+        RemoveBlocksPass(blocks=[0, 1, 2])(gm)

@@ -29,7 +29,7 @@ def unsigned_qdq(tmp_path_factory):
                 input_names=["s", "v"], output_names=["y"])
     rng = np.random.default_rng(0)
     cal = [_feeds(rng) for _ in range(8)]
-    qdq = QuantizeW8A16Pass(calibration=cal, kv_bits=8)(onnx_io.load(folder / "f.onnx")).model  # unsigned V
+    qdq = QuantizeW8A16Pass(calibration=cal)(onnx_io.load(folder / "f.onnx")).model  # unsigned V
     return folder, qdq, _feeds(rng)
 
 

@@ -2,13 +2,14 @@
 
 import pytest
 
-from neodragon_npu.tools.engine.family import AllStagesOptions, build_denoiser_stages
+from neodragon_npu.tools.engine.build import build as run_build
+from neodragon_npu.tools.engine.options import BuildOptions
+
+FAMILY = BuildOptions(model="denoiser", config="tiny", family=True, targets=("sm8750", "x-elite"),
+                      calibration_samples=4, partition_budget=220_000)
 
 
 @pytest.fixture(scope="session")
 def build(tmp_path_factory):
     out = tmp_path_factory.mktemp("all") / "build"
-    opts = AllStagesOptions(
-        config="tiny", targets=("sm8750", "x-elite"), calibration_samples=4, max_partition_weight_bytes=220_000
-    )
-    return out, build_denoiser_stages(opts, out)
+    return out, run_build(FAMILY, out)

@@ -6,11 +6,18 @@ from neodragon_npu.tools.engine.apply import apply_pipeline, parse_model_spec
 
 
 def test_model_specs_are_parsed_and_checked():
-    assert parse_model_spec("denoiser:tiny:2") == ("denoiser", "tiny", 2)
+    spec, config, graph = parse_model_spec("denoiser:tiny:2")
+    assert (spec.name, config, graph.name) == ("denoiser", "tiny", "stage2")
+    assert parse_model_spec("denoiser:tiny:stage0")[2].manifest_key == "0"
+    assert parse_model_spec("quicksrnet:tiny:x2")[2].output_names == ("upscaled",)
     with pytest.raises(ValueError, match="neither an .onnx file"):
         parse_model_spec("vae:tiny")
+    with pytest.raises(ValueError, match="unknown model 'vae'"):
+        parse_model_spec("vae:tiny:0")
     with pytest.raises(ValueError, match="unknown denoiser config"):
         parse_model_spec("denoiser:giant:0")
+    with pytest.raises(ValueError, match="has no graph '7'"):
+        parse_model_spec("denoiser:tiny:7")
 
 
 def test_apply_traces_runs_fx_then_onnx_passes(tmp_path):

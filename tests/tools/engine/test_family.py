@@ -17,29 +17,26 @@ from neodragon_npu.tools.engine.forked import Forked
 from neodragon_npu.graphs.feeds import load_samples
 from neodragon_npu.graphs.targets import get_target
 from neodragon_npu.graphs.verify import sqnr_db
-from neodragon_npu.tools.engine.single import MIN_SQNR_DB, load_denoiser
-from neodragon_npu.tools.engine.family import (
-    ALL_STAGES_MIN_SQNR_DB,
-    AllStagesOptions,
-    _background_worker,
-    _Compiler,
-    _CutPlan,
-    _export_forked,
-    _export_stage,
-    _Parts,
-    _run_chain,
-    _worker_result,
-    _write_stage_samples,
-    build_denoiser_stages,
-    gptq_sample_indices,
-)
+from neodragon_npu.graphs import chain
+from neodragon_npu.graphs.feeds import save_samples
+from neodragon_npu.neodragon_models.spec import SamplePlan
+from neodragon_npu.neodragon_models.specs import DENOISER
+from neodragon_npu.tools.engine.build import build as run_build
+from neodragon_npu.tools.engine.compile_pool import Compiler, PartTimer, compile_workers, worker_result
+from neodragon_npu.tools.engine.family import CutPlan, _export_forked, export_graph, gptq_sample_indices
+from neodragon_npu.tools.engine.options import BuildOptions, plan_build
+
+from .conftest import FAMILY
+
+MIN_SQNR_DB = DENOISER.min_sqnr_db
+ALL_STAGES_MIN_SQNR_DB = DENOISER.family_min_sqnr_db
 
 
 def test_every_stage_passes_in_the_simulator_and_in_aimet(build):
     _, result = build
     for kind in ("htp_simulator", "w8a16_cpu"):
         assert all(v >= ALL_STAGES_MIN_SQNR_DB for v in result.sqnr_db[kind].values()), kind
-    assert result.sqnr_db["htp_simulator"][2] >= MIN_SQNR_DB  # the demo's stage-2 bar
+    assert result.sqnr_db["htp_simulator"]["2"] >= MIN_SQNR_DB  # the demo's stage-2 bar
     assert all(v > 100 for v in result.sqnr_db["float_chain"].values())  # partitions chain exactly
 
 
@@ -51,8 +48,9 @@ def test_partitions_share_weights_and_one_binary_per_target(build):
     for part in parts:
         k = part["index"]
         inits = [set(onnx_io.load(out / g["qdq_model"]).graph.initializers) for g in part["graphs"].values()]
-        weights = [{n for n in names if "transformer" in n or "MatMul" in n} for names in inits]
-        assert weights[0] == weights[1] == weights[2]  # partition k holds the same weights everywhere
+        # the content-named weights of rank 2 and up (name_weights_by_content)
+        weights = [{n for n in names if re.fullmatch(r"w_\d+(x\d+)+_[0-9a-f]+", n)} for names in inits]
+        assert weights[0] and weights[0] == weights[1] == weights[2]  # partition k holds the same weights everywhere
         for target in ("sm8750", "x-elite"):
             bins = {g["binaries"][target]["binary"] for g in part["graphs"].values()}
             assert len(bins) == 1 and (out / bins.pop()).is_file()
@@ -130,134 +128,10 @@ def test_cpu_check_matches_the_chained_qdq_files_and_stage_graphs_are_dropped(bu
         samples = load_samples(out / f"stage{s}_check_samples.npz")
         refs = [x.pop("noise_pred_fp32") for x in samples]
         qdq = [out / g["graphs"][str(s)]["qdq_model"] for g in manifest["partitions"]]
-        outs = _run_chain(qdq, samples)
+        outs = [o[0] for o in chain.run_chain(qdq, samples, ["noise_pred"])]
         assert abs(sqnr_db(np.concatenate([r.ravel() for r in refs]), np.concatenate([o.ravel() for o in outs]))
-                   - result.sqnr_db["w8a16_cpu"][s]) < 0.01
+                   - result.sqnr_db["w8a16_cpu"][str(s)]) < 0.01
     assert all(step["peak_rss_bytes"] > 0 for step in manifest["steps"])
-
-
-def test_a_dead_worker_process_is_reported_in_one_sentence():
-    future = Future()
-    future.set_exception(BrokenProcessPool("A child process terminated abruptly"))
-    with pytest.raises(RuntimeError, match="worker process died while compiling partition 3"):
-        _worker_result(future, "compiling partition 3 for sm8750")
-
-
-def test_an_interrupted_build_does_not_wait_for_the_worker():
-    """Ctrl-C (or an error) while the worker runs a long task stops the worker at once."""
-    import time
-
-    start = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
-        with _background_worker() as worker:
-            running = worker.submit(time.sleep, 120)
-            while not running.running():
-                time.sleep(0.05)
-            time.sleep(0.5)  # the worker is inside the task
-            raise KeyboardInterrupt
-    assert time.perf_counter() - start < 60
-    assert running.done()
-
-
-def test_each_compile_runs_in_a_fresh_worker_process():
-    """A worker exits after one job (the QNN compiler keeps its memory otherwise), so two
-    jobs in turn run in two processes, neither of them this one."""
-    import os
-
-    with _background_worker() as worker:
-        first = worker.submit(os.getpid).result(60)
-        second = worker.submit(os.getpid).result(60)
-    assert len({first, second, os.getpid()}) == 3
-
-
-def test_compile_workers_preload_the_allocator(monkeypatch):
-    """The QNN compiler runs about a fifth faster on jemalloc: the workers load it, this
-    process does not, and the environment is as it was afterwards."""
-    import os
-    from pathlib import Path
-
-    library = qnn.compile_allocator()
-    if library is None:
-        pytest.skip("no jemalloc or tcmalloc on this machine (make setup unpacks jemalloc into .venv)")
-    before = os.environ.get("LD_PRELOAD")
-    maps = Path("/proc/self/maps").read_text
-    with _background_worker() as worker:
-        assert worker.allocator == library
-        assert Path(library).name in worker.submit(maps).result(60)
-    assert Path(library).name not in maps()
-    assert os.environ.get("LD_PRELOAD") == before
-    monkeypatch.setenv(qnn.ALLOCATOR_ENV, "glibc")
-    with _background_worker() as worker:
-        assert worker.allocator is None
-        assert Path(library).name not in worker.submit(maps).result(60)
-
-
-def test_compiles_run_one_at_a_time_until_widened():
-    """While the build quantizes, one compile at a time (one core each); widened, two."""
-    import threading
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    lock, running, most = threading.Lock(), [0], [0]
-    release = threading.Event()
-
-    def job(x):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        release.wait(10)
-        with lock:
-            running[0] -= 1
-        if x == "bad":
-            raise ValueError("compile failed")
-        return x * 2
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        compiler = _Compiler(pool)
-        assert not compiler.busy
-        futures = [compiler.submit(job, x) for x in (1, 2, 3, "bad")]
-        time.sleep(0.3)
-        assert most[0] == 1 and futures[0].running() and not futures[1].running()
-        assert compiler.busy  # the build's quantization then limits itself to one thread
-        compiler.widen()
-        time.sleep(0.3)
-        assert most[0] == 2 and futures[1].running() and not futures[2].running()
-        release.set()
-        assert [f.result(10) for f in futures[:3]] == [2, 4, 6]
-        with pytest.raises(ValueError, match="compile failed"):
-            futures[3].result(10)
-        assert most[0] == 2
-        time.sleep(0.1)  # the last job's callback
-        assert not compiler.busy
-        # jobs still waiting when the build stops are cancelled
-        release.clear()
-        first, second = compiler.submit(job, 4), compiler.submit(job, 5)
-        compiler.limit = 1
-        third = compiler.submit(job, 6)
-        compiler.cancel_waiting()
-        release.set()
-        assert third.cancelled() and first.result(10) == 8 and second.result(10) == 10
-
-
-def test_quantization_parts_run_on_one_thread_only_while_a_compile_runs():
-    import time
-    from types import SimpleNamespace
-
-    threads = torch.get_num_threads()
-    compiler = SimpleNamespace(busy=True)
-    watch = _Parts(compiler)
-    with watch("aimet"):
-        assert torch.get_num_threads() == 1 and qnn.session_threads() == 1
-        time.sleep(0.2)
-    assert torch.get_num_threads() == threads and qnn.session_threads() is None
-    compiler.busy = False  # the compile finished: the next part takes every core again
-    with watch("QDQ chain"):
-        assert torch.get_num_threads() == threads and qnn.session_threads() is None
-        time.sleep(0.1)
-    with watch("aimet"):
-        pass
-    assert 0.2 <= watch.limited < 0.3
-    assert list(watch.seconds) == ["aimet", "QDQ chain"] and watch.seconds["QDQ chain"] >= 0.1
 
 
 def test_float_target_gptq_moves_later_partitions_only(tmp_path):
@@ -269,10 +143,10 @@ def test_float_target_gptq_moves_later_partitions_only(tmp_path):
 
     weights = {}
     for target in ("quantized", "float"):
-        opts = AllStagesOptions(config="tiny", calibration_samples=4, max_partition_weight_bytes=220_000,
-                                gptq_target=target, verify_htp=False, layer_report=False, min_sqnr_db=0.0)
+        opts = FAMILY.replace(targets=("sm8750",), gptq_target=target, verify_htp=False, layer_report=False,
+                              min_sqnr_db=0.0, until="quantize")
         out = tmp_path / target
-        build_denoiser_stages(opts, out)
+        run_build(opts, out)
         assert json.loads((out / MANIFEST).read_text())["quantization"]["gptq_target"] == target
         weights[target] = {
             (s, k): {n: v for n, v in weight_values(onnx_io.load(out / f"stage{s}_part{k}_w8a16.onnx")).items()
@@ -307,7 +181,7 @@ def test_first_block_patterns_pick_exactly_the_linears_of_those_blocks(build):
     from neodragon_npu.passes.pipelines import first_blocks_patterns
 
     out, _ = build
-    blocks = build_denoiser(get_denoiser_config("tiny"), seed=AllStagesOptions().seed).transformer.transformer_blocks
+    blocks = build_denoiser(get_denoiser_config("tiny"), seed=FAMILY.seed).transformer.transformer_blocks
     linears = {}  # weight as the export stores it ([in, out]) -> (block, module)
     for b, block in enumerate(blocks):
         for name, module in block.named_modules():
@@ -344,7 +218,7 @@ def test_context_adapter_patterns_pick_exactly_its_linears(build):
     from neodragon_npu.passes.pipelines import CONTEXT_ADAPTER_PATTERNS, DENOISER_HIGH_PRECISION
 
     out, _ = build
-    adapter = build_denoiser(get_denoiser_config("tiny"), seed=AllStagesOptions().seed).context_adapter
+    adapter = build_denoiser(get_denoiser_config("tiny"), seed=FAMILY.seed).context_adapter
     expected = {m.weight.detach().numpy().tobytes() for m in adapter.modules() if isinstance(m, torch.nn.Linear)}
     assert expected and set(CONTEXT_ADAPTER_PATTERNS) <= set(DENOISER_HIGH_PRECISION)
     found = set()
@@ -359,33 +233,32 @@ def test_context_adapter_patterns_pick_exactly_its_linears(build):
 
 def test_check_calls_come_from_the_check_prompts_in_turn(monkeypatch):
     """Two check calls from two prompts: unit 1 of each, and no rollout runs further."""
-    from neodragon_npu.neodragon_models.configs import get_denoiser_config
-    from neodragon_npu.neodragon_models.denoiser import build_denoiser
-    from neodragon_npu.tools.engine import family as denoiser_stages
+    from neodragon_npu.neodragon_models.specs import denoiser as denoiser_spec
 
     ran = {}
-    real = denoiser_stages.collect_samples
+    real = denoiser_spec.collect_samples
 
     def recording(*args, units_per_prompt=None, **kwargs):
         ran.update(units_per_prompt)
         return real(*args, units_per_prompt=units_per_prompt, **kwargs)
 
-    monkeypatch.setattr(denoiser_stages, "collect_samples", recording)
-    model = build_denoiser(get_denoiser_config("tiny"), seed=0)
-    opts = AllStagesOptions(config="tiny", calibration_samples=4, check_prompts=2, check_samples=2)
-    calib, check = denoiser_stages._stage_samples(model, opts, [0, 2])
+    monkeypatch.setattr(denoiser_spec, "collect_samples", recording)
+    plan = plan_build(FAMILY)
+    model = DENOISER.load(plan.load)
+    graphs = [g for g in plan.graphs if g.manifest_key in ("0", "2")]
+    samples = DENOISER.samples(model, graphs, SamplePlan(calibration=4, check=2, family=True))
     assert ran == {1000: 3, 1001: 1, 2000: 1, 2001: 1}  # tiny: 3 units per prompt
-    for s in (0, 2):
-        assert [(x.prompt_seed, x.unit) for x in check[s]] == [(2000, 1), (2001, 1)]
-        assert [(x.prompt_seed, x.unit) for x in calib[s]] == [(1000, 1), (1000, 2), (1000, 3), (1001, 1)]
-    opts = AllStagesOptions(config="tiny", calibration_samples=1, check_prompts=2, check_samples=3)
-    _, check = denoiser_stages._stage_samples(model, opts, [1])
-    assert [(x.prompt_seed, x.unit) for x in check[1]] == [(2000, 1), (2001, 1), (2000, 2)]
+    for s in ("stage0", "stage2"):
+        assert samples.check_labels[s] == ["prompt 2000 unit 1", "prompt 2001 unit 1"]
+        assert len(samples.calibration[s]) == 4 and "noise_pred_fp32" in samples.check[s][0]
+    samples = DENOISER.samples(model, graphs[:1], SamplePlan(calibration=1, check=3, family=True))
+    assert samples.check_labels["stage0"] == ["prompt 2000 unit 1", "prompt 2001 unit 1", "prompt 2000 unit 2"]
 
 
 def test_a_forked_stage_export_writes_what_an_export_here_writes(tmp_path):
-    opts = AllStagesOptions(config="tiny", max_partition_weight_bytes=220_000)
-    denoiser = load_denoiser(opts)
+    plan = plan_build(FAMILY)
+    denoiser = DENOISER.load(plan.load)
+    stage2, stage1 = (next(g for g in plan.graphs if g.manifest_key == k) for k in ("2", "1"))
 
     def weights():
         return {f"{m}.{n}": t for m in ("transformer", "context_adapter")
@@ -393,15 +266,16 @@ def test_a_forked_stage_export_writes_what_an_export_here_writes(tmp_path):
 
     before = {name: t.clone() for name, t in weights().items()}
     here, there = tmp_path / "here", tmp_path / "there"
+    samples = DENOISER.samples(denoiser, [stage1], SamplePlan(calibration=1, check=1, family=True))
     for work in (here, there):
         work.mkdir()
-        _write_stage_samples(denoiser, opts, work, [1])
-    plan = _CutPlan(opts.max_partition_weight_bytes)
-    _export_stage(opts, 2, lambda: copy.deepcopy(denoiser), here, plan.parts)  # sets the cuts, as in a build
-    stats, paths = _export_stage(opts, 1, lambda: copy.deepcopy(denoiser), here, plan.parts)
+        save_samples(work / "stage1_check_samples.npz", samples.check["stage1"])
+    cuts = CutPlan(plan.partition_budget)
+    export_graph(plan, stage2, lambda: copy.deepcopy(denoiser), here, cuts.decide)  # sets the cuts, as in a build
+    stats, paths = export_graph(plan, stage1, lambda: copy.deepcopy(denoiser), here, cuts.follow)
     assert len(paths) > 1
-    fork = Forked("the stage-1 export", _export_forked, opts, 1, denoiser, there)
-    fork.send(plan.weights)  # the cuts, as the parent's export of the largest stage gives them
+    fork = Forked("the stage-1 export", _export_forked, plan, stage1, denoiser, there)
+    fork.send(cuts.weights)  # the cuts, as the parent's export of the lead graph gives them
     forked_stats, forked_paths, seconds, float_chain_db = fork.result()
     assert forked_stats == stats and [p.name for p in forked_paths] == [p.name for p in paths] and seconds > 0
     for a, b in zip(paths, forked_paths):  # the same graphs; the initializers may come in another order

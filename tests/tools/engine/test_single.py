@@ -10,7 +10,17 @@ from neodragon_npu.tools.engine.artifacts import MANIFEST, OutputDirError
 from neodragon_npu.graphs.feeds import load_samples
 from neodragon_npu.graphs.targets import get_target
 from neodragon_npu.graphs.verify import sqnr_db
-from neodragon_npu.tools.engine.single import MIN_SQNR_DB, DenoiserBuildOptions, build_denoiser_stage
+from neodragon_npu.neodragon_models.specs import DENOISER
+from neodragon_npu.tools.engine.build import build as build_denoiser_stage
+from neodragon_npu.tools.engine.options import BuildOptions
+
+MIN_SQNR_DB = DENOISER.min_sqnr_db
+
+
+def DenoiserBuildOptions(*, stage=2, target="sm8750", remove_blocks=None, **kwargs):
+    """A one-stage denoiser build's options."""
+    options = {"remove_blocks": remove_blocks} if remove_blocks else {}
+    return BuildOptions(model="denoiser", graphs=(str(stage),), targets=(target,), model_options=options, **kwargs)
 
 
 @pytest.fixture(scope="module")

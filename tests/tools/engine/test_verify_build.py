@@ -5,7 +5,9 @@ import json
 import pytest
 
 from neodragon_npu.tools.engine.artifacts import MANIFEST
-from neodragon_npu.tools.engine.family import ALL_STAGES_MIN_SQNR_DB
+from neodragon_npu.neodragon_models.specs import DENOISER
+
+ALL_STAGES_MIN_SQNR_DB = DENOISER.family_min_sqnr_db
 
 
 def test_verify_reproduces_the_builds_check_and_measures_fresh_prompts(build, capsys, caplog):
@@ -15,10 +17,10 @@ def test_verify_reproduces_the_builds_check_and_measures_fresh_prompts(build, ca
     from neodragon_npu.tools.cli import main
 
     out, result = build
-    same = vb.verify_build(out, prompts=1, calls_per_prompt=2, first_seed=2000)  # the build's check prompt
-    assert same.calls == {s: [(2000, 1), (2000, 2)] for s in range(3)}
+    same = vb.verify_build(out, prompts=2, calls_per_prompt=1, first_seed=2000)  # the build's check calls
+    assert same.calls == {s: ["prompt 2000 unit 1", "prompt 2001 unit 1"] for s in "012"}
     first = vb.verify_build(out, prompts=1, calls_per_prompt=1, float_chain=True, first_seed=2000)  # the build chains one
-    for s in range(3):
+    for s in "012":
         assert same.sqnr_db["w8a16_cpu"][s] == pytest.approx(result.sqnr_db["w8a16_cpu"][s], abs=1e-6)
         assert first.sqnr_db["float_chain"][s] == pytest.approx(result.sqnr_db["float_chain"][s], abs=1e-6)
         assert min(same.per_call_db["w8a16_cpu"][s]) <= same.sqnr_db["w8a16_cpu"][s] <= max(same.per_call_db["w8a16_cpu"][s])
@@ -28,17 +30,17 @@ def test_verify_reproduces_the_builds_check_and_measures_fresh_prompts(build, ca
     fresh = json.loads((out.parent / "verify.json").read_text())
     assert fresh["prompts"] == [3000] and list(fresh["sqnr_db"]) == ["w8a16_cpu"]
     for s in ("0", "1", "2"):
-        assert fresh["calls"][s] == [[3000, u] for u in (1, 2, 3)]  # tiny: every one of its 3 units
+        assert fresh["calls"][s] == [f"prompt 3000 unit {u}" for u in (1, 2, 3)]  # tiny: every one of its 3 units
         assert fresh["sqnr_db"]["w8a16_cpu"][s] >= ALL_STAGES_MIN_SQNR_DB
-        assert f"stage {s}: {fresh['sqnr_db']['w8a16_cpu'][s]:6.2f} dB pooled over 3 call(s)" in printed
+        assert f"{s}: {fresh['sqnr_db']['w8a16_cpu'][s]:6.2f} dB pooled over 3 call(s)" in printed
 
     # a chosen prompt, here the build's own check prompt: said not to be fresh
-    assert main(["verify", str(out), "--first-seed", "2000", "--prompts", "1", "--calls-per-prompt", "2",
+    assert main(["verify", str(out), "--first-seed", "2000", "--prompts", "2", "--calls-per-prompt", "1",
                  "--json", str(out.parent / "verify2000.json")]) == 0
     again = json.loads((out.parent / "verify2000.json").read_text())
-    assert again["calls"]["0"] == [[2000, 1], [2000, 2]]
-    assert again["sqnr_db"]["w8a16_cpu"]["0"] == round(same.sqnr_db["w8a16_cpu"][0], 2)
-    assert "seeds 2000-2000 include the build's calibration (1000+) or check (2000+) prompts" in caplog.text
+    assert again["calls"]["0"] == ["prompt 2000 unit 1", "prompt 2001 unit 1"]
+    assert again["sqnr_db"]["w8a16_cpu"]["0"] == round(same.sqnr_db["w8a16_cpu"]["0"], 2)
+    assert "seeds 2000-2001 include the build's calibration (1000+) or check (2000+) samples" in caplog.text
 
 
 def test_verify_refuses_what_is_not_an_all_stages_build(tmp_path, capsys):
@@ -46,9 +48,9 @@ def test_verify_refuses_what_is_not_an_all_stages_build(tmp_path, capsys):
 
     assert main(["verify", str(tmp_path)]) == 2
     assert "holds no manifest.json: not a build directory" in capsys.readouterr().err
-    (tmp_path / MANIFEST).write_text(json.dumps({"tool": "neodragon-npu", "mode": "single-stage"}))
+    (tmp_path / MANIFEST).write_text(json.dumps({"tool": "neodragon-npu", "pipeline": "denoiser", "graphs": []}))
     assert main(["verify", str(tmp_path)]) == 2
-    assert "single-stage build" in capsys.readouterr().err
+    assert "single-graph build" in capsys.readouterr().err
 
 
 def _scale_weights(qdq_path, factor):
@@ -81,7 +83,7 @@ def test_per_partition_names_the_partition_that_loses(build, tmp_path, capsys):
     split = vb.verify_build(out, prompts=1, calls_per_prompt=1, per_partition=True)
     n = len(json.loads((out / MANIFEST).read_text())["partitions"])
     assert n >= 3
-    for s in range(3):
+    for s in "012":
         for label in ("w8a16_cpu", "float_chain"):
             assert split.sqnr_db[label][s] == pytest.approx(plain.sqnr_db[label][s], abs=1e-6)
         losses = split.partitions[s]
@@ -96,18 +98,18 @@ def test_per_partition_names_the_partition_that_loses(build, tmp_path, capsys):
     part = sorted(manifest["partitions"], key=lambda p: p["index"])[1]
     _scale_weights(spoiled / part["graphs"]["0"]["qdq_model"], 1.25)
     bad = vb.verify_build(spoiled, prompts=1, calls_per_prompt=1, per_partition=True)
-    good, worse = split.partitions[0], bad.partitions[0]
+    good, worse = split.partitions["0"], bad.partitions["0"]
     assert worse[0] == good[0]
     assert worse[1].local_db < good[1].local_db - 10 and worse[1].chain_db < good[1].chain_db - 10
     assert all(w.chain_db < g.chain_db for w, g in zip(worse[1:], good[1:]))  # from it on
     assert all(w.local_db == pytest.approx(g.local_db, abs=1e-6) for w, g in zip(worse[2:], good[2:]))
     assert min(range(n), key=lambda k: worse[k].local_db) == 1
-    assert bad.partitions[1] == split.partitions[1] and bad.partitions[2] == split.partitions[2]
+    assert bad.partitions["1"] == split.partitions["1"] and bad.partitions["2"] == split.partitions["2"]
 
     assert main(["verify", str(spoiled), "--prompts", "1", "--calls-per-prompt", "1", "--per-partition",
                  "--json", str(tmp_path / "v.json")]) == 0
     printed = capsys.readouterr().out
-    assert "stage 0, partition by partition" in printed
+    assert "0, partition by partition" in printed
     row = next(x for x in printed.splitlines() if x.strip().startswith("1 ") and "dB" in x)
     assert f"{worse[1].local_db:6.2f} dB" in row and worse[1].worst_tensor in row
     saved = json.loads((tmp_path / "v.json").read_text())
