@@ -1,14 +1,14 @@
 """PyTorch -> ONNX conversion (a conversion, not a pass).
 
-The legacy TorchScript exporter is the default: on these machines it exported a full-width
-MMDiT block in 6 s where the dynamo exporter was much slower, and on a graph whose shapes
+The legacy TorchScript exporter is the default: it exported a full-width MMDiT block much
+faster than the dynamo exporter (shared/stack.md), and on a graph whose shapes
 were specialised beforehand (no shape queries left) both give the same static graph. Above
 2 GB the legacy exporter would write one file per tensor: its initializers are taken from
 it in memory instead (:func:`exported_model`).
 
 The split attention (:func:`kernels.attention.attention_split`) is traced as one node per
 attention and expanded in ONNX (:mod:`graphs.onnx_attention`): traced op by op, the
-full-size stage-2 graph took 212 s to export with its ONNX passes instead of 96 s.
+full-size stage-2 graph took twice as long to export.
 """
 
 from __future__ import annotations
@@ -48,14 +48,9 @@ def exported_model(
     module's own tensors (and the exporter's folded ones), never written: a caller that
     transforms the model further and saves only the result writes the weights once (6 GB per
     full-size stage graph). The dynamo exporter's weights are read lazily from its files in
-    a temporary folder under ``workdir``, removed on exit.
-
-    Full-size stage graphs, exported alone (trace, FX passes, export, ONNX passes, 10
-    partition files): stage 2 134.1 s against 158.2 s with the weights written to the
-    exporter's files and read back, peak RSS 8.50 against 11.84 GB; stage 0 158.6 against
-    164.8 s, 7.80 against 11.64 GB. (Leaving the constant folding, which copies every weight
-    it transposes, to the ONNX passes made the export itself faster but the whole slower
-    for stage 2, 182.4 s: the transposed weights were then copied strided when written.)"""
+    a temporary folder under ``workdir``, removed on exit. The exporter's constant folding
+    stays on: left to the ONNX passes, the transposed weights were written strided, slower
+    (docs/measurements.md)."""
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
     workdir = Path(workdir)

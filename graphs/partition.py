@@ -244,9 +244,8 @@ def _sink_input_only_nodes(prof: Profile, parts: list[int], owned_weights: set[s
     never adds a crossing tensor); nodes producing graph outputs stay where they are.
 
     Such nodes (the attention-mask slices of every block, cut from the mask input) otherwise
-    land in partition 0 and are handed through every cut to the block that reads them: in
-    the full-size stage 0 graph, 491 tensors (241 MB per call) left partition 0; moved,
-    the whole chain hands on 37 tensors (40 MB). The reference graph's contiguous cuts
+    land in partition 0 and are handed through every cut to the block that reads them
+    (hundreds of tensors per call at full size). The reference graph's contiguous cuts
     already keep such nodes next to their first reader (:func:`prepare`'s order)."""
     index = {node: i for i, node in enumerate(prof.nodes)}
     input_only = set()

@@ -29,11 +29,9 @@ _QNN_EP = "QNNExecutionProvider"
 _registered = False
 _thread_limit: int | None = None  # set by thread_limit()
 
-# The QNN HTP compiler allocates and frees small objects at a high rate: under perf, malloc
-# and free took about a fifth of a compile's samples. Preloading jemalloc into the compile
-# workers, a 2-block full-width partition's three stage graphs compiled in 48.0 and 49.8 s
-# against 60.4 and 64.9 s with glibc's malloc (tcmalloc 47.2 s, TBB's malloc 59-60 s), into
-# the same binary bit for bit.
+# The QNN HTP compiler allocates and frees small objects at a high rate (malloc and free are
+# a large share of a compile's time under perf): the compile workers preload a faster
+# allocator, which builds the same binary bit for bit (docs/measurements.md).
 ALLOCATOR_ENV = "NEODRAGON_NPU_COMPILE_MALLOC"
 _SYSTEM_ALLOCATORS = ("jemalloc", "tcmalloc_minimal")
 
@@ -88,12 +86,8 @@ def thread_limit(threads: int | None):
     :func:`session_threads`). ``None`` changes nothing.
 
     For work beside a QNN compile in a worker process, which is single-threaded: two threads
-    here and the compile's one share two cores. A full-size stage-2 partition
-    compiled in 88.6 s alone, 141.4 s beside aimet's calibration of a merged partition on
-    two threads (114.7 s) and 119.5 s beside the same on one thread (107.0 s; 76.9 s alone on
-    two): on one thread both finished sooner. (In the full-size build the gain did not show
-    against this machine's hour-to-hour variation; the quantize step's peak fell from
-    15.08 to 13.88 GB.)"""
+    here and the compile's one share two cores; measured, both finish sooner when this
+    side runs on one thread (docs/measurements.md)."""
     global _thread_limit
     if threads is None:
         yield
@@ -132,10 +126,8 @@ def cpu_session_options(threads: int | None = None) -> ort.SessionOptions:
 
     onnxruntime's CPU EP otherwise fuses DequantizeLinear(int8 weight) -> MatMul into
     MatMulNBits at accuracy level 4, which quantizes the activation to int8 on the fly: a
-    W8A16 graph then runs as W8A8 and no longer simulates what the NPU computes. Measured on
-    the first transformer partition of the full-size stage 0: 34.2 dB fused against 36.7 dB
-    as written; the full 18-block chain 31.65 / 31.44 / 31.02 dB against
-    32.57 / 32.31 / 31.73 dB (stages 0 / 1 / 2); that partition ran in 0.7 s against 0.6 s."""
+    W8A16 graph then runs as W8A8 and no longer simulates what the NPU computes
+    (docs/measurements.md)."""
     so = _session_options(threads)
     so.add_session_config_entry("session.disable_quant_qdq", "1")
     return so
@@ -201,6 +193,42 @@ def preloaded_in_new_processes(library: str | None):
             os.environ["LD_PRELOAD"] = saved
 
 
+HTP_MAX_RANK = 4
+
+
+class UnsupportedGraphError(ValueError):
+    """A graph the HTP cannot take, found before the QNN compiler runs."""
+
+
+def check_for_htp(model_path: str | Path) -> None:
+    """Refuse, naming the node, a graph the HTP cannot take: a tensor above rank 4 (tiling
+    high-rank tensors made one compile take a day; facts 4.1) or a shape left dynamic. The
+    QNN compiler's own error for these comes late and names neither."""
+    import onnx
+
+    path = Path(model_path)
+    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - the declared shapes are checked as they are
+        pass
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    interface = {v.name for v in [*graph.input, *graph.output]}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        node = producer.get(value.name)
+        where = f"{node.name or node.op_type} ({node.op_type})" if node is not None else "graph input"
+        if len(dims) > HTP_MAX_RANK:
+            raise UnsupportedGraphError(f"{path.name}: {where} makes {value.name!r} of rank {len(dims)}; the HTP takes "
+                                        f"rank {HTP_MAX_RANK} at most (reshape it in the model or an FX pass)")
+        if value.name in interface and any(not d.HasField("dim_value") for d in dims):
+            raise UnsupportedGraphError(f"{path.name}: {where} makes {value.name!r} with a dynamic shape; the HTP "
+                                        "takes static shapes (trace at a fixed shape, specialize_shapes)")
+
+
 @dataclass(frozen=True)
 class ContextBinary:
     epcontext_model: Path  # the ONNX file with the EPContext node
@@ -208,14 +236,18 @@ class ContextBinary:
 
 
 def compile_context_binary(
-    qdq_path: str | Path, ctx_path: str | Path, target: Target, *, share: bool = False, last_shared: bool = False
+    qdq_path: str | Path, ctx_path: str | Path, target: Target, *, share: bool = False, last_shared: bool = False,
+    graph_dump_dir: str | Path | None = None,
 ) -> ContextBinary:
     """Prepare a QDQ model for ``target`` and write the EPContext model + context binary.
 
     With ``share``, successive calls add their graphs to one QNN context (weights with the
     same name and value stored once); the call with ``last_shared`` closes it, and every
-    EPContext model of the group points at the binary the first call named.
+    EPContext model of the group points at the binary the first call named. With
+    ``graph_dump_dir``, the QNN graph the EP hands the HTP compiler is written there as JSON
+    (:func:`qnn_graph_ops` reads it).
     """
+    check_for_htp(qdq_path)
     ctx_path = Path(ctx_path)
     ctx_path.parent.mkdir(parents=True, exist_ok=True)
     so = _session_options()
@@ -227,7 +259,11 @@ def compile_context_binary(
         so.add_session_config_entry("ep.share_ep_contexts", "1")
         if last_shared:
             so.add_session_config_entry("ep.stop_share_ep_contexts", "1")
-    so.add_provider_for_devices(_qnn_devices(), qnn_provider_options(target))
+    options = qnn_provider_options(target)
+    if graph_dump_dir is not None:
+        Path(graph_dump_dir).mkdir(parents=True, exist_ok=True)
+        options.update({"dump_json_qnn_graph": "1", "json_qnn_graph_dir": str(graph_dump_dir)})
+    so.add_provider_for_devices(_qnn_devices(), options)
     with _native_stdout_silenced():
         session = ort.InferenceSession(str(qdq_path), sess_options=so)
     del session
@@ -239,6 +275,20 @@ def compile_context_binary(
     return ContextBinary(ctx_path, binary)
 
 
+def qnn_graph_ops(dump_dir: str | Path) -> dict[str, int]:
+    """Op types and counts of the QNN graph(s) dumped by :func:`compile_context_binary`."""
+    import json
+    from collections import Counter
+
+    counts: Counter = Counter()
+    files = [f for f in sorted(Path(dump_dir).glob("*.json")) if not f.name.endswith("_tensor_log.json")]
+    if not files:
+        raise RuntimeError(f"the QNN EP wrote no graph JSON into {dump_dir}")
+    for f in files:
+        counts.update(node["type"] for node in json.loads(f.read_text())["graph"]["nodes"].values())
+    return dict(sorted(counts.items()))
+
+
 def compile_shared_context(
     graphs: Sequence[tuple[str | Path, str | Path]], target_name: str
 ) -> tuple[list[ContextBinary], list[float]]:
@@ -247,8 +297,8 @@ def compile_shared_context(
     binaries and the seconds each graph took.
 
     Takes the target by name and needs nothing but this module: it is what a build's
-    compile worker process runs, and such a process then starts in a fraction of a second
-    (47 MB, 0.2 s to import here, against 341 MB and 3.5 s for the build's own module)."""
+    compile worker process runs, and such a process then starts in a fraction of a second,
+    without the build's own imports."""
     target = get_target(target_name)
     built, seconds = [], []
     for i, (qdq_path, ctx_path) in enumerate(graphs):

@@ -103,8 +103,7 @@ def attention_split(
 # --- tracing attention_split as one node --------------------------------------------------
 # Traced op by op, the split attention of the full-size stage-2 graph is tens of thousands of
 # small ops: the TorchScript tracer runs each one at full size and the exporter then
-# optimises them one by one. Its export with the ONNX passes took 212 s that way and 96 s
-# with one node per attention (same graph, same outputs bit for bit). Inside
+# optimises them one by one (twice the export time; same graph, same outputs). Inside
 # :func:`traced_as_one_node` the tracer records one ``neodragon::SplitAttention`` node per
 # attention instead, and :func:`graphs.onnx_attention.expand_split_attention` writes the
 # same chunked graph into the ONNX model afterwards.

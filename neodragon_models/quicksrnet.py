@@ -44,8 +44,8 @@ QUICKSRNET_CONFIGS = {
         QuickSRNetConfig("medium", 32, 5, False),
         QuickSRNetConfig("large", 64, 11, True),
         # narrow and on small frames, for tests: the two layouts (with and without the anchor)
-        QuickSRNetConfig("tiny", 8, 1, False, height=48, width=64),
-        QuickSRNetConfig("tiny-anchor", 8, 2, True, height=48, width=64),
+        QuickSRNetConfig("tiny", 16, 1, False, height=48, width=64),
+        QuickSRNetConfig("tiny-anchor", 16, 2, True, height=48, width=64),
     )
 }
 

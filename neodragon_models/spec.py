@@ -57,6 +57,8 @@ class GraphSpec:
     key: str = ""
     describe: Mapping[str, Any] = field(default_factory=dict)  # this graph's manifest fields
     tracing: Tracing = Tracing()
+    # QNN op type -> how many the compiled graph must hold (checked after the compile)
+    expected_qnn_ops: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def manifest_key(self) -> str:

@@ -7,7 +7,7 @@ the *result*, and checks that an in-place pass really returned the object it was
 leaves the model untouched, so running any pass twice reports no change the second time.
 
 A pass that leaves a site alone says why (onnxscript's check-with-a-reason habit):
-``self.skip(site, reason)`` inside ``call`` records it; the reasons come back as
+``self.leave(site, reason)`` inside ``call`` records it; the reasons come back as
 ``PassResult.notes``, are logged at debug level, and ``apply --explain`` prints them. A pass
 that found no candidate at all gets one note saying what it looked for (``LOOKS_FOR``).
 
@@ -62,7 +62,7 @@ class Pass(abc.ABC):
             raise PassError(f"{cls.__name__} sets no NAME (the name of its file)")
         return cls.NAME
 
-    def skip(self, site: str, reason: str) -> None:
+    def leave(self, site: str, reason: str) -> None:
         """Record that ``site`` was left alone and why (see the module docstring)."""
         self._notes.append(f"{site}: {reason}")
         logger.debug("      %s leaves %s alone: %s", self.pass_name(), site, reason)

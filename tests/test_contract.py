@@ -152,3 +152,13 @@ def test_diffusers_and_transformers_models_import_beside_ours(where, tmp_path):
     cwd = ROOT if where == "checkout" else tmp_path
     done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_readme_pass_table_is_the_registry():
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## What the passes do"):text.index("## Layout")]
+    rows = [line.split("|")[1].strip().strip("`") for line in table.splitlines() if line.startswith("| `")]
+    assert sorted(rows) == sorted(PASSES)
+    irs = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip().lower()
+           for line in table.splitlines() if line.startswith("| `")}
+    assert irs == {name: cls.IR for name, cls in PASSES.items()}

@@ -1,23 +1,18 @@
 """Data-aware rounding of int8 per-channel weights (GPTQ, Frantar et al. 2023).
 
-Round-to-nearest int8 per-channel weights cost about 42 dB per Linear (measured on the
-full-width denoiser), and a 2-block MMDiT chains a dozen of them. GPTQ keeps the grid that
+Round-to-nearest int8 per-channel weights lose a few dB per Linear, and a deep model chains
+hundreds of them. GPTQ keeps the grid that
 round-to-nearest would use (symmetric, one scale per output channel, set by the channel's
 extreme value) and chooses the integers column by column, pushing each rounding error onto
 the input channels not yet rounded through the inverse Hessian H = sum(X^T X) of the layer's
 calibration inputs. The weights it returns lie exactly on that grid, so aimet's min-max
 per-channel encodings reproduce it bit for bit and nothing downstream changes.
 
-Measured on the 2-block, full-width denoiser, stage 2, held-out prompt, with 2 calls x 512
-rows and act-order: to_q 41.8 -> 46.1 dB, to_out 42.1 -> 46.4 dB (weight
-error alone). Layers whose calibration inputs hold too few
-rows for their width (the adaLN Linears see one conditioning vector per call) gain nothing
-and are left to round-to-nearest.
-
-With so few calibration calls GPTQ fits its own rows: in the full build, block 0's to_q
-reached 58.5 dB on the calibration rows and 45.1 dB on held-out prompts (stage 0), and
-in block 8 it ranged from -0.5 to +2.4 dB against round-to-nearest (damping 0.01, two
-calls of one prompt; +0.2 to +2.9 dB with the damping below and calls of two prompts).
+Layers whose calibration inputs hold too few rows for their width (the adaLN Linears see
+one conditioning vector per call) gain nothing and are left to round-to-nearest. With few
+calibration calls GPTQ fits its own rows; the damping below counters that. Its gains, per
+layer and per setting, are in docs/quantization.md. Conv weights take the same path: each
+output position's input patch is one row, the weight reshaped to [C * kh * kw, O].
 """
 
 from __future__ import annotations
@@ -36,20 +31,15 @@ from neodragon_npu.graphs import qnn
 from neodragon_npu.graphs.onnx_edit import const_array, matches_any
 
 QMIN, QMAX = -128, 127  # aimet's symmetric int8 grid: scale * {-128 .. 127}, zero point 0
-# Rows (tokens) taken from each calibration feed: every token of the denoiser's largest stage
-# (1728). Taking 512, strided, cost 0.3 / 0.6 / 0.8 dB (stages 0 / 1 / 2) on the 2-block
-# full-width model in aimet's simulation: an FF2 input (K = 6144) then had fewer rows than
-# columns. All rows added 7 s of GPTQ time to the 2-block build (39 s -> 46 s).
+# Rows (tokens, or conv output positions) taken from each calibration feed: every token of
+# the denoiser's largest stage (1728); fewer left an FF2 input (K = 6144) with fewer rows
+# than columns.
 DEFAULT_ROWS_PER_FEED = 2048
 # Diagonal damping, as a fraction of the mean of diag(H). GPTQ's paper uses 0.01 with 128 x
 # 2048 rows per layer; here an image-stream Linear gets 4800 rows from its 6 calls (3x K,
 # 0.8x for the FF down projection's K = 6144), a context one 768 (0.5x K), many of them
 # repeats (padding tokens; the same 128 prompt tokens in every call of a prompt), and 0.01
-# fits them too closely. Measured per Linear on
-# held-out prompts of the full-size model (13 Linears of blocks 0 and 8, all stages): 0.1
-# changed the SQNR by -0.03 to +1.3 dB against 0.01 (+0.6 dB on average). In block 8, 0.01
-# was worse than round-to-nearest on to_q and add_q_proj (41.5 / 40.6 dB against
-# 42.0 / 41.9); 0.1 with calls of two prompts gives 42.2 / 42.3 dB.
+# fits them too closely (docs/quantization.md).
 DEFAULT_DAMP = 0.1
 
 
@@ -76,9 +66,7 @@ def inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
     Computed in float32, as GPTQ itself does (torch's Cholesky, LAPACK's triangular
     inverse ``strtri``, which takes K^3/3 flops against K^3 for a triangular solve against
     the identity), and again in float64 if the float32 factorisation fails. On a K = 6144
-    Hessian the float32 factor differs from the float64 one by 2e-7 (relative); on an idle
-    machine the Cholesky took 0.7 s and ``strtri`` 0.7 s, against 3.1 s for the factor with
-    the triangular solve."""
+    Hessian the float32 factor differs from the float64 one by 2e-7 (relative)."""
     h32 = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32))
     lower_flipped, info = torch.linalg.cholesky_ex(h32.flip(0, 1))
     if int(info) == 0:
@@ -92,6 +80,13 @@ def inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
     if info != 0:
         raise np.linalg.LinAlgError(f"triangular inverse failed (info {info})")
     return u.astype(np.float32)
+
+
+def snap_to_grid(w_kn: np.ndarray, values_kn: np.ndarray) -> np.ndarray:
+    """``values_kn`` rounded to the nearest point of ``w_kn``'s int8 grid (what a min-max
+    per-channel quantizer computed from ``w_kn`` makes of them)."""
+    scale = channel_scales(w_kn.astype(np.float64))
+    return (np.clip(np.round(values_kn / scale), QMIN, QMAX) * scale).astype(w_kn.dtype)
 
 
 def keep_scales(w_kn: np.ndarray, rounded_kn: np.ndarray) -> np.ndarray:
@@ -127,7 +122,7 @@ def gptq_round(
     The result lies on round_to_nearest's grid and keeps the element that sets each
     channel's scale in place, so a min-max encoder recomputes exactly the same scales.
     ``act_order`` rounds the input channels with the most energy first (their errors are
-    then spread over the weaker ones): +0.1-0.6 dB per layer on the denoiser's Linears.
+    then spread over the weaker ones).
 
     ``cross`` = X~^T (X - X~), with X the inputs the float model gives the layer, aims the
     rounding at the float layer's output X W instead of X~ W (asymmetric calibration, as

@@ -181,9 +181,8 @@ DENOISER = ModelSpec(
     describe=_describe,
     weight_bytes=_weight_bytes,
     min_sqnr_db=30.0,
-    # The tiny model's stage 0 reaches 29 dB in the HTP simulator (16 tokens, 32-wide layers
-    # under 18x adaLN modulations): the family gate catches a broken binary, the fidelity
-    # targets are `neodragon-npu bench fidelity`'s.
+    # The family gate catches a broken binary; the tiny model's stage 0 (16 tokens, 32-wide
+    # layers under large adaLN modulations) sits lowest. Fidelity targets are `bench fidelity`'s.
     family_min_sqnr_db=25.0,
     options=(
         ModelOption("remove_blocks", str, None, "blocks to remove first: 3,7,9 or count=N or threshold=T"),

@@ -18,6 +18,7 @@ def _graphs(config: str) -> list[GraphSpec]:
         input_names=("frame",), output_names=("upscaled",),
         fx_passes=lambda model, target, pipeline: pipelines.cleanup_fx(),
         onnx_passes=lambda pipeline: pipelines.cleanup_onnx(),
+        expected_qnn_ops={"DepthToSpace": 1},  # PixelShuffle as one op, no reshape/transpose pair
     )]
 
 

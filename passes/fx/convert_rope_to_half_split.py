@@ -158,19 +158,19 @@ class ConvertRopeToHalfSplitPass(Pass):
             sites = [find_interleaved_rope(passthrough_source(n)) for n in (match.q, match.k)]
             where = match.output.name
             if any(s is None for s in sites):
-                self.skip(where, "Q or K carries no interleaved RoPE")
+                self.leave(where, "Q or K carries no interleaved RoPE")
                 continue
             if any(len(s.out.users) != 1 for s in sites):
-                self.skip(where, "the rotated Q or K has other readers")
+                self.leave(where, "the rotated Q or K has other readers")
                 continue
             head_dim = sites[0].x.meta["tensor_meta"].shape[-1]
             perm = Permute(tuple(half_split_permutation(head_dim).tolist()))
             plans = [plan_push_up(gm, s.x, perm) for s in sites]
             if any(isinstance(p, str) for p in plans):
-                self.skip(where, next(p for p in plans if isinstance(p, str)))
+                self.leave(where, next(p for p in plans if isinstance(p, str)))
                 continue
             if set(plans[0].nodes) & set(plans[1].nodes):
-                self.skip(where, "Q and K share producers: one permutation would hit both twice")
+                self.leave(where, "Q and K share producers: one permutation would hit both twice")
                 continue
             for plan in plans:
                 apply_plan(gm, plan)

@@ -48,14 +48,14 @@ class FoldAttentionScalePass(Pass):
             elif match.kind == "explicit" and match.scale != 1.0:
                 factor, source = match.scale, q
             else:
-                self.skip(match.output.name, "the attention has no scale to fold (scale 1)")
+                self.leave(match.output.name, "the attention has no scale to fold (scale 1)")
                 continue
             if len(source.users) != 1 and pre_scale is None:
-                self.skip(match.output.name, f"Q ({source.name}) has other readers, which the scale must not reach")
+                self.leave(match.output.name, f"Q ({source.name}) has other readers, which the scale must not reach")
                 continue
             plan = plan_push_up(gm, source, Scale(factor))
             if isinstance(plan, str):
-                self.skip(match.output.name, plan)
+                self.leave(match.output.name, plan)
                 continue
             apply_plan(gm, plan)
             if pre_scale is not None:

@@ -103,7 +103,7 @@ class RemoveBlocksPass(Pass):
         n_original = gm.meta.get("original_block_count", len(blocks))
         remove_now = [origins.index(o) for o in self._selection(n_original) if o in origins]
         if not remove_now:
-            self.skip(prefix, f"blocks {self.blocks} are already removed")
+            self.leave(prefix, f"blocks {self.blocks} are already removed")
             return PassResult(gm, False)
         if len(remove_now) == len(blocks):
             raise PreconditionError("remove_blocks: that would remove every block")

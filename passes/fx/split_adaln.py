@@ -68,17 +68,17 @@ class SplitAdaLNPass(Pass):
                 dim = chunker.args[1] if len(chunker.args) > 1 else chunker.kwargs.get("dim")
                 out_rank = len(chunker.meta["tensor_meta"].shape)
                 if dim % out_rank == out_rank - 1:
-                    self.skip(linear.name, "unsqueezed on its last axis, so its chunks would not be features")
+                    self.leave(linear.name, "unsqueezed on its last axis, so its chunks would not be features")
                     continue
                 unsqueeze, chunker = chunker, next(iter(chunker.users))
             rank = len((unsqueeze or linear).meta["tensor_meta"].shape)
             sizes = _chunk_sizes(chunker, module.out_features, rank)
             users = list(chunker.users)
             if not sizes or len(sizes) < 2:
-                self.skip(linear.name, f"{target_name(chunker)} does not cut the feature axis into two or more parts")
+                self.leave(linear.name, f"{target_name(chunker)} does not cut the feature axis into two or more parts")
                 continue
             if not all(u.target is operator.getitem for u in users):
-                self.skip(linear.name, "a reader takes the chunks as a whole, not one by one")
+                self.leave(linear.name, "a reader takes the chunks as a whole, not one by one")
                 continue
             self._split(gm, linear, module, unsqueeze, chunker, sizes)
             split += 1

@@ -66,7 +66,7 @@ class SplitAttentionPass(Pass):
             q_shape = match.q.meta["tensor_meta"].shape
             k_shape = match.k.meta["tensor_meta"].shape
             if len(q_shape) != 4:
-                self.skip(match.output.name, f"Q has rank {len(q_shape)}, not [batch, heads, tokens, dim]")
+                self.leave(match.output.name, f"Q has rank {len(q_shape)}, not [batch, heads, tokens, dim]")
                 continue
             heads, seq, keys = q_shape[1], q_shape[2], k_shape[2]
             segments = self._segments(seq, keys, match.bias is not None)
@@ -79,7 +79,7 @@ class SplitAttentionPass(Pass):
                 min_rows=self.min_rows,
             )
             if heads == 1 and len(chunks) == 1 and chunks[0][2] == keys:
-                self.skip(match.output.name, "one head whose scores fit one tile: nothing to split")
+                self.leave(match.output.name, "one head whose scores fit one tile: nothing to split")
                 continue
             with gm.graph.inserting_before(match.output):
                 new = gm.graph.call_function(
@@ -88,8 +88,8 @@ class SplitAttentionPass(Pass):
                     {"chunks": chunks, "scale": match.scale},
                 )
             # the same output as the attention it replaces: its shape annotation carries over
-            # (re-propagating every shape runs the thousands of ops of the split attentions on
-            # fake tensors: 16-17 s for the full-size stage-2 graph)
+            # (re-propagating every shape would run the thousands of ops of the split
+            # attentions on fake tensors)
             new.meta.update(match.output.meta)
             match.output.replace_all_uses_with(new)
             for node in reversed(match.nodes):

@@ -54,14 +54,14 @@ class FoldWeightQuantizationPass(Pass):
                 continue  # an activation's quantizer: not a weight
             attrs = {a.name: a.value for a in node.attributes.values()}
             if attrs.get("block_size", 0) or attrs.get("output_dtype", 0) or attrs.get("saturate", 1) != 1:
-                self.skip(node.name, "blocked, typed or non-saturating QuantizeLinear: not reproduced here")
+                self.leave(node.name, "blocked, typed or non-saturating QuantizeLinear: not reproduced here")
                 continue
             w, scale, zp = const_array(weight), const_array(scale_value), const_array(zp_value)
             if w is None or scale is None or zp is None or zp_value.dtype not in _INTEGER:
-                self.skip(node.name, "scale or zero point is not a constant integer encoding")
+                self.leave(node.name, "scale or zero point is not a constant integer encoding")
                 continue
             if len(weight.uses()) != 1 or weight.is_graph_output():
-                self.skip(node.name, f"the float weight {weight.name} is read elsewhere too: kept as it is")
+                self.leave(node.name, f"the float weight {weight.name} is read elsewhere too: kept as it is")
                 continue
             axis = int(attrs.get("axis", 1))
             axis = axis + w.ndim if axis < 0 else axis

@@ -115,5 +115,5 @@ class FuseRMSNormPass(Pass):
         for node in model.graph:
             square = producer(node.inputs[0], "Pow") if node.op_type == "ReduceMean" and node.inputs else None
             if square is not None and const_scalar(square.inputs[1]) == 2.0:
-                self.skip(node.name, _why_not(node, square))
+                self.leave(node.name, _why_not(node, square))
         return PassResult(model, fused > 0)

@@ -99,9 +99,9 @@ class FuseRotaryEmbeddingPass(Pass):
             return  # not a rotation candidate
         out_shape = concat.outputs[0].shape
         if out_shape is None or concat.attributes.get_int("axis") % len(out_shape) != len(out_shape) - 1:
-            self.skip(concat.name, "concatenates Sub and Add products, but not on the last axis")
+            self.leave(concat.name, "concatenates Sub and Add products, but not on the last axis")
         else:
-            self.skip(concat.name, "Sub and Add products, but not of the two halves of one tensor with the "
+            self.leave(concat.name, "Sub and Add products, but not of the two halves of one tensor with the "
                                    "same cos and sin (lo*cos - hi*sin, hi*cos + lo*sin)")
 
     def call(self, model: ir.Model) -> PassResult:
@@ -123,7 +123,7 @@ class FuseRotaryEmbeddingPass(Pass):
                 for t in (cos, sin)
             )
             if b != 1 or not tables_ok:
-                self.skip(node.name, "batch is not 1 or the cos/sin tables are not [1, (1,) S, D/2]")
+                self.leave(node.name, "batch is not 1 or the cos/sin tables are not [1, (1,) S, D/2]")
                 continue
             require_opset(model, 23)
             caches = []

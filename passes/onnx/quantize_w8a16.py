@@ -29,9 +29,9 @@ class QuantizeW8A16Pass(Pass):
     ``range_margin`` widens every calibrated activation range (about zero) by that factor.
     Prompt-level tensors (the conditioning vector and the adaLN modulations derived from it)
     get one value per prompt, so a calibration set sees few independent values and unseen
-    prompts land outside the calibrated range; clipping them cost 10-20 dB on held-out
-    prompts here. An int16 grid has ~96 dB of range, so a 2x margin costs 6 dB of
-    resolution that the int8 weights never let us use anyway.
+    prompts land outside the calibrated range, where clipping costs far more than the
+    margin (docs/measurements.md). An int16 grid has ~96 dB of range, so a 2x margin costs
+    6 dB of resolution that the int8 weights never let us use anyway.
 
     The pass leaves weights as fp32 initializers behind a QuantizeLinear, as aimet exports
     them; the W8A16 pipeline (:func:`neodragon_npu.passes.pipelines.w8a16`) then keeps K
@@ -57,7 +57,7 @@ class QuantizeW8A16Pass(Pass):
     graph, so a partitioned model can calibrate partition k + 1 on them without running
     partition k again. The pass drops its own references to feed i before the call, so a
     caller that drops its own frees the inputs as the outputs arrive (holding all of them
-    at once cost 2.8 GB at full size).
+    at once costs gigabytes at full size).
     """
 
     IR = "onnx"
@@ -108,7 +108,7 @@ class QuantizeW8A16Pass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         if is_quantized(model):
-            self.skip("model", "it already holds Q/DQ nodes")
+            self.leave("model", "it already holds Q/DQ nodes")
             return PassResult(model, False)
         samples = self._samples()
         ir.external_data.load_to_model(model)  # aimet takes a proto: weights in memory (< 2 GB)
@@ -151,9 +151,8 @@ def _calibrate(sim, session, feeds: list[dict[str, np.ndarray] | None], on_outpu
     """aimet's calibration forwards, with its weight quantizers on for the first one and
     those of ``quantized_weight_feeds`` only.
 
-    In calibration, aimet quantizes and dequantizes every weight on every forward; for a
-    full-width 2-block partition that was 5.7 s of its 30.6 s of calibration on an idle
-    machine (one run each; later runs in a slower hour varied by as much). A weight
+    In calibration, aimet quantizes and dequantizes every weight on every forward, a large
+    share of a full-width partition's calibration time. A weight
     quantizer's range comes from its weight alone, fixed in the first forward; the other
     forwards run on the float weights, which only the activation ranges see (and GPTQ has
     already put most weights on their int8 grid, where the two are the same). The feeds of

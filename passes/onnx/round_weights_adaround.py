@@ -8,12 +8,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
+import torch
 from onnx import numpy_helper
 
 from neodragon_npu.graphs.feeds import load_samples
 from neodragon_npu.graphs.onnx_edit import at_spatial_size, const_array, is_quantized, matches_any
 from neodragon_npu.graphs.quant import aimet
-from neodragon_npu.graphs.quant.gptq import keep_scales, on_grid
+from neodragon_npu.graphs.quant.gptq import keep_scales, on_grid, snap_to_grid
 from neodragon_npu.passes.base import Pass, PassResult, PreconditionError
 
 _ROUNDED_OPS = ("Conv", "MatMul", "Gemm")
@@ -36,8 +37,9 @@ class RoundWeightsAdaRoundPass(Pass):
         before: y = conv(x, W)                 (W float; nearest rounding would give Q_rtn(W))
         after:  y = conv(x, W_q), W_q = s * q  (same per-channel s, q chosen by AdaRound)
 
-    The model stays float: ``quantize_w8a16`` then finds the weights on its grid and keeps
-    them exactly (each channel's scale-setting element is kept at its nearest value, so the
+    aimet leaves the weights soft-rounded (for its own quantizer to round); the pass rounds
+    them onto the grid as that quantizer would. The model stays float: ``quantize_w8a16``
+    then finds the weights on its grid and keeps them exactly (each channel's scale-setting element is kept at its nearest value, so the
     grid does not move). ``iterations`` optimizer steps per layer.
 
     AdaRound runs every layer on whole calibration inputs at every step. For a fully
@@ -104,7 +106,7 @@ class RoundWeightsAdaRoundPass(Pass):
         return sites
 
     def skip_site(self, node: ir.Node, reason: str) -> None:
-        self.skip(node.name or node.op_type, reason)
+        self.leave(node.name or node.op_type, reason)
 
     def _crops(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         rng = np.random.default_rng(self.seed)
@@ -139,14 +141,20 @@ class RoundWeightsAdaRoundPass(Pass):
             except (ValueError, onnx.shape_inference.InferenceError) as exc:
                 raise PreconditionError(f"round_weights_adaround: cannot round on crops: {exc}") from None
             feeds = self._crops(feeds)
-        with aimet.quiet():
+        # AdaRound draws its batches from torch's and numpy's global generators: seeded here
+        # (and put back afterwards), the same inputs give the same weights
+        numpy_state = np.random.get_state()
+        with aimet.quiet(), torch.random.fork_rng():
             from aimet_onnx import apply_adaround
 
+            torch.manual_seed(self.seed)
+            np.random.seed(self.seed)
             sim = aimet.quantsim(proto, htp_arch=self.htp_arch)
             inputs = [i.name for i in sim.session.get_inputs()]
             apply_adaround(sim, [{n: f[n] for n in inputs} for f in feeds], num_iterations=self.iterations,
                            nodes_to_include=[node.name for node in sites.values()])
             rounded = {t.name: numpy_helper.to_array(t) for t in sim.model.model.graph.initializer if t.name in sites}
+        np.random.set_state(numpy_state)
         del sim, proto
         changed = 0
         for name, node in sites.items():
@@ -156,7 +164,10 @@ class RoundWeightsAdaRoundPass(Pass):
             if new is None or np.array_equal(new, original):
                 self.skip_site(node, "AdaRound left its weight as it was")
                 continue
-            kn = keep_scales(_as_kn(original, node.op_type), _as_kn(new.astype(original.dtype), node.op_type))
+            # aimet leaves AdaRound's soft rounding in the weights, for its quantizer to round:
+            # that rounding, on the grid it will use, is what the weights become
+            original_kn = _as_kn(original, node.op_type)
+            kn = keep_scales(original_kn, snap_to_grid(original_kn, _as_kn(new.astype(original.dtype), node.op_type)))
             value.const_value = ir.tensor(_from_kn(kn, node.op_type, original.shape), name=name)
             changed += 1
         return PassResult(model, changed > 0)

@@ -91,8 +91,8 @@ def compile_workers():
     quantization in this process. Spawned, so they hold none of this process's memory, and
     one per job: a worker kept about 2 GB after compiling a full-size partition, and the
     pool, which starts a second worker when a job is submitted from the previous job's
-    callback, kept an idle one all through the quantization. A fresh worker holds 12-18 MB
-    until its job arrives, and then imports only :mod:`graphs.qnn` (47 MB). The workers
+    callback, kept an idle one all through the quantization. A fresh worker holds little
+    until its job arrives, and then imports only :mod:`graphs.qnn`. The workers
     preload :func:`graphs.qnn.compile_allocator` (the compile allocates heavily). On failure
     or Ctrl-C, waiting work is cancelled and the running compiles stopped."""
     allocator = qnn.compile_allocator()

@@ -1,8 +1,7 @@
 """What machine a build ran on, so that its timings can be compared with another's.
 
-The same full-size build, code unchanged, took 41 min 18 s and 4,622 CPU seconds on the
-machine of one stop and 19 min 46 s and 2,123 CPU seconds on the "AMD EPYC" machine of the
-next (both 2 cores, 24 GB): a wall time means little without the machine it came from.
+The same build, code unchanged, took twice as long on one 2-core machine as on another
+(docs/measurements.md): a wall time means little without the machine it came from.
 """
 
 from __future__ import annotations

@@ -49,10 +49,8 @@ def cpu_seconds() -> float:
 # Processes sharing memory copy-on-write (forked children and their parent, while the children
 # live: graphs.forked) are measured by their proportional set size (PSS), so that a page they
 # share counts once in a sum over processes, not once per process as VmRSS counts it. Reading
-# PSS walks the process's page tables (148 ms for 8 GB of 4 KiB pages here, against 0.06 ms
-# for VmRSS): read for every process twice a second, it took a full-size build's system CPU
-# from 475 to 1261 s. So PSS is read only for those processes, and at most every
-# PSS_INTERVAL seconds.
+# PSS walks the process's page tables, thousands of times slower than VmRSS, so it is read
+# only for those processes, and at most every PSS_INTERVAL seconds.
 PSS_INTERVAL = 5.0
 _shared_pids: set[int] = set()
 _pss_cache: dict[int, tuple[float, int]] = {}

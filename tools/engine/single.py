@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,13 +182,24 @@ def build_single(plan: BuildPlan, out_dir: str | Path) -> BuildResult:
                 manifest["fp16_range"] = {"largest_abs_activation": peak, "tensor": where, "fp16_max": FP16_MAX}
             manifest["quantization"] = precision.describe()
 
-        binaries = {}
+        binaries, qnn_ops = {}, {}
         if until in ("compile", "verify"):
             # 7. The QNN HTP compiler writes the EPContext model and the context binary.
             for target in plan.targets:
                 with steps.step(f"compile the HTP context binary for {target.name} (v{target.htp_arch})"):
+                    # the QNN graph is dumped only to check the ops the spec expects in it
+                    dump = work / f".{target.name}_qnn_graph" if graph.expected_qnn_ops else None
                     binaries[target.name] = qnn.compile_context_binary(
-                        deployed_path, work / f"{name}_{target.name}_ctx.onnx", target)
+                        deployed_path, work / f"{name}_{target.name}_ctx.onnx", target, graph_dump_dir=dump)
+                    if dump is not None:
+                        qnn_ops[target.name] = qnn.qnn_graph_ops(dump)
+                        shutil.rmtree(dump)
+                    wrong = {op: qnn_ops[target.name].get(op, 0) for op, n in graph.expected_qnn_ops.items()
+                             if qnn_ops[target.name].get(op, 0) != n}
+                    if wrong:
+                        raise BuildCheckError(
+                            f"the {target.name} QNN graph holds {wrong} where {dict(graph.expected_qnn_ops)} was "
+                            f"expected (all its ops: {qnn_ops[target.name]})")
                 report.setdefault("compile_seconds", 0.0)
                 report["compile_seconds"] += steps.records[-1].seconds
 
@@ -226,6 +238,8 @@ def build_single(plan: BuildPlan, out_dir: str | Path) -> BuildResult:
         if binaries:
             ctx = binaries[first.name]
             graph_entry.update({"epcontext_model": ctx.epcontext_model.name, "binary": ctx.binary.name})
+            if graph.expected_qnn_ops:
+                graph_entry["qnn_ops"] = qnn_ops[first.name]
             if len(plan.targets) > 1:
                 graph_entry["binaries"] = {t: {"epcontext_model": b.epcontext_model.name, "binary": b.binary.name}
                                            for t, b in binaries.items()}
