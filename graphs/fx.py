@@ -58,7 +58,13 @@ def propagate_shapes(gm: fx.GraphModule) -> fx.GraphModule:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         fakes = [torch.empty(shape, dtype=dtype) for shape, dtype in input_specs(gm)]
-    _RecordingShapeProp(gm, fake_mode=mode).propagate(*fakes)
+    try:
+        _RecordingShapeProp(gm, fake_mode=mode).propagate(*fakes)
+    except RuntimeError:
+        # a leaf module branching on its input's values cannot run on fake tensors: run the
+        # graph once on real zeros of the traced shapes instead
+        with torch.no_grad():
+            _RecordingShapeProp(gm).propagate(*[torch.zeros(s, dtype=d) for s, d in input_specs(gm)])
     return gm
 
 
@@ -103,7 +109,10 @@ def trace(
         if leaf_modules:
             raise ValueError("leaf modules apply to symbolic tracing, not to torch.export")
         with torch.no_grad():
-            gm = torch.export.export(root.eval(), tuple(example_inputs), strict=False).module()
+            unlifted = torch.export.export(root.eval(), tuple(example_inputs), strict=False).module()
+        # a plain GraphModule of the same graph: the exported program's own module refuses
+        # train(), which the ONNX exporter calls
+        gm = fx.GraphModule(unlifted, unlifted.graph)
     elif leaf_modules:
         tracer = _LeafTracer(leaf_modules)
         gm = fx.GraphModule(root, tracer.trace(root), type(root).__name__)

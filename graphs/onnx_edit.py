@@ -77,7 +77,7 @@ def matches_any(node: ir.Node, patterns, weight_names=None) -> bool:
     """True if an fnmatch pattern matches the node's name, the name of a weight it reads
     (initializers, or the names in ``weight_names``), or a graph input it reads directly
     (``latent_tokens`` picks the patch embedding, whatever the exporter named it). In a
-    merged model (:mod:`graphs.stage_merge`) names are matched without their graph tag."""
+    merged model (:mod:`graphs.shared_weights`) names are matched without their graph tag."""
     if not patterns:
         return False
     names = [node.name or ""]

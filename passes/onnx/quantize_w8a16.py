@@ -43,7 +43,7 @@ class QuantizeW8A16Pass(Pass):
     ``high_precision`` lists fnmatch patterns of node, weight or graph-input names (see
     :func:`graphs.onnx_edit.matches_any`) whose weights stay at 16 bit: the mixed-precision
     override the per-layer report points to. Graphs that share weights (the three stage
-    graphs) are quantized as one merged model (:mod:`graphs.stage_merge`), so each weight
+    graphs) are quantized as one merged model (:mod:`graphs.shared_weights`), so each weight
     gets one encoding.
 
     ``encodings_dir`` also receives the AIMET ``.encodings`` JSON (the format AI Hub and

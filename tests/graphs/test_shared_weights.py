@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from neodragon_npu.graphs import shared_weights as stage_merge
+from neodragon_npu.graphs import shared_weights
 from neodragon_npu.graphs.onnx_edit import matches_any
 from tests.helpers import clone_onnx, onnx_model, run_onnx
 
@@ -42,36 +42,36 @@ def stages():
 def test_merged_model_stores_shared_weights_once_and_runs_every_graph(stages):
     feeds = {"stage2": {"x": np.ones((16, 8), np.float32)}, "stage0": {"x": np.full((4, 8), 3.0, np.float32)}}
     expected = {t: run_onnx(clone_onnx(m), feeds[t])[0] for t, m in stages.items()}
-    merged = stage_merge.merge(stages)
+    merged = shared_weights.merge(stages)
     inits = merged.graph.initializers
     assert "w_8x8_0123456789abcdef" in inits  # shared: stored once, under its own name
     assert {"c", "stage0::c"} <= set(inits)  # same name, other contents: not shared
     assert len(inits) == 3
     assert [v.name for v in merged.graph.inputs] == ["stage2::x", "stage0::x"]
     assert all(n.name.startswith(("stage2::", "stage0::")) for n in merged.graph)
-    merged_feed = stage_merge.merged_feeds(merged, {t: [f] for t, f in feeds.items()})
+    merged_feed = shared_weights.merged_feeds(merged, {t: [f] for t, f in feeds.items()})
     assert len(merged_feed) == 1 and set(merged_feed[0]) == {"stage2::x", "stage0::x"}
     session = _session(ir.serde.serialize_model(merged))
     out = dict(zip([o.name for o in session.get_outputs()], session.run(None, merged_feed[0])))
     # each graph's outputs under its own names again
     for t in ("stage2", "stage0"):
-        own = stage_merge.own_values(out, t)
+        own = shared_weights.own_values(out, t)
         assert list(own) == ["y"] and np.array_equal(own["y"], expected[t])
 
 
 def test_split_gives_back_each_graph_with_its_own_names(stages):
     feeds = {"stage2": {"x": np.arange(128, dtype=np.float32).reshape(16, 8)}, "stage0": {"x": np.ones((4, 8), np.float32)}}
     expected = {t: run_onnx(clone_onnx(m), feeds[t])[0] for t, m in stages.items()}
-    proto = ir.serde.serialize_model(stage_merge.merge(stages))
+    proto = ir.serde.serialize_model(shared_weights.merge(stages))
     for t in ("stage2", "stage0"):
-        part = stage_merge.split(proto, t)
+        part = shared_weights.split(proto, t)
         onnx.checker.check_model(part)
         assert [i.name for i in part.graph.input] == ["x"] and [o.name for o in part.graph.output] == ["y"]
         assert {n.name for n in part.graph.node} == {"/proj/MatMul", "/Add"}
         assert {i.name for i in part.graph.initializer} == {"w_8x8_0123456789abcdef", "c"}
         assert np.array_equal(_session(part).run(None, feeds[t])[0], expected[t])
     with pytest.raises(ValueError, match="no outputs tagged"):
-        stage_merge.split(proto, "stage1")
+        shared_weights.split(proto, "stage1")
 
 
 def test_split_encodings_keeps_a_graphs_activations_and_its_weights(tmp_path):
@@ -82,7 +82,7 @@ def test_split_encodings_keeps_a_graphs_activations_and_its_weights(tmp_path):
                                  {"name": "w__shared_scalar", "scale": [3.0]}],
         "param_encodings": [{"name": "w_a", "scale": [0.1]}, {"name": "w_b", "scale": [0.2]}],
     }))
-    out = stage_merge.split_encodings(merged, "stage0", {"w_a", "w__shared_scalar"}, tmp_path / "s0.encodings")
+    out = shared_weights.split_encodings(merged, "stage0", {"w_a", "w__shared_scalar"}, tmp_path / "s0.encodings")
     data = json.loads(out.read_text())
     assert data["activation_encodings"] == [{"name": "h", "scale": [2.0]}, {"name": "w__shared_scalar", "scale": [3.0]}]
     assert data["param_encodings"] == [{"name": "w_a", "scale": [0.1]}]
@@ -90,7 +90,7 @@ def test_split_encodings_keeps_a_graphs_activations_and_its_weights(tmp_path):
 
 
 def test_high_precision_patterns_match_names_without_their_graph_tag(stages):
-    merged = stage_merge.merge(stages)
+    merged = shared_weights.merge(stages)
     proj = [n for n in merged.graph if n.op_type == "MatMul"]
     assert len(proj) == 2
     assert all(matches_any(n, ["/proj/*"]) for n in proj)
@@ -99,9 +99,9 @@ def test_high_precision_patterns_match_names_without_their_graph_tag(stages):
 
 
 def test_merged_feeds_repeat_the_graph_with_fewer_feeds(stages):
-    merged = stage_merge.merge(stages)
+    merged = shared_weights.merge(stages)
     a, b, c = (np.full((16, 8), v, np.float32) for v in (1, 2, 3))
     z = np.zeros((4, 8), np.float32)
-    feeds = stage_merge.merged_feeds(merged, {"stage2": [{"x": a}, {"x": b}, {"x": c}], "stage0": [{"x": z}]})
+    feeds = shared_weights.merged_feeds(merged, {"stage2": [{"x": a}, {"x": b}, {"x": c}], "stage0": [{"x": z}]})
     assert [f["stage2::x"][0, 0] for f in feeds] == [1, 2, 3]
     assert all(f["stage0::x"] is z for f in feeds)
