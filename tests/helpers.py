@@ -69,3 +69,25 @@ def onnx_model(nodes, inputs, outputs, initializers=(), opset: int = 21) -> ir.M
 
 def clone_onnx(model: ir.Model) -> ir.Model:
     return ir.serde.deserialize_model(copy.deepcopy(ir.serde.serialize_model(model)))
+
+
+def small_mlp_qdq(folder, width: int, calibration: int):
+    """A seeded Linear-ReLU-Linear (width -> 2 width -> width / 2) exported to
+    ``folder/f.onnx`` and quantized W8A16 to ``folder/q.onnx``; returns the module and the
+    calibration feeds."""
+    from pathlib import Path
+
+    from neodragon_npu.graphs import onnx_io
+    from neodragon_npu.graphs.export import export_onnx
+    from neodragon_npu.passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.ReLU(),
+                                 torch.nn.Linear(2 * width, width // 2)).eval()
+    export_onnx(module, [torch.zeros(1, width)], folder / "f.onnx", input_names=["x"], output_names=["y"])
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, width)).astype(np.float32)} for _ in range(calibration)]
+    qdq = QuantizeW8A16Pass(calibration=feeds)(onnx_io.load(folder / "f.onnx")).model
+    onnx_io.save(qdq, folder / "q.onnx")
+    return module, feeds

@@ -13,19 +13,15 @@ from neodragon_npu.graphs.targets import get_target
 from neodragon_npu.graphs.verify import sqnr_db
 from neodragon_npu.passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
 
+from tests.helpers import small_mlp_qdq
+
 MIN_SQNR_DB = 35.0
 
 
 @pytest.fixture(scope="module")
 def qdq_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qnn")
-    torch.manual_seed(0)
-    module = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
-    export_onnx(module, [torch.zeros(1, 16)], folder / "f.onnx", input_names=["x"], output_names=["y"])
-    rng = np.random.default_rng(0)
-    cal = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(16)]
-    qdq = QuantizeW8A16Pass(calibration=cal)(onnx_io.load(folder / "f.onnx")).model
-    onnx_io.save(qdq, folder / "q.onnx")
+    module, _ = small_mlp_qdq(folder, 16, 16)
     return folder, module
 
 

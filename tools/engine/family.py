@@ -201,10 +201,10 @@ class _Family:
         if self.compiler.allocator is None:
             logger.info("      the compile workers use glibc's malloc: no jemalloc found (make setup unpacks one "
                         "into the environment; compiles are slower without it)")
-        # 1. The PyTorch model and the samples of every graph from the model's own pipeline.
-        model = self.load_and_sample()
-        # 2. One float graph per member, cut the same way, saved as partitions.
-        self.export_and_partition(model)
+        # 1. The PyTorch model and the samples of every graph from the model's own pipeline;
+        # 2. one float graph per member, cut the same way, saved as partitions. The model is
+        #    handed straight on: the exports drop it (no reference here may keep it alive).
+        self.export_and_partition(self.load_and_sample())
         if self.plan.until == "export":
             return self.write_outputs()
         # 3. Quantize partition by partition, the family merged; compiles start behind it.
