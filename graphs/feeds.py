@@ -16,6 +16,12 @@ import numpy as np
 Feed = dict[str, np.ndarray]
 
 
+def _stored(value) -> np.ndarray:
+    """Floating inputs as float32 (what the graphs take); integer ones (token ids) as they are."""
+    value = np.asarray(value)
+    return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) or value.dtype == bool else value
+
+
 def save_samples(path: str | Path, samples: Sequence[Mapping[str, np.ndarray]]) -> Path:
     if not samples:
         raise ValueError("no samples to save")
@@ -25,7 +31,7 @@ def save_samples(path: str | Path, samples: Sequence[Mapping[str, np.ndarray]]) 
             raise ValueError(f"sample {i} has inputs {list(s)}, expected {names}")
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **{n: np.stack([np.asarray(s[n], dtype=np.float32) for s in samples]) for n in names})
+    np.savez(tmp, **{n: np.stack([_stored(s[n]) for s in samples]) for n in names})
     os.replace(tmp, path)
     return path
 

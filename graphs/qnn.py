@@ -193,6 +193,22 @@ def preloaded_in_new_processes(library: str | None):
             os.environ["LD_PRELOAD"] = saved
 
 
+def exit_with_parent(interval: float = 1.0) -> None:
+    """In a worker process: exit as soon as the process that started it is gone. A build
+    killed with SIGKILL cannot stop its workers; without this a compile worker would finish
+    its job (minutes, GBs of memory) for nobody, and a forked export would hold the model."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 HTP_MAX_RANK = 4
 
 

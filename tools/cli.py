@@ -100,6 +100,8 @@ def build_options(args: argparse.Namespace) -> "BuildOptions":
         dump_dir=Path(args.dump_dir) if args.dump_dir else None,
         min_sqnr_db=args.min_sqnr_db,
         model_options=model_options,
+        cache=not args.no_cache,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
     )
 
 
@@ -164,8 +166,14 @@ def _cmd_importance(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from neodragon_npu.tools.engine.bench import fidelity_benchmark, format_fidelity
 
+    if args.benchmark == "rebuild":
+        from neodragon_npu.tools.engine.bench import format_rebuild, rebuild_benchmark
+
+        config = args.config if args.config != "neodragon-2block" else "tiny"
+        print(format_rebuild(args.model, config, rebuild_benchmark(args.model, config, args.work_dir)))
+        return 0
     if args.benchmark != "fidelity":
-        raise ValueError(f"unknown benchmark {args.benchmark!r}; available: fidelity")
+        raise ValueError(f"unknown benchmark {args.benchmark!r}; available: fidelity, rebuild")
     results = fidelity_benchmark(
         args.config,
         variants=args.variant,
@@ -267,6 +275,21 @@ def _cmd_compare_builds(args: argparse.Namespace) -> int:
     return 0 if not differences else 1
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from neodragon_npu.tools.engine import cache
+
+    root = Path(args.path)
+    if not cache.is_cache(root) and cache.is_cache(cache.default_cache_dir(root)):
+        root = cache.default_cache_dir(root)
+    if not cache.is_cache(root):
+        raise ValueError(f"{args.path} is neither a step cache nor a build directory with one beside it")
+    if args.action == "info":
+        print(cache.describe(root))
+    else:
+        print(f"removed {cache.clean(root) / 1e9:.2f} GB from {root}")
+    return 0
+
+
 def _cmd_targets(_args: argparse.Namespace) -> int:
     for t in TARGETS.values():
         print(f"{t.name:<10} {t.description:<56} soc_model {t.soc_model:<3} htp v{t.htp_arch}")
@@ -334,6 +357,9 @@ def _add_build(sub) -> None:
     b.add_argument("--min-sqnr-db", type=float, help="fail the build below this SQNR (default: the model's)")
     b.add_argument("--verify-each-pass", action="store_true", help="verify the graph after every pass")
     b.add_argument("--dump-dir", help="write the graph after every pass here")
+    k = b.add_argument_group("step cache (each step's outputs, reused when nothing they depend on changed)")
+    k.add_argument("--cache-dir", help="where (default: OUT.cache beside the output directory)")
+    k.add_argument("--no-cache", action="store_true", help="run every step and keep nothing for later builds")
     b.set_defaults(func=_cmd_build)
 
 
@@ -379,9 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--seed", type=int, default=0)
     im.set_defaults(func=_cmd_importance)
 
-    be = sub.add_parser("bench", help="benchmarks that print figures (fidelity)")
-    be.add_argument("benchmark", help="fidelity")
-    be.add_argument("--config", default="neodragon-2block")
+    be = sub.add_parser("bench", help="benchmarks that print figures (fidelity, rebuild)",
+                        epilog="example: neodragon-npu bench rebuild --config tiny")
+    be.add_argument("benchmark", help="fidelity: SQNR with each fix left out; rebuild: an unchanged second build")
+    be.add_argument("--config", default="neodragon-2block", help="default neodragon-2block (fidelity), tiny (rebuild)")
+    be.add_argument("--model", default="denoiser", help="rebuild: the model (default denoiser)")
     be.add_argument(
         "--variant", action="append",
         help="'all fixes', 'no adaLN split', '8-bit K/V', 'int8 first blocks', 'int8 blocks, no adaLN split', "
@@ -443,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("targets", help="list targets")
     t.set_defaults(func=_cmd_targets)
+
+    ca = sub.add_parser("cache", help="size of a build's step cache, or empty it",
+                        epilog="example: neodragon-npu cache clean build/sr")
+    ca.add_argument("action", choices=("info", "clean"), help="info: sizes per step; clean: remove every entry")
+    ca.add_argument("path", help="the cache directory, or the build directory it belongs to (OUT for OUT.cache)")
+    ca.set_defaults(func=_cmd_cache)
 
     c = sub.add_parser("compare-builds", help="compare two build directories file by file, timings aside")
     c.add_argument("a")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,6 +19,8 @@ from typing import Iterable, Iterator
 
 from neodragon_npu.tools.engine.host import describe_host
 from neodragon_npu.graphs.onnx_io import sha256
+
+logger = logging.getLogger("neodragon_npu")
 
 MANIFEST = "manifest.json"
 TOOL = "neodragon-npu"
@@ -47,12 +50,43 @@ def check_output_dir(path: str | Path) -> Path:
     return path
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def remove_leftovers(path: Path) -> list[tuple[Path, int]]:
+    """Remove the staging directories that killed builds into ``path`` left behind (their
+    process is gone); returns each with its size. A running build's is left alone."""
+    removed = []
+    for stage in path.parent.glob(f".{path.name}.partial-*"):
+        pid = stage.name[len(f".{path.name}.partial-"):].split("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        size = _tree_bytes(stage)
+        shutil.rmtree(stage, ignore_errors=True)
+        removed.append((stage, size))
+    return removed
+
+
 @contextlib.contextmanager
 def staged_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh staging directory; on success it replaces ``path`` atomically."""
     path = check_output_dir(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    for stage, size in remove_leftovers(path):
+        logger.info("      removed %s, which a killed build left (%.2f GB; its finished steps are in the cache, "
+                    "if it had one)", stage.name, size / 1e9)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent))
     try:
         yield stage
     except BaseException:
@@ -88,6 +122,12 @@ class Digests:
             path = Path(path)
             if path not in self._pending:
                 self._pending[path] = (_stamp(path), self._pool.submit(sha256, path))
+
+    def record(self, path: Path, digest: str) -> None:
+        """A digest known already (the step cache hashed the file as it stored or read it)."""
+        done: Future = Future()
+        done.set_result(digest)
+        self._pending[Path(path)] = (_stamp(Path(path)), done)
 
     def get(self, path: Path) -> str | None:
         """The digest of ``path`` if it was hashed ahead and has not changed since. A hash

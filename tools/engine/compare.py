@@ -18,7 +18,7 @@ from neodragon_npu.graphs.onnx_io import sha256
 from neodragon_npu.tools.engine.artifacts import MANIFEST
 
 VOLATILE_KEYS = {"host", "steps", "seconds", "compile_seconds", "quantize_seconds", "quantize_peak_rss_bytes",
-                 "peak_rss_bytes", "cpu_seconds"}
+                 "peak_rss_bytes", "cpu_seconds", "cache"}
 UNCOMPARED_FILES = {MANIFEST, "report.txt"}
 
 

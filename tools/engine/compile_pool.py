@@ -98,7 +98,7 @@ def compile_workers():
     allocator = qnn.compile_allocator()
     with qnn.preloaded_in_new_processes(allocator):  # the pool starts workers as jobs come
         pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
-                                   max_tasks_per_child=1)
+                                   max_tasks_per_child=1, initializer=qnn.exit_with_parent)
         compiler = Compiler(pool, allocator=allocator)
         try:
             yield compiler

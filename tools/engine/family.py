@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import math
+import pickle
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from neodragon_npu.neodragon_models.spec import REFERENCE_SUFFIX, GraphSpec, Sam
 from neodragon_npu.passes import pipelines
 from neodragon_npu.passes.base import PassManager
 from neodragon_npu.tools.engine import artifacts, steps as build_steps
+from neodragon_npu.tools.engine.cache import StepCache, cache_root, kill_point, step_key
 from neodragon_npu.tools.engine.compile_pool import PartTimer, compile_workers, log_compiled, worker_result
 from neodragon_npu.tools.engine.forked import Forked
 from neodragon_npu.tools.engine.host import describe_host, host_line
@@ -157,6 +159,10 @@ def _hand_over(obj):
     return box.pop
 
 
+# What partition k + 1 starts from, as the cache stores it (pickled: the feeds keep their dtypes).
+_HANDOFF = "handoff.pkl"
+
+
 def _flat(per_call: list[list]) -> list:
     return [x for call in per_call for x in call]
 
@@ -170,9 +176,11 @@ def _done(value) -> Future:
 class _Family:
     """One family build; :meth:`run` reads top to bottom as the build goes."""
 
-    def __init__(self, plan: BuildPlan, work: Path, tree: TreePeak, compiler, digests, checker) -> None:
+    def __init__(self, plan: BuildPlan, work: Path, tree: TreePeak, compiler, digests, checker,
+                 cache: StepCache) -> None:
         self.plan, self.spec, self.opts = plan, plan.spec, plan.options
         self.work, self.tree, self.compiler, self.digests, self.checker = work, tree, compiler, digests, checker
+        self.cache = cache
         self.graphs = list(plan.graphs)  # natural order
         self.order = self.graphs[::-1]  # build order: the lead graph first
         n_steps = {"export": 2, "quantize": 4, "compile": 5, "verify": 7}[plan.until]
@@ -204,6 +212,8 @@ class _Family:
         # 1. The PyTorch model and the samples of every graph from the model's own pipeline;
         # 2. one float graph per member, cut the same way, saved as partitions. The model is
         #    handed straight on: the exports drop it (no reference here may keep it alive).
+        self._step_keys()
+        self.export_entry = self.cache.get("export", self.k_export)
         self.export_and_partition(self.load_and_sample())
         if self.plan.until == "export":
             return self.write_outputs()
@@ -220,25 +230,48 @@ class _Family:
         # 7. Manifest and report.
         return self.write_outputs()
 
+    def _step_keys(self) -> None:
+        """The cache keys of the steps before the partitions are known (see :mod:`.cache`)."""
+        plan, o = self.plan, self.opts
+        common = {"model": self.spec.name, "load": build_steps.load_key(plan), "family": [g.name for g in self.graphs]}
+        self.k_samples = step_key("samples", **common, calibration=o.calibration_samples, check=o.check_samples)
+        self.k_export = step_key("export", **common, **build_steps.export_options(plan))
+        self.k_float = step_key("float-chains", export=self.k_export, samples=self.k_samples)
+
+    def _reused(self, what: str, entry) -> None:
+        logger.info("      %s: reused from the cache (%s, %s)", what, entry.key[:12], format_bytes(entry.bytes))
+
     # 1 ---------------------------------------------------------------------------------
     def load_and_sample(self):
         plan, work = self.plan, self.work
         with self.steps.step("build the model and run the float pipeline for samples"):
+            entry = self.cache.get("samples", self.k_samples)
+            if entry is not None:
+                entry.place(work, self.digests)
+                self._reused("the samples", entry)
+                self.manifest["model"], self.calls_per_group, self.weight_bytes = entry.meta
+                self.share_model = self.weight_bytes <= SHARED_EXPORT_LIMIT_BYTES
+                # the exports share a model loaded here unless they are cached too
+                return self.spec.load(plan.load) if self.share_model and self.export_entry is None else None
             model = self.spec.load(plan.load)
             self.manifest["model"] = self.spec.describe(model, plan.load)
+            files = []
             for file, text in (self.spec.artifacts(model) if self.spec.artifacts else {}).items():
                 (work / file).write_text(text)
+                files.append(file)
             samples = self.spec.samples(model, self.graphs, SamplePlan(
                 self.opts.calibration_samples, self.opts.check_samples, family=True))
             for g in self.graphs:
-                save_samples(work / f"{g.name}_calibration_inputs.npz", samples.calibration[g.name])
-                save_samples(work / f"{g.name}_check_samples.npz", samples.check[g.name])
+                files.append(save_samples(work / f"{g.name}_calibration_inputs.npz", samples.calibration[g.name]))
+                files.append(save_samples(work / f"{g.name}_check_samples.npz", samples.check[g.name]))
             self.calls_per_group = samples.calls_per_group
             del samples
             self.weight_bytes = self.spec.weight_bytes(model)
+            self.cache.put("samples", self.k_samples, work, files,
+                           (self.manifest["model"], self.calls_per_group, self.weight_bytes))
             # the exports share this model; past this size each loads its own
             self.share_model = self.weight_bytes <= SHARED_EXPORT_LIMIT_BYTES
-            if not self.share_model:
+            if not self.share_model or self.export_entry is not None:
                 del model
                 release_memory()
                 model = None
@@ -253,6 +286,8 @@ class _Family:
         plan, work, cuts = self.plan, self.work, CutPlan(self.plan.partition_budget)
         lead = self.order[0]
         with self.steps.step(f"trace, optimize, export and partition the {len(self.graphs)} graphs"):
+            if self.export_entry is not None:
+                return self._exports_from_cache()
             if self.share_model:
                 with contextlib.ExitStack() as forks:
                     forked = {}
@@ -280,13 +315,25 @@ class _Family:
                 self.float_chains.update((g.name, self._check_float_chain(g)) for g in self.order)
             release_memory()
             self.n_parts = len(cuts.cuts) + 1
+            files = [f for g in self.graphs for path in self.part_paths[g.name] for f in onnx_io.model_files(path)]
+            self.cache.put("export", self.k_export, work, files, background=True, meta=(
+                self.stats, {g.name: [p.name for p in self.part_paths[g.name]] for g in self.graphs}, self.n_parts))
+
+    def _exports_from_cache(self) -> None:
+        entry = self.export_entry
+        entry.place(self.work, self.digests)
+        self._reused(f"the {len(self.graphs)} graphs' float partitions", entry)
+        self.stats, names, self.n_parts = entry.meta
+        self.part_paths = {g: [self.work / n for n in per] for g, per in names.items()}
+        chains = self.cache.get("float-chains", self.k_float)
+        for g in self.graphs:
+            self.float_chains[g.name] = _done(chains.meta[g.name]) if chains else self._check_float_chain(g)
 
     def _check_float_chain(self, g: GraphSpec) -> Future:
         return self.checker.submit(float_chain_sqnr, [str(p) for p in self.part_paths[g.name]],
                                    str(self.work / f"{g.name}_check_samples.npz"), g.output_names)
 
     def _exported(self, g: GraphSpec, seconds: float) -> None:
-        self.digests.start(f for path in self.part_paths[g.name] for f in onnx_io.model_files(path))
         st = self.stats[g.name]
         logger.info("      %s: %d nodes, %s op-output bytes per call (A16), %d partition(s) handing on %d tensors "
                     "(%s per call); %.0f s", g.name, st["node_count"], format_bytes(st["op_output_bytes"]),
@@ -294,34 +341,84 @@ class _Family:
                     format_bytes(st["handed_over"]["bytes_per_call"]), seconds)
 
     # 3 ---------------------------------------------------------------------------------
+    def _partition_keys(self) -> list[str]:
+        """Partition k's key holds partition k - 1's: it calibrates on what that one made."""
+        plan, keys, previous = self.plan, [], None
+        for k in range(self.n_parts):
+            previous = step_key("quantize", export=self.k_export, samples=self.k_samples, part=k, previous=previous,
+                                precision=plan.precision, gptq_samples=plan.gptq_samples,
+                                gptq_target=plan.gptq_target, htp_arch=plan.targets[0].htp_arch)
+            keys.append(previous)
+        return keys
+
+    def _resume_point(self) -> tuple[list, object]:
+        """The cached partitions a build can take (0 .. j - 1) and the hand-off of the last
+        of them (what partition j starts from), or ([], None) to start from the samples."""
+        done = []
+        for key in self.part_keys:
+            entry = self.cache.get("quantize", key)
+            if entry is None:
+                break
+            done.append(entry)
+        while done:
+            handoff = self.cache.get("handoff", self.part_keys[len(done) - 1])
+            if handoff is not None:
+                return done, handoff
+            done.pop()  # its hand-off is gone: that partition is quantized again
+        return [], None
+
     def quantize_partitions(self) -> None:
         """The calibration feeds, GPTQ's among them, go on with aimet's calibration forwards
-        (see the module docstring); the check feeds go through each quantized partition."""
-        plan, work, graphs = self.plan, self.work, self.graphs
+        (see the module docstring); the check feeds go through each quantized partition.
+        Each partition is stored in the cache as it is done, with what the next one starts
+        from (its hand-off: the feeds carried this far), so a killed build resumes at the
+        partition it was quantizing."""
+        plan, work, graphs, cache = self.plan, self.work, self.graphs, self.cache
         precision, targets = plan.precision, plan.targets
-        calib = {g.name: load_samples(work / f"{g.name}_calibration_inputs.npz") for g in graphs}
+        self.part_keys = self._partition_keys()
+        done, handoff = self._resume_point()
+        start = len(done)
         check = {g.name: load_samples(work / f"{g.name}_check_samples.npz") for g in graphs}
         self.refs = {g.name: [[feed.pop(o + REFERENCE_SUFFIX) for o in g.output_names] for feed in check[g.name]]
                      for g in graphs}
-        self.calib, self.check = calib, check
-        # The samples are final: hash them now, on a background thread, not in the last step.
-        self.digests.start(p for p in sorted(work.iterdir()) if p.is_file())
+        self.check = check
         outputs = {g.name: g.output_names for g in graphs}
-        envs = {g.name: [dict(feed) for feed in calib[g.name]] for g in graphs}
-        self.check_envs = {g.name: [dict(feed) for feed in check[g.name]] for g in graphs}
         keep = {g.name: chain.inputs_needed_after(self.part_paths[g.name]) for g in graphs}
-        n_calib = min(len(calib[g.name]) for g in graphs)
-        picks = gptq_sample_indices(n_calib, self.calls_per_group, plan.gptq_samples)
-        # GPTQ's feeds (picks) are calibration feeds whose calibration forwards run on the
-        # quantized weights: a quantized chain without the activation rounding (plain GPTQ).
-        # With a float GPTQ target, they are also carried by the float partitions.
-        float_envs = None
-        if self.gptq and plan.gptq_target == "float":
-            float_envs = {g.name: [dict(calib[g.name][i]) for i in picks] for g in graphs}
+        if handoff is None:
+            calib = {g.name: load_samples(work / f"{g.name}_calibration_inputs.npz") for g in graphs}
+            envs = {g.name: [dict(feed) for feed in calib[g.name]] for g in graphs}
+            self.check_envs = {g.name: [dict(feed) for feed in check[g.name]] for g in graphs}
+            del calib
+        else:
+            state = pickle.loads((handoff.path / _HANDOFF).read_bytes())
+            envs, self.check_envs, float_envs = state["envs"], state["check_envs"], state["float_envs"]
+            del state
         compile_now = plan.until in ("compile", "verify")
-        label = f"quantize W8A16 per partition ({n_calib} samples per graph)"
+        label = "quantize W8A16 per partition" + (
+            f" ({min(len(envs[g.name]) for g in graphs)} samples per graph)" if start < self.n_parts else "")
         with self.steps.step(label + ("; compile behind it" if compile_now else "")):
-            for k in range(self.n_parts):
+            for k, entry in enumerate(done):
+                entry.place(work, self.digests)
+                self._reused(f"partition {k + 1}/{self.n_parts}", entry)
+                names, seconds, peaks = entry.meta
+                for g in graphs:
+                    self.qdq_paths[g.name].append(work / names[g.name])
+                self.quantize_seconds.append(seconds)
+                self.quantize_peaks.append(peaks)
+                if compile_now:
+                    self._submit_compiles(k)
+            if start == self.n_parts:
+                return
+            n_calib = min(len(envs[g.name]) for g in graphs)
+            picks = gptq_sample_indices(n_calib, self.calls_per_group, plan.gptq_samples)
+            # GPTQ's feeds (picks) are calibration feeds whose calibration forwards run on the
+            # quantized weights: a quantized chain without the activation rounding (plain GPTQ).
+            # With a float GPTQ target, they are also carried by the float partitions.
+            if handoff is None:
+                float_envs = None
+                if self.gptq and plan.gptq_target == "float":
+                    float_envs = {g.name: [dict(envs[g.name][i]) for i in picks] for g in graphs}
+            for k in range(start, self.n_parts):
                 watch, memory = PartTimer(self.compiler), self.tree.open_window()
                 hessians = None
                 if self.gptq:  # one rounding for the weights every graph shares
@@ -355,6 +452,7 @@ class _Family:
                     quantized_weight_feeds=picks if self.gptq else (),
                 )
                 for p in passes:
+                    kill_point(f"quantize:{k}:{p.pass_name()}")
                     with watch(_part_label(p)):
                         merged = p(merged).model
                     if hessians is not None and p.pass_name() == "round_weights_gptq":
@@ -363,6 +461,7 @@ class _Family:
                 del merged, passes, calib_feeds
                 release_memory()
                 merged_encodings = work / f"{prefix}.encodings"
+                files = []
                 for g in self.order:
                     with watch("split and save"):
                         graph_qdq = shared_weights.split(qdq, g.name)
@@ -371,6 +470,7 @@ class _Family:
                         weights = {t.name for t in graph_qdq.graph.initializer}
                         shared_weights.split_encodings(merged_encodings, g.name, weights, path.with_suffix(".encodings"))
                         self.qdq_paths[g.name].append(path)
+                        files += [*onnx_io.model_files(path), path.with_suffix(".encodings")]
                         del graph_qdq
                     with watch("QDQ chain"):
                         chain.advance(qnn.cpu_session(path), self.check_envs[g.name], keep[g.name][k], outputs[g.name])
@@ -385,18 +485,56 @@ class _Family:
                 self.quantize_seconds.append({part: round(sec, 1) for part, sec in watch.seconds.items()})
                 self.quantize_peaks.append({"all_processes": memory.tree, "main_process": memory.main})
                 del hessians
+                last = k == self.n_parts - 1
+                self._store_partition(k, files, {"envs": None if last else envs, "check_envs": self.check_envs,
+                                                 "float_envs": None if last else float_envs})
                 if compile_now:
                     self._submit_compiles(k)
             del envs, float_envs
             release_memory()
 
+    def _store_partition(self, k: int, files: list[Path], state: dict) -> None:
+        """Partition k into the cache, then its hand-off (the state partition k + 1 starts
+        from); partition k - 1's hand-off is then no longer needed. In this order, a build
+        killed anywhere finds a partition's hand-off only beside the partition itself."""
+        cache, key = self.cache, self.part_keys[k]
+        names = {g.name: self.qdq_paths[g.name][k].name for g in self.graphs}
+        cache.put("quantize", key, self.work, files, (names, self.quantize_seconds[k], self.quantize_peaks[k]),
+                  background=True)
+        if not cache.enabled:
+            return
+        handoff = self.work / _HANDOFF
+        with open(handoff, "wb") as f:
+            pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+        cache.put("handoff", key, self.work, [handoff], background=True)
+        handoff.unlink()  # the cache holds it; it is no output
+        if k > 0:
+            cache.drop("handoff", self.part_keys[k - 1], after_pending=True)
+
     def _submit_compiles(self, k: int) -> None:
         for target in self.plan.targets:  # one context binary for the partition's graphs
-            graphs = [(self.qdq_paths[g.name][k], self.work / target.name / f"{g.name}_part{k}_ctx.onnx")
-                      for g in self.order]
-            future = self.compiler.submit(qnn.compile_shared_context, graphs, target.name)
-            future.add_done_callback(log_compiled(target.name, k, self.n_parts))
+            key = step_key("compile", quantize=self.part_keys[k], target=target)
+            entry = self.cache.get("compile", key)
+            if entry is not None:
+                entry.place(self.work, self.digests)
+                self._reused(f"the {target.name} context binary of partition {k + 1}/{self.n_parts}", entry)
+                paths, seconds = entry.meta
+                future = _done(([qnn.ContextBinary(self.work / m, self.work / b) for m, b in paths], seconds))
+            else:
+                graphs = [(self.qdq_paths[g.name][k], self.work / target.name / f"{g.name}_part{k}_ctx.onnx")
+                          for g in self.order]
+                future = self.compiler.submit(qnn.compile_shared_context, graphs, target.name)
+                future.add_done_callback(log_compiled(target.name, k, self.n_parts))
+                future.add_done_callback(functools.partial(self._store_compile, key))
             self.compiles[target.name, k] = future
+
+    def _store_compile(self, key: str, future: Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        built, seconds = future.result()
+        rel = [(str(b.epcontext_model.relative_to(self.work)), str(b.binary.relative_to(self.work))) for b in built]
+        files = sorted({f for pair in rel for f in pair})
+        self.cache.put("compile", key, self.work, files, (rel, seconds), background=True)
 
     # 4 ---------------------------------------------------------------------------------
     def finish_compiles(self) -> None:
@@ -421,20 +559,30 @@ class _Family:
         if layer_report is None:
             layer_report = self.weight_bytes <= HTP_VERIFY_LIMIT_BYTES
         with self.steps.step("check the float and quantized chains against fp32"):
-            for g in self.graphs:  # the float chains were checked beside the exports
-                result.sqnr_db.setdefault("float_chain", {})[g.manifest_key] = self.float_chains[g.name].result()
+            chains = {g.name: self.float_chains[g.name].result() for g in self.graphs}  # checked beside the exports
+            if self.cache.get("float-chains", self.k_float) is None:
+                self.cache.put("float-chains", self.k_float, self.work, [], chains)
+            for g in self.graphs:
+                result.sqnr_db.setdefault("float_chain", {})[g.manifest_key] = chains[g.name]
             for g in self.graphs:
                 outs = [[env[o] for o in g.output_names] for env in self.check_envs[g.name]]
                 result.sqnr_db.setdefault("w8a16_cpu", {})[g.manifest_key] = pooled_sqnr(
                     zip(_flat(self.refs[g.name]), _flat(outs)))
             if layer_report:
-                self.manifest["worst_layers"] = self._layer_report()
+                key = step_key("layer-report", quantize=self.part_keys[-1], samples=self.k_samples)
+                entry = self.cache.get("layer-report", key)
+                if entry is not None:
+                    entry.place(self.work, self.digests)
+                    self.manifest["worst_layers"] = entry.meta
+                else:
+                    self.manifest["worst_layers"] = self._layer_report()
+                    self.cache.put("layer-report", key, self.work, ["layer_sqnr.json"], self.manifest["worst_layers"])
 
     def _layer_report(self, top: int = 10) -> list[dict]:
         """Tensors where the quantized graphs lose most SQNR relative to their inputs."""
         rows = []
         for g in self.order:
-            envs = [dict(f) for f in self.calib[g.name][:2]]
+            envs = load_samples(self.work / f"{g.name}_calibration_inputs.npz")[:2]
             for k, path in enumerate(self.part_paths[g.name]):
                 session = qnn.cpu_session(path)
                 feeds = [{x.name: env[x.name] for x in session.get_inputs()} for env in envs]
@@ -457,6 +605,13 @@ class _Family:
             return
         target = self.plan.targets[0]
         with self.steps.step("run non-shared binaries chained in the HTP simulator"):
+            key = step_key("htp-check", quantize=self.part_keys[-1], samples=self.k_samples, target=target)
+            entry = self.cache.get("htp-check", key)
+            if entry is not None:
+                entry.place(self.work, self.digests)
+                self._reused("the HTP simulator's check", entry)
+                self.result.sqnr_db["htp_simulator"] = dict(entry.meta)
+                return
             for g in self.graphs:
                 sessions = []
                 for k in range(self.n_parts):
@@ -467,11 +622,14 @@ class _Family:
                 self.result.sqnr_db.setdefault("htp_simulator", {})[g.manifest_key] = pooled_sqnr(
                     zip(_flat(self.refs[g.name]), _flat(outs)))
                 del sessions
+            self.cache.put("htp-check", key, self.work, sorted(p for p in (self.work / "htp_check").rglob("*")
+                                                              if p.is_file()), self.result.sqnr_db["htp_simulator"])
 
     # 7 ---------------------------------------------------------------------------------
     def write_outputs(self) -> FamilyResult:
         manifest, result = self.manifest, self.result
         with self.steps.step("write the manifest and report"):
+            self.cache.wait()  # the entries stored in the background, whose digests the manifest takes
             manifest["partitions"] = self._partition_entries()
             manifest["stage_graphs"] = {
                 g.manifest_key: {"stats_a16": {k: v for k, v in self.stats[g.name].items() if k != "handed_over"},
@@ -489,6 +647,7 @@ class _Family:
                 kind: {s: round(v, 2) for s, v in per.items()} for kind, per in result.sqnr_db.items()
             }
             manifest["steps"] = self.steps.as_list()
+            manifest["cache"] = self.cache.summary()
             self.failing = {}
             if self.plan.until != "export":
                 gate = "htp_simulator" if "htp_simulator" in result.sqnr_db else "w8a16_cpu"
@@ -574,12 +733,16 @@ def _part_label(p) -> str:
 
 
 def build_family(plan: BuildPlan, out_dir: str | Path) -> FamilyResult:
-    """Build ``plan``'s graphs as a family into ``out_dir`` (replaced atomically on success)."""
+    """Build ``plan``'s graphs as a family into ``out_dir`` (replaced atomically on success),
+    through the step cache (:mod:`.cache`)."""
     tree = TreePeak()  # worker processes count towards the peak
-    with tree, artifacts.staged_dir(out_dir) as work, compile_workers() as compiler, artifacts.Digests() as digests, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="float-chain") as checker:
-        build = _Family(plan, work, tree, compiler, digests, checker)
-        result = build.run()
+    root = cache_root(out_dir, plan.options.cache_dir, plan.options.cache)
+    with artifacts.Digests() as digests, StepCache(root, digests) as cache:
+        with tree, artifacts.staged_dir(out_dir) as work, compile_workers() as compiler, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="float-chain") as checker:
+            build = _Family(plan, work, tree, compiler, digests, checker, cache)
+            result = build.run()
+        logger.info(cache.finish())
     result.out_dir = Path(out_dir)
     if build.failing:
         worst = ", ".join(f"{s} {v:.1f} dB" for s, v in sorted(build.failing.items()))

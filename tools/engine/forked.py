@@ -91,7 +91,9 @@ def _interrupts_held() -> Iterator[_Held]:
 
 
 def _child(conn, fn: Callable, args: tuple, held: _Held) -> None:
-    from neodragon_npu.graphs.qnn import thread_limit
+    from neodragon_npu.graphs.qnn import exit_with_parent, thread_limit
+
+    exit_with_parent()
 
     ours = logging.getLogger("neodragon_npu")
     lines = _Lines()

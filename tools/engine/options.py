@@ -77,6 +77,8 @@ class BuildOptions:
     dump_dir: Path | None = None
     min_sqnr_db: float | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
+    cache: bool = True  # keep each step's outputs in the step cache and reuse them
+    cache_dir: Path | None = None  # None: <output>.cache beside the output
 
     def replace(self, **changes: Any) -> "BuildOptions":
         return dataclasses.replace(self, **changes)

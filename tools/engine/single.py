@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from neodragon_npu.graphs import onnx_io, qnn
-from neodragon_npu.graphs.feeds import save_samples
+from neodragon_npu.graphs.feeds import load_samples, save_samples
 from neodragon_npu.graphs.quant.gptq import HessianSet
 from neodragon_npu.graphs.stats import fx_stats, onnx_stats
 from neodragon_npu.graphs.verify import compare, pooled_sqnr
@@ -24,6 +24,7 @@ from neodragon_npu.neodragon_models.spec import REFERENCE_SUFFIX, SamplePlan
 from neodragon_npu.passes import pipelines
 from neodragon_npu.passes.base import PassManager
 from neodragon_npu.tools.engine import artifacts, steps as build_steps
+from neodragon_npu.tools.engine.cache import StepCache, cache_root, step_key
 from neodragon_npu.tools.engine.host import describe_host
 from neodragon_npu.tools.engine.options import BuildPlan
 from neodragon_npu.tools.engine.progress import Steps, count, release_memory
@@ -77,149 +78,178 @@ def _largest_activation(path: Path, feeds: list[dict]) -> tuple[float, str]:
 
 
 def build_single(plan: BuildPlan, out_dir: str | Path) -> BuildResult:
-    """Build ``plan``'s one graph into ``out_dir`` (replaced atomically on success)."""
-    spec, opts, (graph,) = plan.spec, plan.options, plan.graphs
-    until = plan.until
-    name = f"{spec.name}_{graph.name}"
-    steps = Steps(_step_count(plan))
-    first = plan.targets[0]
-    manifest: dict = {"host": describe_host(), "pipeline": spec.name, "model": {}, **graph.describe,
-                      "fx_pipeline": opts.fx_pipeline}
-    if len(plan.targets) == 1:
-        manifest["target"] = manifest_target(first)
-    else:
-        manifest["targets"] = [manifest_target(t) for t in plan.targets]
-    report: dict = {"title": f"{spec.name} {plan.config} {graph.name} -> "
-                             f"{', '.join(t.description for t in plan.targets)}", "host": manifest["host"]}
-    precision = plan.precision
+    """Build ``plan``'s one graph into ``out_dir`` (replaced atomically on success), through
+    the step cache (:mod:`.cache`)."""
+    root = cache_root(out_dir, plan.options.cache_dir, plan.options.cache)
+    with artifacts.Digests() as digests, StepCache(root, digests) as cache:
+        with artifacts.staged_dir(out_dir) as work:
+            manifest, report, per_target = _Single(plan, work, cache).run()
+            artifacts.write_manifest(work, manifest, digests)
+        logger.info(cache.finish())
+    if plan.until == "verify" and not manifest["verification"]["passed"]:
+        worst = min(per_target.items(), key=lambda kv: kv[1][1])
+        raise BuildCheckError(
+            f"the simulated {worst[0]} binary reaches {worst[1][1]:.1f} dB SQNR against fp32, below the "
+            f"{plan.min_sqnr_db:.0f} dB threshold (artefacts kept in {out_dir}, see report.txt)"
+        )
+    return BuildResult(Path(out_dir), manifest, report.get("htp_sqnr_db"), report)
 
-    with artifacts.staged_dir(out_dir) as work:
-        # 1. The PyTorch model: seeded synthetic weights, or the released folders.
+
+class _Single:
+    """One single-graph build; :meth:`run` reads top to bottom as the build goes. Each step
+    is a cache entry: its key names what decides it, and a step whose entry exists only
+    places the entry's files in the build directory."""
+
+    def __init__(self, plan: BuildPlan, work: Path, cache: StepCache) -> None:
+        self.plan, self.work, self.cache = plan, work, cache
+        self.spec, self.opts, (self.graph,) = plan.spec, plan.options, plan.graphs
+        self.name = f"{self.spec.name}_{self.graph.name}"
+        common = {"model": self.spec.name, "load": build_steps.load_key(plan), "graph": self.graph.name}
+        self.k_samples = step_key("samples", **common, calibration=self.opts.calibration_samples,
+                                  check=self.opts.check_samples)
+        self.k_export = step_key("export", **common, **build_steps.export_options(plan))
+        self._model = None
+
+    def model(self):
+        """The PyTorch model, loaded on first use: a build whose samples and export are
+        cached never loads it."""
+        if self._model is None:
+            self._model = self.spec.load(self.plan.load)
+        return self._model
+
+    def run(self) -> tuple[dict, dict, dict]:
+        plan, spec, graph, work, cache, name = self.plan, self.spec, self.graph, self.work, self.cache, self.name
+        opts, until, first, precision = self.opts, plan.until, plan.targets[0], plan.precision
+        steps = Steps(_step_count(plan))
+        manifest: dict = {"host": describe_host(), "pipeline": spec.name, "model": {}, **graph.describe,
+                          "fx_pipeline": opts.fx_pipeline}
+        if len(plan.targets) == 1:
+            manifest["target"] = manifest_target(first)
+        else:
+            manifest["targets"] = [manifest_target(t) for t in plan.targets]
+        report: dict = {"title": f"{spec.name} {plan.config} {graph.name} -> "
+                                 f"{', '.join(t.description for t in plan.targets)}", "host": manifest["host"]}
+
+        # 1. The PyTorch model: seeded synthetic weights, or the released folders (loaded
+        #    here unless every step that needs it is cached).
         with steps.step("build the PyTorch model"):
-            model = spec.load(plan.load)
-            manifest["model"] = spec.describe(model, plan.load)
-            for file, text in (spec.artifacts(model) if spec.artifacts else {}).items():
-                (work / file).write_text(text)
+            needed = cache.get("export", self.k_export) is None or (
+                until != "export" and cache.get("samples", self.k_samples) is None)
+            if needed:
+                self.model()
 
         # 2. Samples from the model's own pipeline: calibration and check samples are
         #    disjoint, so the binary is checked on inputs it was not calibrated on.
         if until != "export":
             with steps.step("run the float pipeline for calibration and check samples"):
-                samples = spec.samples(model, [graph], SamplePlan(opts.calibration_samples, opts.check_samples))
-                calib, check_feeds = samples.calibration[graph.name], samples.check[graph.name]
-                labels = samples.check_labels.get(graph.name) or [f"sample {i}" for i in range(len(check_feeds))]
-                save_samples(work / "calibration_inputs.npz", calib)
-                save_samples(work / "check_samples.npz", check_feeds)
-                check, refs = _split_references(check_feeds, graph.output_names)
-                del samples, check_feeds
+                labels = cache.run("samples", self.k_samples, work, self._samples, "the samples")
+                check, refs = _split_references(load_samples(work / "check_samples.npz"), graph.output_names)
+                labels = labels or [f"sample {i}" for i in range(len(check))]
 
-        # 3. Trace at the graph's static shapes and run the FX passes.
-        with steps.step("trace at the graph's static shapes and run FX passes"):
-            gm, example = build_steps.trace(graph, model)
-            report["fx_before"] = fx_stats(gm)
-            report["fx_passes"] = build_steps.run_fx(plan, graph, model, gm)
-            report["fx_after"] = fx_stats(gm)
-
-        # 4. Export to ONNX and clean up; the torch model is released first (the ONNX passes
-        #    fold weights into new tensors).
+        # 3-4. Trace at the graph's static shapes, run the FX passes, export to ONNX and run
+        #    the ONNX passes.
         float_path = work / f"{name}_float.onnx"
+        with steps.step("trace at the graph's static shapes and run FX passes"):
+            entry = cache.get("export", self.k_export)
+            if entry is None:
+                gm, example = build_steps.trace(graph, self.model())
+                report["fx_before"] = fx_stats(gm)
+                report["fx_passes"] = build_steps.run_fx(plan, graph, self.model(), gm)
+                report["fx_after"] = fx_stats(gm)
         with steps.step("export to ONNX and run ONNX passes"):
-            del model
-            # the straight export goes through its file: the ONNX passes then name the values
-            # they make after the saved graph's names, the same in every build
-            with build_steps.exported(plan, graph, gm, example, work) as onnx_model:
-                del gm
+            if entry is None:
+                model_description = spec.describe(self.model(), plan.load)
+                # the torch model is released first (the ONNX passes fold weights into new tensors)
+                self._model = None
+                # the straight export goes through its file: the ONNX passes then name the values
+                # they make after the saved graph's names, the same in every build
+                with build_steps.exported(plan, graph, gm, example, work) as onnx_model:
+                    del gm
+                    onnx_io.save(onnx_model, float_path)
+                    del onnx_model
+                release_memory()
+                onnx_model = onnx_io.load(float_path)
+                before = set(report)
+                manifest["graph_stats_a16"] = build_steps.optimize_onnx(onnx_model, plan, graph, report)
                 onnx_io.save(onnx_model, float_path)
                 del onnx_model
-            release_memory()
-            onnx_model = onnx_io.load(float_path)
-            manifest["graph_stats_a16"] = build_steps.optimize_onnx(onnx_model, plan, graph, report)
-            onnx_io.save(onnx_model, float_path)
-            del onnx_model
+                exported = {"model": model_description, "graph_stats_a16": manifest["graph_stats_a16"],
+                            "report": {k: report[k] for k in report if k not in before or k.startswith("fx_")}}
+                cache.put("export", self.k_export, work, onnx_io.model_files(float_path), exported)
+            else:
+                entry.place(work, cache.digests)
+                logger.info("      the float graph: reused from the cache (%s)", entry.key[:12])
+                exported = entry.meta
+                manifest["graph_stats_a16"] = exported["graph_stats_a16"]
+                report.update(exported["report"])
+            manifest["model"] = exported["model"]
+        self._model = None
         manifest["float_model"] = float_path.name
 
         if until != "export":
             # 5. Float ONNX vs PyTorch on the check samples: the passes and the export are exact.
             with steps.step("check the float ONNX against PyTorch"):
-                session = qnn.cpu_session(float_path)
-                report["float_check"] = [compare(ref[0], qnn.run(session, feed)[0]) for feed, ref in zip(check, refs)]
-                del session
+                def float_check():
+                    session = qnn.cpu_session(float_path)
+                    return [], [compare(ref[0], qnn.run(session, feed)[0]) for feed, ref in zip(check, refs)]
+                report["float_check"] = cache.run(
+                    "float-check", step_key("float-check", export=self.k_export, samples=self.k_samples), work,
+                    float_check, "the float check")
 
             # 6. Precision: W8A16 with aimet-onnx, calibrated on the pipeline's own samples,
             #    or FP16.
+            k_precise = step_key("precision", export=self.k_export, samples=self.k_samples, precision=precision,
+                                 htp_arch=first.htp_arch)
             if precision.name == "w8a16":
                 deployed_path = work / f"{name}_w8a16.onnx"
+                calib = load_samples(work / "calibration_inputs.npz")
                 with steps.step(f"quantize W8A16 with aimet-onnx ({len(calib)} calibration samples)"):
-                    hessians = None
-                    if precision.rounding == "gptq":
-                        hessians = HessianSet()
-                        hessians.accumulate(float_path, calib, precision.high_precision)
-                    passes = pipelines.w8a16(precision, calibration=calib, htp_arch=first.htp_arch,
-                                             encodings_dir=work, encodings_prefix=f"{name}_w8a16", hessians=hessians)
-                    result = PassManager(passes)(onnx_io.load(float_path))
-                    del hessians
-                    onnx_io.save(result.model, deployed_path)
-                    report["qdq"] = onnx_stats(result.model)
-                    del result
-                    gc.collect()
+                    report["qdq"] = cache.run("precision", k_precise, work, lambda: self._quantize(
+                        float_path, deployed_path, calib), "the W8A16 graph")
+                del calib
                 manifest["qdq_model"] = deployed_path.name
                 manifest["encodings"] = f"{name}_w8a16.encodings"
             else:
                 deployed_path = work / f"{name}_fp16.onnx"
                 with steps.step("convert to FP16"):
-                    peak, where = _largest_activation(float_path, calib)
-                    report["fp16_range"] = (peak, where)
-                    if peak > FP16_MAX:
-                        logger.warning(
-                            "      %s reaches %.3g on the calibration samples, past FP16's %.0f: the FP16 graph "
-                            "will saturate there", where, peak, FP16_MAX)
-                    model16 = onnx_io.load(float_path)
-                    PassManager(pipelines.fp16(precision))(model16)
-                    onnx_io.save(model16, deployed_path)
-                    report["fp16"] = onnx_stats(model16)
-                    del model16
+                    report["fp16_range"], report["fp16"] = cache.run(
+                        "precision", k_precise, work, lambda: self._to_fp16(float_path, deployed_path),
+                        "the FP16 graph")
+                peak, where = report["fp16_range"]
+                if peak > FP16_MAX:
+                    logger.warning("      %s reaches %.3g on the calibration samples, past FP16's %.0f: the FP16 "
+                                   "graph will saturate there", where, peak, FP16_MAX)
                 manifest["fp16_model"] = deployed_path.name
                 manifest["fp16_range"] = {"largest_abs_activation": peak, "tensor": where, "fp16_max": FP16_MAX}
             manifest["quantization"] = precision.describe()
 
-        binaries, qnn_ops = {}, {}
+        binaries, qnn_ops, k_compiled = {}, {}, {}
         if until in ("compile", "verify"):
             # 7. The QNN HTP compiler writes the EPContext model and the context binary.
             for target in plan.targets:
                 with steps.step(f"compile the HTP context binary for {target.name} (v{target.htp_arch})"):
-                    # the QNN graph is dumped only to check the ops the spec expects in it
-                    dump = work / f".{target.name}_qnn_graph" if graph.expected_qnn_ops else None
-                    binaries[target.name] = qnn.compile_context_binary(
-                        deployed_path, work / f"{name}_{target.name}_ctx.onnx", target, graph_dump_dir=dump)
-                    if dump is not None:
-                        qnn_ops[target.name] = qnn.qnn_graph_ops(dump)
-                        shutil.rmtree(dump)
-                    wrong = {op: qnn_ops[target.name].get(op, 0) for op, n in graph.expected_qnn_ops.items()
-                             if qnn_ops[target.name].get(op, 0) != n}
-                    if wrong:
-                        raise BuildCheckError(
-                            f"the {target.name} QNN graph holds {wrong} where {dict(graph.expected_qnn_ops)} was "
-                            f"expected (all its ops: {qnn_ops[target.name]})")
+                    k_compiled[target.name] = step_key("compile", precision=k_precise, target=target,
+                                                       expected_qnn_ops=dict(graph.expected_qnn_ops))
+                    rel_model, rel_binary, qnn_ops[target.name] = cache.run(
+                        "compile", k_compiled[target.name], work, lambda: self._compile(deployed_path, target),
+                        f"the {target.name} context binary")
+                    binaries[target.name] = qnn.ContextBinary(work / rel_model, work / rel_binary)
                 report.setdefault("compile_seconds", 0.0)
                 report["compile_seconds"] += steps.records[-1].seconds
 
         graph_entry = {"name": name, "float_model": float_path.name}
+        per_target = {}
         if until == "verify":
             # 8. Load each binary back in the HTP simulator and compare with fp32 PyTorch.
-            per_target = {}
             for target in plan.targets:
                 with steps.step(f"load the {target.name} binary in the HTP simulator and compare with fp32"):
-                    session = qnn.htp_session(binaries[target.name].epcontext_model, target)
+                    signature, results, pooled = cache.run(
+                        "htp-check", step_key("htp-check", compile=k_compiled[target.name], samples=self.k_samples),
+                        work, lambda: ([], self._simulate(binaries[target.name], target, check, refs, labels)),
+                        f"the {target.name} simulator check")
                     if target is first:
-                        graph_entry.update(qnn.io_signature(session))
-                    results, pairs = [], []
-                    for i, (feed, ref, label) in enumerate(zip(check, refs, labels)):
-                        out = qnn.run(session, feed)[0]
-                        results.append((label, compare(ref[0], out)))
-                        pairs.append((ref[0], out))
-                        count("check sample", i + 1, len(check))
-                    del session
-                per_target[target.name] = (results, pooled_sqnr(pairs))
+                        graph_entry.update(signature)
+                per_target[target.name] = (results, pooled)
             results, pooled = per_target[first.name]
             sqnrs = [c.sqnr_db for _, c in results]
             report["htp_check"] = results
@@ -247,13 +277,71 @@ def build_single(plan: BuildPlan, out_dir: str | Path) -> BuildResult:
             graph_entry.update(onnx_io.io_signature(onnx_io.load(float_path)))
         manifest["graphs"] = [graph_entry]
         manifest["steps"] = steps.as_list()
+        manifest["cache"] = cache.summary()
         report["steps"] = steps.records
         write_report(work / "report.txt", report)
-        artifacts.write_manifest(work, manifest)
-    if until == "verify" and not manifest["verification"]["passed"]:
-        worst = min(per_target.items(), key=lambda kv: kv[1][1])
-        raise BuildCheckError(
-            f"the simulated {worst[0]} binary reaches {worst[1][1]:.1f} dB SQNR against fp32, below the "
-            f"{plan.min_sqnr_db:.0f} dB threshold (artefacts kept in {out_dir}, see report.txt)"
-        )
-    return BuildResult(Path(out_dir), manifest, report.get("htp_sqnr_db"), report)
+        return manifest, report, per_target
+
+    # the steps' work on a cache miss: each returns (files, metadata) ---------------------
+    def _samples(self):
+        spec, graph, work, opts = self.spec, self.graph, self.work, self.opts
+        files = []
+        for file, text in (spec.artifacts(self.model()) if spec.artifacts else {}).items():
+            (work / file).write_text(text)
+            files.append(file)
+        samples = spec.samples(self.model(), [graph], SamplePlan(opts.calibration_samples, opts.check_samples))
+        files.append(save_samples(work / "calibration_inputs.npz", samples.calibration[graph.name]))
+        files.append(save_samples(work / "check_samples.npz", samples.check[graph.name]))
+        return files, samples.check_labels.get(graph.name)
+
+    def _quantize(self, float_path: Path, deployed_path: Path, calib: list[dict]):
+        precision, first = self.plan.precision, self.plan.targets[0]
+        hessians = None
+        if precision.rounding == "gptq":
+            hessians = HessianSet()
+            hessians.accumulate(float_path, calib, precision.high_precision)
+        passes = pipelines.w8a16(precision, calibration=calib, htp_arch=first.htp_arch,
+                                 encodings_dir=self.work, encodings_prefix=f"{self.name}_w8a16", hessians=hessians)
+        result = PassManager(passes)(onnx_io.load(float_path))
+        del hessians
+        onnx_io.save(result.model, deployed_path)
+        stats = onnx_stats(result.model)
+        del result
+        gc.collect()
+        return [*onnx_io.model_files(deployed_path), self.work / f"{self.name}_w8a16.encodings"], stats
+
+    def _to_fp16(self, float_path: Path, deployed_path: Path):
+        peak, where = _largest_activation(float_path, load_samples(self.work / "calibration_inputs.npz"))
+        model16 = onnx_io.load(float_path)
+        PassManager(pipelines.fp16(self.plan.precision))(model16)
+        onnx_io.save(model16, deployed_path)
+        return onnx_io.model_files(deployed_path), ((peak, where), onnx_stats(model16))
+
+    def _compile(self, deployed_path: Path, target):
+        graph, work = self.graph, self.work
+        # the QNN graph is dumped only to check the ops the spec expects in it
+        dump = work / f".{target.name}_qnn_graph" if graph.expected_qnn_ops else None
+        built = qnn.compile_context_binary(deployed_path, work / f"{self.name}_{target.name}_ctx.onnx", target,
+                                           graph_dump_dir=dump)
+        ops = {}
+        if dump is not None:
+            ops = qnn.qnn_graph_ops(dump)
+            shutil.rmtree(dump)
+        wrong = {op: ops.get(op, 0) for op, n in graph.expected_qnn_ops.items() if ops.get(op, 0) != n}
+        if wrong:
+            raise BuildCheckError(f"the {target.name} QNN graph holds {wrong} where {dict(graph.expected_qnn_ops)} "
+                                  f"was expected (all its ops: {ops})")
+        files = [built.epcontext_model, built.binary]
+        return files, (built.epcontext_model.name, built.binary.name, ops)
+
+    def _simulate(self, binary, target, check, refs, labels):
+        session = qnn.htp_session(binary.epcontext_model, target)
+        signature = qnn.io_signature(session)
+        results, pairs = [], []
+        for i, (feed, ref, label) in enumerate(zip(check, refs, labels)):
+            out = qnn.run(session, feed)[0]
+            results.append((label, compare(ref[0], out)))
+            pairs.append((ref[0], out))
+            count("check sample", i + 1, len(check))
+        del session
+        return signature, results, pooled_sqnr(pairs)

@@ -88,3 +88,21 @@ def optimize_onnx(model: ir.Model, plan: BuildPlan, graph: GraphSpec, report: di
 
 def manifest_target(target) -> dict:
     return {"name": target.name, "soc_model": target.soc_model, "htp_arch": target.htp_arch}
+
+
+def load_key(plan: BuildPlan) -> dict:
+    """What decides the loaded model, for the step cache: the model options that only
+    choose 16-bit weights are left out (they enter through the precision)."""
+    precision_only = {o.name for o in plan.spec.options if o.sets_precision}
+    return {"config": plan.load.config, "checkpoint": plan.load.checkpoint, "seed": plan.load.seed,
+            "options": {k: v for k, v in plan.load.options.items() if k not in precision_only}}
+
+
+def export_options(plan: BuildPlan) -> dict:
+    """The options that decide the exported float graph(s), for the step cache. The FX
+    passes read the first target (its tile budget); a family is cut by its budget."""
+    o = plan.options
+    return {"target": plan.targets[0], "exporter": o.exporter, "fx_pipeline": o.fx_pipeline,
+            "skip_passes": sorted(o.skip_passes), "verify_each_pass": o.verify_each_pass,
+            "dump_dir": str(o.dump_dir) if o.dump_dir else None,
+            "partition_budget": plan.partition_budget if plan.family else None}
