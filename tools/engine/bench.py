@@ -95,7 +95,7 @@ def rebuild_benchmark(model: str = "denoiser", config: str = "tiny", work_dir: s
     from neodragon_npu.graphs.feeds import load_samples
     from neodragon_npu.graphs.targets import get_target
     from neodragon_npu.graphs.verify import pooled_sqnr
-    from neodragon_npu.neodragon_models.spec import REFERENCE_SUFFIX
+    from neodragon_npu.tools.engine.single import split_references
 
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="neodragon-bench-"))
     out = root / "build"
@@ -111,10 +111,8 @@ def rebuild_benchmark(model: str = "denoiser", config: str = "tiny", work_dir: s
         target = get_target(manifest["target"]["name"])
         session = qnn.htp_session(out / graph["epcontext_model"], target)
         outputs = [o["name"] for o in graph["outputs"]]
-        pairs = []
-        for feed in load_samples(out / "check_samples.npz"):
-            refs = [feed.pop(o + REFERENCE_SUFFIX) for o in outputs]
-            pairs += zip(refs, qnn.run(session, feed))
+        feeds, refs = split_references(load_samples(out / "check_samples.npz"), outputs)
+        pairs = [pair for feed, ref in zip(feeds, refs) for pair in zip(ref, qnn.run(session, feed))]
         return {"first_s": seconds[0], "second_s": seconds[1], "reused": manifest["cache"]["reused"],
                 "htp_sqnr_db": pooled_sqnr(pairs)}
     finally:

@@ -182,7 +182,7 @@ class StepCache:
     def __init__(self, root: str | Path | None, digests=None) -> None:
         self.root = Path(root).absolute() if root is not None else None
         self.digests = digests
-        self.used: dict[tuple[str, str], int] = {}  # (kind, key) -> bytes, entries this build read or wrote
+        self.used: set[tuple[str, str]] = set()  # (kind, key) of the entries this build read or wrote
         self.hits: dict[tuple[str, str], None] = {}  # entries this build took from the cache, in order
         self._lock_file = None
         self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-seal")
@@ -221,6 +221,11 @@ class StepCache:
         return self.root / kind / key
 
     # reading --------------------------------------------------------------------------
+    def has(self, kind: str, key: str) -> bool:
+        """Whether a finished entry exists, unchecked: to decide what to prepare (a model to
+        load). The step itself takes the entry with :meth:`get`, which checks it."""
+        return self.enabled and (self._dir(kind, key) / ENTRY).is_file()
+
     def get(self, kind: str, key: str) -> Entry | None:
         """The finished entry for (``kind``, ``key``) with every file checked, or None."""
         if not self.enabled:
@@ -242,7 +247,7 @@ class StepCache:
                 return self._damaged(kind, key, f"{rel} has changed since it was stored")
         meta = pickle.loads((path / META).read_bytes()) if (path / META).is_file() else None
         os.utime(path)  # its last use, for the eviction order
-        self.used[kind, key] = sum(size for size, _ in files.values())
+        self.used.add((kind, key))
         self.hits[kind, key] = None
         return Entry(kind, key, path, {rel: tuple(v) for rel, v in files.items() if rel != META}, meta)
 
@@ -268,7 +273,7 @@ class StepCache:
         for rel in rels:
             _place(work / rel, tmp / rel)
         (tmp / META).write_bytes(pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL))
-        self.used[kind, key] = sum((work / rel).stat().st_size for rel in rels)
+        self.used.add((kind, key))
         if background:
             return self._sealer.submit(self._seal, kind, key, tmp, work, rels)
         self._seal(kind, key, tmp, work, rels)
@@ -290,13 +295,22 @@ class StepCache:
                 self.digests.record(work / rel, digest)
         kill_point(f"sealed:{kind}")
 
+    def reuse(self, entry: Entry, work: Path, what: str = "") -> Entry:
+        """Place ``entry``'s files in ``work`` (their digests go to the manifest's) and say so."""
+        entry.place(work, self.digests)
+        logger.info("      %s: reused from the cache (%s, %s)", what or entry.kind, entry.key[:12], _size(entry.bytes))
+        return entry
+
+    def take(self, kind: str, key: str, work: Path, what: str = "") -> Entry | None:
+        """:meth:`get`, then :meth:`reuse` if found."""
+        entry = self.get(kind, key)
+        return None if entry is None else self.reuse(entry, work, what)
+
     def run(self, kind: str, key: str, work: Path, compute, what: str = ""):
         """The step (``kind``, ``key``): its files placed in ``work`` and its metadata from
         the cache, or ``compute()`` -> (files, metadata) run and stored. Returns the metadata."""
-        entry = self.get(kind, key)
+        entry = self.take(kind, key, work, what)
         if entry is not None:
-            entry.place(work, self.digests)
-            logger.info("      %s: reused from the cache (%s, %s)", what or kind, key[:12], _size(entry.bytes))
             return entry.meta
         files, meta = compute()
         self.put(kind, key, work, files, meta)
@@ -310,7 +324,7 @@ class StepCache:
         if after_pending:
             self._sealer.submit(self.drop, kind, key)
             return
-        self.used.pop((kind, key), None)
+        self.used.discard((kind, key))
         shutil.rmtree(self._dir(kind, key), ignore_errors=True)
 
     def wait(self) -> None:

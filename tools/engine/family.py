@@ -238,17 +238,12 @@ class _Family:
         self.k_export = step_key("export", **common, **build_steps.export_options(plan))
         self.k_float = step_key("float-chains", export=self.k_export, samples=self.k_samples)
 
-    def _reused(self, what: str, entry) -> None:
-        logger.info("      %s: reused from the cache (%s, %s)", what, entry.key[:12], format_bytes(entry.bytes))
-
     # 1 ---------------------------------------------------------------------------------
     def load_and_sample(self):
         plan, work = self.plan, self.work
         with self.steps.step("build the model and run the float pipeline for samples"):
-            entry = self.cache.get("samples", self.k_samples)
+            entry = self.cache.take("samples", self.k_samples, work, "the samples")
             if entry is not None:
-                entry.place(work, self.digests)
-                self._reused("the samples", entry)
                 self.manifest["model"], self.calls_per_group, self.weight_bytes = entry.meta
                 self.share_model = self.weight_bytes <= SHARED_EXPORT_LIMIT_BYTES
                 # the exports share a model loaded here unless they are cached too
@@ -320,9 +315,7 @@ class _Family:
                 self.stats, {g.name: [p.name for p in self.part_paths[g.name]] for g in self.graphs}, self.n_parts))
 
     def _exports_from_cache(self) -> None:
-        entry = self.export_entry
-        entry.place(self.work, self.digests)
-        self._reused(f"the {len(self.graphs)} graphs' float partitions", entry)
+        entry = self.cache.reuse(self.export_entry, self.work, f"the {len(self.graphs)} graphs' float partitions")
         self.stats, names, self.n_parts = entry.meta
         self.part_paths = {g: [self.work / n for n in per] for g, per in names.items()}
         chains = self.cache.get("float-chains", self.k_float)
@@ -398,8 +391,7 @@ class _Family:
             f" ({min(len(envs[g.name]) for g in graphs)} samples per graph)" if start < self.n_parts else "")
         with self.steps.step(label + ("; compile behind it" if compile_now else "")):
             for k, entry in enumerate(done):
-                entry.place(work, self.digests)
-                self._reused(f"partition {k + 1}/{self.n_parts}", entry)
+                cache.reuse(entry, work, f"partition {k + 1}/{self.n_parts}")
                 names, seconds, peaks = entry.meta
                 for g in graphs:
                     self.qdq_paths[g.name].append(work / names[g.name])
@@ -514,10 +506,9 @@ class _Family:
     def _submit_compiles(self, k: int) -> None:
         for target in self.plan.targets:  # one context binary for the partition's graphs
             key = step_key("compile", quantize=self.part_keys[k], target=target)
-            entry = self.cache.get("compile", key)
+            entry = self.cache.take("compile", key, self.work,
+                                    f"the {target.name} context binary of partition {k + 1}/{self.n_parts}")
             if entry is not None:
-                entry.place(self.work, self.digests)
-                self._reused(f"the {target.name} context binary of partition {k + 1}/{self.n_parts}", entry)
                 paths, seconds = entry.meta
                 future = _done(([qnn.ContextBinary(self.work / m, self.work / b) for m, b in paths], seconds))
             else:
@@ -560,7 +551,7 @@ class _Family:
             layer_report = self.weight_bytes <= HTP_VERIFY_LIMIT_BYTES
         with self.steps.step("check the float and quantized chains against fp32"):
             chains = {g.name: self.float_chains[g.name].result() for g in self.graphs}  # checked beside the exports
-            if self.cache.get("float-chains", self.k_float) is None:
+            if not self.cache.has("float-chains", self.k_float):
                 self.cache.put("float-chains", self.k_float, self.work, [], chains)
             for g in self.graphs:
                 result.sqnr_db.setdefault("float_chain", {})[g.manifest_key] = chains[g.name]
@@ -570,13 +561,9 @@ class _Family:
                     zip(_flat(self.refs[g.name]), _flat(outs)))
             if layer_report:
                 key = step_key("layer-report", quantize=self.part_keys[-1], samples=self.k_samples)
-                entry = self.cache.get("layer-report", key)
-                if entry is not None:
-                    entry.place(self.work, self.digests)
-                    self.manifest["worst_layers"] = entry.meta
-                else:
-                    self.manifest["worst_layers"] = self._layer_report()
-                    self.cache.put("layer-report", key, self.work, ["layer_sqnr.json"], self.manifest["worst_layers"])
+                self.manifest["worst_layers"] = self.cache.run(
+                    "layer-report", key, self.work, lambda: (["layer_sqnr.json"], self._layer_report()),
+                    "the per-layer report")
 
     def _layer_report(self, top: int = 10) -> list[dict]:
         """Tensors where the quantized graphs lose most SQNR relative to their inputs."""
@@ -606,24 +593,21 @@ class _Family:
         target = self.plan.targets[0]
         with self.steps.step("run non-shared binaries chained in the HTP simulator"):
             key = step_key("htp-check", quantize=self.part_keys[-1], samples=self.k_samples, target=target)
-            entry = self.cache.get("htp-check", key)
-            if entry is not None:
-                entry.place(self.work, self.digests)
-                self._reused("the HTP simulator's check", entry)
-                self.result.sqnr_db["htp_simulator"] = dict(entry.meta)
-                return
-            for g in self.graphs:
-                sessions = []
-                for k in range(self.n_parts):
-                    ctx = qnn.compile_context_binary(self.qdq_paths[g.name][k],
-                                                     self.work / "htp_check" / f"{g.name}_part{k}_ctx.onnx", target)
-                    sessions.append(qnn.htp_session(ctx.epcontext_model, target))
-                outs = chain.run_chain(sessions, self.check[g.name], g.output_names)
-                self.result.sqnr_db.setdefault("htp_simulator", {})[g.manifest_key] = pooled_sqnr(
-                    zip(_flat(self.refs[g.name]), _flat(outs)))
-                del sessions
-            self.cache.put("htp-check", key, self.work, sorted(p for p in (self.work / "htp_check").rglob("*")
-                                                              if p.is_file()), self.result.sqnr_db["htp_simulator"])
+            self.result.sqnr_db["htp_simulator"] = self.cache.run(
+                "htp-check", key, self.work, lambda: self._simulate_chains(target), "the HTP simulator's check")
+
+    def _simulate_chains(self, target) -> tuple[list[Path], dict[str, float]]:
+        sqnr = {}
+        for g in self.graphs:
+            sessions = []
+            for k in range(self.n_parts):
+                ctx = qnn.compile_context_binary(self.qdq_paths[g.name][k],
+                                                 self.work / "htp_check" / f"{g.name}_part{k}_ctx.onnx", target)
+                sessions.append(qnn.htp_session(ctx.epcontext_model, target))
+            outs = chain.run_chain(sessions, self.check[g.name], g.output_names)
+            sqnr[g.manifest_key] = pooled_sqnr(zip(_flat(self.refs[g.name]), _flat(outs)))
+            del sessions
+        return sorted(p for p in (self.work / "htp_check").rglob("*") if p.is_file()), sqnr
 
     # 7 ---------------------------------------------------------------------------------
     def write_outputs(self) -> FamilyResult:

@@ -47,7 +47,7 @@ def _step_count(plan: BuildPlan) -> int:
     return {"export": 4, "quantize": 6, "compile": 7, "verify": 8}[plan.until]
 
 
-def _split_references(feeds: list[dict], outputs) -> tuple[list[dict], list[list[np.ndarray]]]:
+def split_references(feeds: list[dict], outputs) -> tuple[list[dict], list[list[np.ndarray]]]:
     """Check feeds without their ``<output>_fp32`` references, and the references."""
     inputs, refs = [], []
     for feed in feeds:
@@ -133,9 +133,8 @@ class _Single:
         # 1. The PyTorch model: seeded synthetic weights, or the released folders (loaded
         #    here unless every step that needs it is cached).
         with steps.step("build the PyTorch model"):
-            needed = cache.get("export", self.k_export) is None or (
-                until != "export" and cache.get("samples", self.k_samples) is None)
-            if needed:
+            if not cache.has("export", self.k_export) or (until != "export" and
+                                                          not cache.has("samples", self.k_samples)):
                 self.model()
 
         # 2. Samples from the model's own pipeline: calibration and check samples are
@@ -143,7 +142,7 @@ class _Single:
         if until != "export":
             with steps.step("run the float pipeline for calibration and check samples"):
                 labels = cache.run("samples", self.k_samples, work, self._samples, "the samples")
-                check, refs = _split_references(load_samples(work / "check_samples.npz"), graph.output_names)
+                check, refs = split_references(load_samples(work / "check_samples.npz"), graph.output_names)
                 labels = labels or [f"sample {i}" for i in range(len(check))]
 
         # 3-4. Trace at the graph's static shapes, run the FX passes, export to ONNX and run
@@ -177,9 +176,7 @@ class _Single:
                             "report": {k: report[k] for k in report if k not in before or k.startswith("fx_")}}
                 cache.put("export", self.k_export, work, onnx_io.model_files(float_path), exported)
             else:
-                entry.place(work, cache.digests)
-                logger.info("      the float graph: reused from the cache (%s)", entry.key[:12])
-                exported = entry.meta
+                exported = cache.reuse(entry, work, "the float graph").meta
                 manifest["graph_stats_a16"] = exported["graph_stats_a16"]
                 report.update(exported["report"])
             manifest["model"] = exported["model"]
