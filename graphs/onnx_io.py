@@ -15,8 +15,11 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-# Models whose tensors total less than this are saved with inline weights.
-INLINE_LIMIT_BYTES = 64 * 1024 * 1024
+# Models whose tensors total less than this are saved with inline weights (protobuf caps a
+# model file at 2 GiB). Inline weights keep a model one file, which the step cache can
+# hard-link: onnx and onnx_ir refuse external data with several links. A memory-bounded
+# partition's weights stay below it.
+INLINE_LIMIT_BYTES = 1 << 30
 
 
 class ModelFileError(ValueError):
@@ -151,6 +154,11 @@ def file_interface(path: str | Path) -> tuple[dict[str, list[dict]], int]:
         opset_imports=list(proto.opset_import), ir_version=proto.ir_version,
     )
     return io_signature(ir.serde.deserialize_model(shell)), nbytes
+
+
+def is_external_data(path: str | Path) -> bool:
+    """A file :func:`save` wrote as a model's external data (``<model>.onnx.data``)."""
+    return Path(path).name.endswith(".onnx.data")
 
 
 def model_files(path: str | Path) -> list[Path]:

@@ -193,13 +193,16 @@ def preloaded_in_new_processes(library: str | None):
             os.environ["LD_PRELOAD"] = saved
 
 
-def exit_with_parent(interval: float = 1.0) -> None:
-    """In a worker process: exit as soon as the process that started it is gone. A build
-    killed with SIGKILL cannot stop its workers; without this a compile worker would finish
-    its job (minutes, GBs of memory) for nobody, and a forked export would hold the model."""
+def exit_with_parent(parent: int | None = None, interval: float = 1.0) -> None:
+    """In a worker process: exit as soon as ``parent`` (default: the process that started
+    it) is gone. A build killed with SIGKILL cannot stop its workers; without this a compile
+    worker would finish its job (minutes, GBs of memory) for nobody, and a forked export
+    would hold the model. Pools pass their own pid: a worker spawned while its pool's
+    process was exiting starts with init as its parent already and would otherwise wait
+    forever."""
     import threading
 
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -15,6 +15,9 @@ from neodragon_npu.neodragon_models.context_adapter import ContextAdapter
 from neodragon_npu.neodragon_models.mmdit import PyramidMMDiT
 from neodragon_npu.neodragon_models.weights import (
     CheckpointError,
+    check_shapes,
+    checkpoint_shapes,
+    config_from_json,
     load_state_dict_strict,
     read_config,
     read_state_dict,
@@ -43,12 +46,18 @@ def mmdit_config_to_json(config: MMDiTConfig) -> dict:
     return out
 
 
+# The keys of a released config.json that fix the architecture: a file without them (an
+# empty one, another model's) is refused rather than read as the full-size defaults.
+MMDIT_ARCHITECTURE_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "patch_size",
+                           "pooled_projection_dim", "caption_projection_dim", "joint_attention_dim")
+ADAPTER_ARCHITECTURE_KEYS = ("input_dims", "output_dims", "layer_depths", "skips")
+
+
 def mmdit_config_from_json(raw: dict, source: str) -> MMDiTConfig:
+    config = config_from_json(MMDiTConfig, raw, source, MMDIT_ARCHITECTURE_KEYS)
     for key, value in _REQUIRED_MMDIT_OPTIONS.items():
         if key in raw and raw[key] != value:
             raise CheckpointError(f"{source}: {key}={raw[key]!r} is not supported (need {value!r})")
-    fields = {f.name for f in dataclasses.fields(MMDiTConfig)}
-    config = MMDiTConfig(**{k: v for k, v in raw.items() if k in fields})
     if config.caption_projection_dim != config.inner_dim:
         raise CheckpointError(
             f"{source}: caption_projection_dim {config.caption_projection_dim} != "
@@ -63,10 +72,45 @@ def adapter_config_to_json(config: ContextAdapterConfig) -> dict:
     return out
 
 
-def adapter_config_from_json(raw: dict) -> ContextAdapterConfig:
-    fields = {f.name for f in dataclasses.fields(ContextAdapterConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
-    return ContextAdapterConfig(**values)
+def adapter_config_from_json(raw: dict, source: str = "context_adapter") -> ContextAdapterConfig:
+    config = config_from_json(ContextAdapterConfig, raw, source, ADAPTER_ARCHITECTURE_KEYS)
+    if len(config.layer_depths) != len(config.skips):
+        raise CheckpointError(f"{source}: {len(config.layer_depths)} layer_depths but {len(config.skips)} skips")
+    return config
+
+
+def with_checkpoint_config(config: DenoiserConfig, checkpoint: str | Path | None) -> DenoiserConfig:
+    """``config`` with the architecture the released folders under ``checkpoint`` declare
+    (the pyramid geometry is kept); ``config`` itself without a checkpoint."""
+    if checkpoint is None:
+        return config
+    root = Path(checkpoint)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder {root} does not exist")
+    t_dir, a_dir = root / TRANSFORMER_FOLDER, root / ADAPTER_FOLDER
+    return config.replace(mmdit=mmdit_config_from_json(read_config(t_dir), str(t_dir)),
+                          context_adapter=adapter_config_from_json(read_config(a_dir), str(a_dir)))
+
+
+def denoiser_modules(config: DenoiserConfig, rope_layout: str = "interleaved", attention: str = "sdpa"):
+    """The transformer and ContextAdapter of ``config`` on the meta device (no memory)."""
+    with torch.device("meta"):
+        return (PyramidMMDiT(config.mmdit, rope_layout=rope_layout, attention=attention),
+                ContextAdapter(config.context_adapter))
+
+
+def check_denoiser_checkpoint(config: DenoiserConfig, checkpoint: str | Path | None) -> DenoiserConfig:
+    """Read what decides the model before any work: the folders' config.json files and their
+    safetensors headers, against the modules they describe (no tensor is read). Returns the
+    config the build will use."""
+    config = with_checkpoint_config(config, checkpoint)
+    if checkpoint is not None:
+        transformer, adapter = denoiser_modules(config)
+        root = Path(checkpoint)
+        for module, folder in ((transformer, root / TRANSFORMER_FOLDER), (adapter, root / ADAPTER_FOLDER)):
+            check_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()},
+                         checkpoint_shapes(folder), str(folder))
+    return config
 
 
 @dataclass
@@ -95,19 +139,12 @@ def build_denoiser(
     ``context_adapter/``; their config.json files override the architecture of ``config``
     (the pyramid geometry is kept).
     """
-    mm_cfg, ad_cfg = config.mmdit, config.context_adapter
     states = None
+    config = with_checkpoint_config(config, checkpoint)
     if checkpoint is not None:
-        root = Path(checkpoint)
-        t_dir, a_dir = root / TRANSFORMER_FOLDER, root / ADAPTER_FOLDER
-        mm_cfg = mmdit_config_from_json(read_config(t_dir), str(t_dir))
-        ad_cfg = adapter_config_from_json(read_config(a_dir))
+        t_dir, a_dir = Path(checkpoint) / TRANSFORMER_FOLDER, Path(checkpoint) / ADAPTER_FOLDER
         states = (read_state_dict(t_dir), read_state_dict(a_dir), str(t_dir), str(a_dir))
-        config = config.replace(mmdit=mm_cfg, context_adapter=ad_cfg)
-
-    with torch.device("meta"):
-        transformer = PyramidMMDiT(mm_cfg, rope_layout=rope_layout, attention=attention)
-        adapter = ContextAdapter(ad_cfg)
+    transformer, adapter = denoiser_modules(config, rope_layout, attention)
     if states is not None:
         t_state, a_state, t_src, a_src = states
         load_state_dict_strict(transformer, t_state, t_src)

@@ -104,6 +104,11 @@ class ModelOption:
     sets_precision: bool = False  # it chooses weights kept at 16 bit (--high-precision none excludes it)
 
 
+def meta_shapes(module: nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of a module (on the meta device: no memory)."""
+    return {prefix + name: tuple(p.shape) for name, p in module.named_parameters()}
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     config: str
@@ -142,6 +147,15 @@ class ModelSpec:
     checkpoint_help: str = "a folder holding the released weights"
     artifacts: Callable[[Any], dict[str, str]] | None = None  # extra files: name -> text
     reference_note: str = ""  # what the fp32 reference is, for the manifest
+    # The shape of every weight the loaded model will hold, found cheaply (modules on the
+    # meta device; a checkpoint's config and tensor headers, no tensor): it reads and checks
+    # everything the load depends on, so a bad checkpoint or model option is refused, and
+    # the partition budget and disk space are checked, before any work.
+    weight_shapes: Callable[[LoadOptions], Mapping[str, tuple[int, ...]]] | None = None
+
+    def preflight(self, load: LoadOptions) -> dict[str, tuple[int, ...]]:
+        """:attr:`weight_shapes` (empty if the spec has none)."""
+        return dict(self.weight_shapes(load)) if self.weight_shapes is not None else {}
 
     def option(self, name: str) -> ModelOption:
         for opt in self.options:

@@ -101,16 +101,12 @@ def _summarise(names: Iterable[str], limit: int = 8) -> str:
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Assign ``state`` to a (meta or real) model; any key mismatch is one clear error."""
-    expected = model.state_dict()
-    missing = expected.keys() - state.keys()
-    unexpected = state.keys() - expected.keys()
-    misshaped = [
-        f"{k} {list(state[k].shape)} != {list(expected[k].shape)}"
-        for k in expected.keys() & state.keys()
-        if state[k].shape != expected[k].shape
-    ]
+def check_shapes(expected: dict[str, tuple], got: dict[str, tuple], source: str) -> None:
+    """Any key missing, unexpected or mis-shaped in ``got`` (name -> shape) is one clear error."""
+    missing = expected.keys() - got.keys()
+    unexpected = got.keys() - expected.keys()
+    misshaped = [f"{k} {list(got[k])} != {list(expected[k])}"
+                 for k in expected.keys() & got.keys() if tuple(got[k]) != tuple(expected[k])]
     problems = []
     if missing:
         problems.append(f"missing keys: {_summarise(missing)}")
@@ -120,7 +116,59 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
         problems.append(f"mis-shaped keys: {_summarise(misshaped)}")
     if problems:
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Assign ``state`` to a (meta or real) model; any key mismatch is one clear error."""
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                 {k: tuple(v.shape) for k, v in state.items()}, source)
     model.load_state_dict(state, strict=True, assign=True)
+
+
+def checkpoint_shapes(folder: str | Path) -> dict[str, tuple]:
+    """The name and shape of every tensor of a checkpoint folder, from the safetensors
+    headers alone (no tensor is read): a mismatched or truncated folder is found before any
+    work."""
+    shapes: dict[str, tuple] = {}
+    for path in _weight_files(Path(folder)):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in the index but missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
+    return shapes
+
+
+def config_from_json(cls, raw: Any, source: str, required: Iterable[str]):
+    """A config dataclass from a released ``config.json``: the ``required`` keys (those that
+    fix the architecture) must be there with values of the field's type; other fields take
+    their defaults and keys the dataclass does not know are ignored (training options)."""
+    import dataclasses
+
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}/{CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}")
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise CheckpointError(f"{source}/{CONFIG_NAME} lacks {', '.join(missing)}: not the config of this model")
+    values = {}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        if key not in defaults:
+            continue
+        default = defaults[key]
+        if isinstance(value, list) and isinstance(default, tuple):
+            value = tuple(value)
+        kind = type(default)
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise CheckpointError(f"{source}/{CONFIG_NAME}: {key} = {value!r} should be a {kind.__name__}")
+        values[key] = value
+    return cls(**values)
 
 
 def save_checkpoint(model: nn.Module, folder: str | Path, config: dict[str, Any]) -> Path:

@@ -13,7 +13,10 @@ that found no candidate at all gets one note saying what it looked for (``LOOKS_
 
 Models are ``torch.fx.GraphModule`` for FX passes and ``onnx_ir.Model`` for ONNX passes
 (``IR = "fx"`` or ``"onnx"``). Options are keyword-only constructor arguments; passes keep
-no state between calls.
+no state between calls. The options a pipeline file may set are declared in ``OPTIONS``
+with their type, range and meaning (``passes --options`` shows them; ``create_pass`` checks
+them before any pass runs); the others (``ENGINE_OPTIONS``: calibration data in memory,
+callbacks) only the build engine sets.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import abc
 import logging
 import time
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -40,6 +44,80 @@ class PostconditionError(PassError):
     """A pass produced a model that breaks what it ensures."""
 
 
+class OptionError(ValueError):
+    """A pass option of the wrong type or outside its range."""
+
+
+# Option kinds and the Python values (as TOML or JSON give them) each accepts.
+_KINDS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "path": lambda v: isinstance(v, (str, Path)) and str(v) != "",
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a pipeline file may set. ``kind`` is int, float, bool, str or path, or a
+    list of one of them ("int list"); ``length`` fixes a list's length; ``min``/``max``
+    bound a number (or every number of a list); ``choices`` lists the allowed values;
+    ``none_ok``: null (JSON) means "not set"."""
+
+    kind: str
+    help: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple = ()
+    length: int | None = None
+    none_ok: bool = False
+    exists: bool = False  # a path that must name an existing file (an input)
+
+    def __post_init__(self) -> None:
+        if self.kind.removesuffix(" list") not in _KINDS:
+            raise ValueError(f"unknown option kind {self.kind!r}")
+
+    def describe(self) -> str:
+        """The type and range, e.g. ``int >= 1`` or ``str, one of min_max, percentile``."""
+        out = self.kind if self.length is None else f"{self.kind} of {self.length}"
+        if self.min is not None and self.max is not None:
+            out += f" in [{self.min:g}, {self.max:g}]"
+        elif self.min is not None:
+            out += f" >= {self.min:g}"
+        elif self.max is not None:
+            out += f" <= {self.max:g}"
+        if self.choices:
+            out += ", one of " + ", ".join(str(c) for c in self.choices)
+        return out
+
+    def check(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (None: nothing)."""
+        if value is None:
+            return None if self.none_ok else "must be set (null is not allowed)"
+        base = self.kind.removesuffix(" list")
+        if self.kind.endswith(" list"):
+            if not isinstance(value, (list, tuple)):
+                return f"must be a list of {base}"
+            if self.length is not None and len(value) != self.length:
+                return f"must hold {self.length} values, not {len(value)}"
+            items = list(value)
+        else:
+            items = [value]
+        for item in items:
+            if not _KINDS[base](item):
+                return f"must be {'a list of ' + base if self.kind.endswith(' list') else base}, not {item!r}"
+            if self.choices and item not in self.choices:
+                return f"must be one of {', '.join(str(c) for c in self.choices)}"
+            if self.min is not None and item < self.min:
+                return f"must be at least {self.min:g}"
+            if self.max is not None and item > self.max:
+                return f"must be at most {self.max:g}"
+            if self.exists and not Path(item).is_file():
+                return "names no existing file"
+        return None
+
+
 @dataclass
 class PassResult:
     model: Any
@@ -54,6 +132,23 @@ class Pass(abc.ABC):
     IN_PLACE: ClassVar[bool] = True
     NAME: ClassVar[str] = ""  # registry name: the file's name (a contract test checks it)
     LOOKS_FOR: ClassVar[str] = ""  # what a site looks like, for the note when none is found
+    OPTIONS: ClassVar[dict[str, Option]] = {}  # what a pipeline file may set
+    ENGINE_OPTIONS: ClassVar[tuple[str, ...]] = ()  # what only the build engine sets
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Refuse, naming the pass and the option, anything a pipeline file may not set, and
+        any value of the wrong type or outside its range."""
+        name = cls.pass_name()
+        for key, value in options.items():
+            if key in cls.ENGINE_OPTIONS:
+                raise OptionError(f"pass {name}: option {key} is set by the build engine, not a pipeline file")
+            if key not in cls.OPTIONS:
+                known = ", ".join(sorted(cls.OPTIONS)) or "none"
+                raise OptionError(f"pass {name}: unknown option {key!r} (its options: {known})")
+            problem = cls.OPTIONS[key].check(value)
+            if problem:
+                raise OptionError(f"pass {name}: option {key} = {value!r} {problem} ({cls.OPTIONS[key].help})")
 
     @classmethod
     def pass_name(cls) -> str:

@@ -12,7 +12,8 @@ from typing import Any
 
 from neodragon_npu.passes.base import Pass
 
-IR_FOLDERS = ("fx", "onnx")  # passes/<ir>/<name>.py holds the pass registered as <name>
+IR_FOLDERS = ("fx", "onnx")
+ENTRY_KEYS = {"name", "options"}  # the keys of one [[passes]] entry  # passes/<ir>/<name>.py holds the pass registered as <name>
 
 
 def _discover() -> dict[str, type[Pass]]:
@@ -31,11 +32,12 @@ def _discover() -> dict[str, type[Pass]]:
             if cls.NAME != info.name or cls.IR != ir_name:
                 raise ImportError(f"passes/{ir_name}/{info.name}.py: {cls.__name__} has NAME {cls.NAME!r} and IR "
                                   f"{cls.IR!r}; the file's name and folder are {info.name!r} and {ir_name!r}")
+            declared = set(cls.OPTIONS) | set(cls.ENGINE_OPTIONS)
+            if declared != set(pass_options(cls)):
+                raise ImportError(f"passes/{ir_name}/{info.name}.py: OPTIONS and ENGINE_OPTIONS declare "
+                                  f"{sorted(declared)}; its keyword options are {sorted(pass_options(cls))}")
             found[cls.NAME] = cls
     return found
-
-
-PASSES: dict[str, type[Pass]] = _discover()
 
 
 def pass_options(cls: type[Pass]) -> dict[str, Any]:
@@ -44,17 +46,24 @@ def pass_options(cls: type[Pass]) -> dict[str, Any]:
     return {n: p.default for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+PASSES: dict[str, type[Pass]] = _discover()
+
+
 def create_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
+    """The pass ``name`` with ``options`` checked against its declared types and ranges."""
     if name not in PASSES:
         raise ValueError(f"unknown pass {name!r}; run `neodragon-npu passes` to list them")
-    cls, options = PASSES[name], dict(options or {})
-    allowed = pass_options(cls)
-    unknown = set(options) - set(allowed)
-    if unknown:
-        raise ValueError(f"pass {name}: unknown options {sorted(unknown)}; options are {sorted(allowed) or 'none'}")
-    required = {n for n, d in allowed.items() if d is inspect.Parameter.empty} - set(options)
+    cls = PASSES[name]
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"pass {name}: options must be a table of name = value, not {options!r}")
+    options = dict(options or {})
+    cls.check_options(options)
+    required = {n for n, d in pass_options(cls).items() if d is inspect.Parameter.empty} - set(options)
+    engine = sorted(required & set(cls.ENGINE_OPTIONS))
+    if engine:
+        raise ValueError(f"pass {name} needs {', '.join(engine)}, which only a build provides (neodragon-npu build)")
     if required:
-        raise ValueError(f"pass {name}: missing required options {sorted(required)}")
+        raise ValueError(f"pass {name}: missing required options {', '.join(sorted(required))}")
     return cls(**options)
 
 
@@ -71,9 +80,19 @@ def load_pipeline_file(path: str | Path) -> list[Pass]:
     entries = data.get("passes") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: expected a non-empty list 'passes' of {{name, options}} entries")
+    extra = sorted(set(data) - {"passes"})
+    if extra:
+        raise ValueError(f"{path}: unknown top-level key {extra[0]!r} (a pipeline file holds only 'passes')")
     passes = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "name" not in entry:
             raise ValueError(f"{path}: passes[{i}] has no 'name'")
-        passes.append(create_pass(entry["name"], entry.get("options")))
+        unknown = sorted(set(entry) - ENTRY_KEYS)
+        if unknown:
+            raise ValueError(f"{path}: passes[{i}] ({entry['name']}) has unknown key {unknown[0]!r}; "
+                             f"an entry holds {' and '.join(sorted(ENTRY_KEYS))}")
+        try:
+            passes.append(create_pass(entry["name"], entry.get("options")))
+        except ValueError as exc:
+            raise ValueError(f"{path}: passes[{i}]: {exc}") from None
     return passes

@@ -7,7 +7,10 @@ non-zero exit status; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import re
 import signal
 import sys
 import threading
@@ -76,7 +79,7 @@ def build_options(args: argparse.Namespace) -> "BuildOptions":
         config=args.config,
         graphs=graphs,
         family=family,
-        targets=tuple(t.strip() for t in args.target.split(",") if t.strip()),
+        targets=tuple(_targets(args.target)),
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
         seed=args.seed,
         calibration_samples=args.calibration_samples,
@@ -102,6 +105,7 @@ def build_options(args: argparse.Namespace) -> "BuildOptions":
         model_options=model_options,
         cache=not args.no_cache,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        force=args.force,
     )
 
 
@@ -111,17 +115,37 @@ def _model_option_names() -> list[str]:
     return list(dict.fromkeys(o.name for spec in MODELS.values() for o in spec.options))
 
 
+def _check_writable(path: str | None, flag: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: its folder missing or
+    read-only, or a directory in its place."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{flag} {path} cannot be written (permission denied)")
+
+
+def _targets(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from neodragon_npu.tools.engine.build import build
     from neodragon_npu.tools.engine.steps import BuildCheckError
 
     opts = build_options(args)
+    out = Path(args.out).absolute()
     try:
-        result = build(opts, args.out)
+        result = build(opts, out)
     except BuildCheckError as exc:
         print(f"neodragon-npu: check failed: {exc}", file=sys.stderr)
         return EXIT_CHECK_FAILED
-    print((Path(args.out) / "report.txt").read_text(), end="")
+    print((out / "report.txt").read_text(), end="")
     print(f"build written to {args.out}")
     sqnr = getattr(result, "sqnr_db", None)
     if isinstance(sqnr, float):
@@ -134,7 +158,10 @@ def _cmd_emit(args: argparse.Namespace) -> int:
 
     if not args.hub:
         raise ValueError("emit needs a destination: --hub (Qualcomm AI Hub)")
-    requests = plan_hub_jobs(args.build, args.target, profile=args.profile, link=not args.no_link)
+    targets = _targets(args.target)
+    if not targets or len(set(targets)) != len(targets):
+        raise ValueError(f"--target {args.target}: give each target once, as a comma list")
+    requests = [r for t in targets for r in plan_hub_jobs(args.build, t, profile=args.profile, link=not args.no_link)]
     for r in requests:
         print(f"  {r.describe()}")
     if args.dry_run:
@@ -155,6 +182,7 @@ def _cmd_importance(args: argparse.Namespace) -> int:
         samples_per_stage=args.samples_per_stage,
         checkpoint=args.checkpoint,
         seed=args.seed,
+        force=args.force,
     )
     print(data["table"])
     print(f"least important first: {data['ranking_least_important_first']}")
@@ -172,8 +200,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         config = args.config if args.config != "neodragon-2block" else "tiny"
         print(format_rebuild(args.model, config, rebuild_benchmark(args.model, config, args.work_dir)))
         return 0
-    if args.benchmark != "fidelity":
-        raise ValueError(f"unknown benchmark {args.benchmark!r}; available: fidelity, rebuild")
     results = fidelity_benchmark(
         args.config,
         variants=args.variant,
@@ -189,6 +215,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from neodragon_npu.tools.engine.verify_build import format_verify, read_build, verify_build
 
+    _check_writable(args.json, "--json")
     build, manifest = read_build(args.build)
     result = verify_build(build, prompts=args.prompts, calls_per_prompt=args.calls_per_prompt,
                           float_chain=args.float_chain, per_partition=args.per_partition, first_seed=args.first_seed)
@@ -203,8 +230,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from neodragon_npu.tools.engine.stage_report import format_stage_report, report_json, stage_report
 
-    if args.pipeline != "denoiser":
-        raise ValueError(f"unknown pipeline {args.pipeline!r}; available: denoiser")
+    _check_writable(args.json, "--json")
     results = stage_report(
         args.config, args.stages, target=args.target, compile=args.compile, work_dir=args.work_dir, seed=args.seed
     )
@@ -261,9 +287,13 @@ def _cmd_passes(args: argparse.Namespace) -> int:
     for name, cls in PASSES.items():
         print(f"{name:<28} [{cls.IR:<4}] {cls.summary()}")
         if args.verbose_options:
-            for opt, default in pass_options(cls).items():
+            defaults = pass_options(cls)
+            for opt, spec in cls.OPTIONS.items():
+                default = defaults[opt]
                 shown = "required" if default is inspect.Parameter.empty else f"default {default!r}"
-                print(f"{'':<36}--{opt} ({shown})")
+                print(f"{'':<4}{opt} ({spec.describe()}; {shown}): {spec.help}")
+            for opt in cls.ENGINE_OPTIONS:
+                print(f"{'':<4}{opt} (set by the build engine)")
     return 0
 
 
@@ -296,30 +326,30 @@ def _cmd_targets(_args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_build(sub) -> None:
+def _add_build(command) -> None:
     from neodragon_npu.neodragon_models.specs import MODELS
 
     models = "; ".join(f"{name}: {spec.summary}" for name, spec in MODELS.items())
-    b = sub.add_parser(
-        "build", help="build a model's graphs into verified context binaries",
-        description=f"Models: {models}.",
-        epilog="example: neodragon-npu build quicksrnet --config small -o build/sr",
-    )
+    b = command("build", "neodragon-npu build quicksrnet --config small -o build/sr",
+                help="build a model's graphs into verified context binaries", description=f"Models: {models}.")
     b.add_argument("model", help=f"model ({', '.join(MODELS)})")
     b.add_argument("-o", "--out", required=True, help="output directory (new, empty, or a previous build)")
+    b.add_argument("--force", action="store_true", help="write into a directory that holds no build of this tool "
+                   "(files it did not write are kept)")
     b.add_argument("--config", help="model config (default: the model's; e.g. tiny, neodragon, small, large)")
     b.add_argument("--target", default=DEFAULT_TARGET, help=f"target SoCs, a comma list ({', '.join(TARGETS)}; "
                    f"default {DEFAULT_TARGET})")
     g = b.add_argument_group("graphs (a single graph, or a family of graphs sharing weights)")
     g.add_argument("--graph", action="append", help="a graph by name or key (default: the model's main graph)")
     g.add_argument("--all-graphs", action="store_true", help="every graph as a family: partitioned, shared weights")
-    g.add_argument("--stage", action="append", help="denoiser: a pyramid stage (0, 1, 2; default 2)")
+    g.add_argument("--stage", action="append", help="denoiser: a pyramid stage (0, 1, 2; default 2); repeatable")
     g.add_argument("--all-stages", action="store_true", help="denoiser: the three stage graphs as a family")
     b.add_argument("--checkpoint", help="the released weights (denoiser: a folder holding "
                    "diffusion_transformer_320p/ and context_adapter/; quicksrnet: the zoo's .pth.tar)")
-    b.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights (default 0)")
-    b.add_argument("--calibration-samples", type=int, help="calibration samples per graph (default: the model's)")
-    b.add_argument("--check-samples", type=int, help="held-out check samples per graph (default: the model's)")
+    b.add_argument("--seed", type=_at_least(0), default=0, help="seed of the synthetic weights (default 0)")
+    b.add_argument("--calibration-samples", type=_at_least(1), help="calibration samples per graph (default: the "
+                   "model's)")
+    b.add_argument("--check-samples", type=_at_least(1), help="held-out check samples per graph (default: the model's)")
     b.add_argument("--until", default="verify", choices=("export", "quantize", "compile", "verify"),
                    help="stop after this step (default verify)")
     b.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"), help="ONNX exporter (default legacy)")
@@ -331,13 +361,13 @@ def _add_build(sub) -> None:
     q.add_argument("--kv-bits", type=int, choices=(8, 16), help="bits of K and V in attention (default 16)")
     q.add_argument("--weight-rounding", choices=("gptq", "adaround", "nearest"),
                    help="int8 weight rounding (default: the model's; denoiser gptq, quicksrnet adaround)")
-    q.add_argument("--adaround-iterations", type=int, help="AdaRound optimizer steps per layer (default 10000)")
+    q.add_argument("--adaround-iterations", type=_at_least(1), help="AdaRound optimizer steps per layer (default 10000)")
     q.add_argument("--high-precision", action="append", metavar="PATTERN",
                    help="node or weight name pattern whose weights stay 16-bit, added to the model's "
                    "(passes/pipelines.py); 'none' keeps no weight at 16 bit")
     f = b.add_argument_group("family builds (--all-graphs / --all-stages)")
     f.add_argument("--partition-budget", help="fp32 weight bytes per partition (default 768M)")
-    f.add_argument("--gptq-samples", type=int, help="calibration calls per graph feeding GPTQ (default 2)")
+    f.add_argument("--gptq-samples", type=_at_least(1), help="calibration calls per graph feeding GPTQ (default 2)")
     f.add_argument("--gptq-target", choices=("quantized", "float"),
                    help="GPTQ aims at the float weights on the quantized chain's inputs (quantized, default) "
                    "or at the float chain's layer outputs (float)")
@@ -363,6 +393,42 @@ def _add_build(sub) -> None:
     b.set_defaults(func=_cmd_build)
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Shows each option's default, unless its help already names it or it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _at_least(minimum: int):
+    """An argparse type: a whole number >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
+
+
+def _global_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """-v, -q and --debug, on the main parser and (so they work after the subcommand too)
+    on every subcommand; a subcommand leaves them as the main parser set them unless given."""
+    keep = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("-v", "--verbose", action="count", help="more log output", **({"default": 0} if top else keep))
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results", **keep)
+    parser.add_argument("--debug", action="store_true", help="show the full error and traceback on errors", **keep)
+
+
 class UsageError(ValueError):
     """A command line argparse refused (unknown flag, bad choice, missing argument)."""
 
@@ -378,109 +444,125 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="neodragon-npu",
         description="Compile Neodragon PyTorch modules into verified Hexagon NPU binaries.",
+        formatter_class=_Formatter,
+        epilog="example: neodragon-npu build quicksrnet --config small -o build/sr",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    _global_flags(parser, top=True)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    _add_build(sub)
+    def command(name: str, example: str, **kwargs) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, formatter_class=_Formatter, epilog=f"example: {example}", **kwargs)
+        _global_flags(p, top=False)
+        return p
 
-    e = sub.add_parser("emit", help="send a build's graphs to Qualcomm AI Hub")
+    _add_build(command)
+
+    e = command("emit", "neodragon-npu emit build/stages --hub --target sm8750,x-elite --dry-run",
+                help="send a build's graphs to Qualcomm AI Hub")
     e.add_argument("build", help="a build directory")
     e.add_argument("--hub", action="store_true", help="prepare and submit AI Hub jobs")
-    e.add_argument("--target", default=DEFAULT_TARGET)
+    e.add_argument("--target", default=DEFAULT_TARGET, help=f"target SoCs, a comma list ({', '.join(TARGETS)})")
     e.add_argument("--profile", action="store_true", help="also profile on the device")
     e.add_argument("--no-link", action="store_true", help="do not link a family's graphs into shared binaries")
     e.add_argument("--dry-run", action="store_true", help="print the requests, submit nothing")
     e.set_defaults(func=_cmd_emit)
 
-    im = sub.add_parser("importance", help="score MMDiT blocks (BI_image, BI_text) on pipeline inputs")
-    im.add_argument("--config", default="tiny")
-    im.add_argument("-o", "--out", required=True, help="output directory")
-    im.add_argument("--prompts", type=int, default=1)
-    im.add_argument("--samples-per-stage", type=int, default=4, help="calls per stage and prompt (units)")
+    im = command("importance", "neodragon-npu importance --config tiny -o build/importance",
+                 help="score MMDiT blocks (BI_image, BI_text) on pipeline inputs")
+    im.add_argument("--config", default="tiny", help="denoiser config")
+    im.add_argument("-o", "--out", required=True, help="output directory (new, empty, or a previous importance run)")
+    im.add_argument("--prompts", type=_at_least(1), default=1, help="prompts scored")
+    im.add_argument("--samples-per-stage", type=_at_least(1), default=4, help="calls per stage and prompt (units)")
     im.add_argument("--checkpoint", help="folder holding diffusion_transformer_320p/ and context_adapter/")
-    im.add_argument("--seed", type=int, default=0)
+    im.add_argument("--seed", type=_at_least(0), default=0, help="seed of the synthetic weights")
+    im.add_argument("--force", action="store_true", help="write into a directory that holds no importance run "
+                    "(files this tool did not write are kept)")
     im.set_defaults(func=_cmd_importance)
 
-    be = sub.add_parser("bench", help="benchmarks that print figures (fidelity, rebuild)",
-                        epilog="example: neodragon-npu bench rebuild --config tiny")
-    be.add_argument("benchmark", help="fidelity: SQNR with each fix left out; rebuild: an unchanged second build")
+    be = command("bench", "neodragon-npu bench rebuild --config tiny",
+                 help="benchmarks that print figures (fidelity, rebuild)")
+    be.add_argument("benchmark", choices=("fidelity", "rebuild"),
+                    help="fidelity: SQNR with each fix left out; rebuild: an unchanged second build")
     be.add_argument("--config", default="neodragon-2block", help="default neodragon-2block (fidelity), tiny (rebuild)")
-    be.add_argument("--model", default="denoiser", help="rebuild: the model (default denoiser)")
+    be.add_argument("--model", default="denoiser", help="rebuild: the model")
     be.add_argument(
         "--variant", action="append",
         help="'all fixes', 'no adaLN split', '8-bit K/V', 'int8 first blocks', 'int8 blocks, no adaLN split', "
              "'int8 blocks, 8-bit K/V', 'nearest rounding' or 'float-target GPTQ'; repeatable (default: all)",
     )
-    be.add_argument("--target", default=DEFAULT_TARGET)
-    be.add_argument("--calibration-samples", type=int, default=8)
-    be.add_argument("--check-samples", type=int, default=1)
-    be.add_argument("--work-dir")
+    be.add_argument("--target", default=DEFAULT_TARGET, help="target SoC")
+    be.add_argument("--calibration-samples", type=_at_least(1), default=8, help="calibration samples per graph")
+    be.add_argument("--check-samples", type=_at_least(1), default=1, help="check samples per graph")
+    be.add_argument("--work-dir", help="keep the builds here (default: a temporary directory)")
     be.set_defaults(func=_cmd_bench)
 
-    v = sub.add_parser("verify", help="measure a family build on fresh samples (aimet simulation, CPU)")
+    v = command("verify", "neodragon-npu verify build/stages --prompts 2 --json verify.json",
+                help="measure a family build on fresh samples (aimet simulation, CPU)")
     v.add_argument("build", help="a family build directory (build ... --all-stages / --all-graphs)")
-    v.add_argument("--prompts", type=int, default=2, help="fresh prompts (denoiser) or samples, seeds 3000+")
-    v.add_argument("--first-seed", type=int, help="the first prompt's seed (default 3000; one prompt: --prompts 1)")
-    v.add_argument("--calls-per-prompt", type=int, help="units per prompt (default: every unit)")
+    v.add_argument("--prompts", type=_at_least(1), default=2, help="fresh prompts (denoiser) or samples, seeds 3000+")
+    v.add_argument("--first-seed", type=_at_least(0), help="the first prompt's seed (default 3000; one prompt: "
+                   "--prompts 1)")
+    v.add_argument("--calls-per-prompt", type=_at_least(1), help="units per prompt (default: every unit)")
     v.add_argument("--float-chain", action="store_true", help="also chain the float partitions (the build did)")
     v.add_argument("--per-partition", action="store_true",
                    help="also measure each partition alone and the chain up to it, against the float chain")
     v.add_argument("--json", help="also write the figures to this JSON file")
     v.set_defaults(func=_cmd_verify)
 
-    r = sub.add_parser("report", help="stage graphs before and after the stage-graph passes")
-    r.add_argument("pipeline", help="pipeline name (denoiser)")
-    r.add_argument("--config", default="tiny")
-    r.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2])
-    r.add_argument("--target", default=DEFAULT_TARGET)
+    r = command("report", "neodragon-npu report denoiser --config tiny --stages 0 2",
+                help="stage graphs before and after the stage-graph passes")
+    r.add_argument("pipeline", choices=("denoiser",), help="pipeline name")
+    r.add_argument("--config", default="tiny", help="denoiser config")
+    r.add_argument("--stages", type=_at_least(0), nargs="+", default=[0, 1, 2], help="pyramid stages")
+    r.add_argument("--target", default=DEFAULT_TARGET, help="target SoC")
     r.add_argument("--compile", action="store_true", help="also quantize and build the context binaries")
     r.add_argument("--work-dir", help="keep the builds here (default: a temporary directory)")
     r.add_argument("--json", help="also write the figures to this JSON file")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_at_least(0), default=0, help="seed of the synthetic weights")
     r.set_defaults(func=_cmd_report)
 
-    a = sub.add_parser("apply", help="run a pipeline file (ordered passes) on a model",
-                       epilog="example: neodragon-npu apply my.toml denoiser:tiny:2 -o a.onnx --explain")
-    a.add_argument("pipeline_file", help="TOML or JSON file with [[passes]] name/options")
+    a = command("apply", "neodragon-npu apply my.toml denoiser:tiny:2 -o a.onnx --explain",
+                help="run a pipeline file (ordered passes) on a model")
+    a.add_argument("pipeline_file", help="TOML or JSON file with [[passes]] name/options (see passes --options)")
     a.add_argument("model", help="an .onnx file or <model>:<config>:<graph> (e.g. denoiser:tiny:2, quicksrnet:small:x2)")
     a.add_argument("-o", "--out", required=True, help="output .onnx file")
     a.add_argument("--explain", action="store_true", help="say why each pass left each site alone")
-    a.add_argument("--verify-each-pass", action="store_true")
-    a.add_argument("--dump-dir")
+    a.add_argument("--verify-each-pass", action="store_true", help="verify the graph after every pass")
+    a.add_argument("--dump-dir", help="write the graph after every pass here")
     a.set_defaults(func=_cmd_apply)
 
-    d = sub.add_parser("diff", help="compare two ONNX graphs")
-    d.add_argument("a")
-    d.add_argument("b")
-    d.add_argument("--limit", type=int, default=20, help="rows shown per list")
+    d = command("diff", "neodragon-npu diff before.onnx after.onnx", help="compare two ONNX graphs")
+    d.add_argument("a", help="an .onnx file")
+    d.add_argument("b", help="an .onnx file")
+    d.add_argument("--limit", type=_at_least(1), default=20, help="rows shown per list")
     d.set_defaults(func=_cmd_diff)
 
-    s = sub.add_parser("stats", help="graph statistics of ONNX models")
-    s.add_argument("models", nargs="+")
-    s.add_argument("--activation-bytes", type=int, help="price float activations at N bytes (2 for A16)")
-    s.add_argument("--top-ops", type=int, default=8)
+    s = command("stats", "neodragon-npu stats build/sr/*.onnx --activation-bytes 2",
+                help="graph statistics of ONNX models")
+    s.add_argument("models", nargs="+", help=".onnx files")
+    s.add_argument("--activation-bytes", type=int, choices=(1, 2, 4),
+                   help="price float activations at N bytes (2 for A16)")
+    s.add_argument("--top-ops", type=_at_least(1), default=8, help="op types listed")
     s.set_defaults(func=_cmd_stats)
 
-    p = sub.add_parser("passes", help="list the passes a pipeline file or apply can name")
-    p.add_argument("--options", dest="verbose_options", action="store_true", help="show options")
+    p = command("passes", "neodragon-npu passes --options", help="list the passes a pipeline file or apply can name")
+    p.add_argument("--options", dest="verbose_options", action="store_true",
+                   help="show each pass's options: type, range, default and meaning")
     p.set_defaults(func=_cmd_passes)
 
-    t = sub.add_parser("targets", help="list targets")
+    t = command("targets", "neodragon-npu targets", help="list targets")
     t.set_defaults(func=_cmd_targets)
 
-    ca = sub.add_parser("cache", help="size of a build's step cache, or empty it",
-                        epilog="example: neodragon-npu cache clean build/sr")
+    ca = command("cache", "neodragon-npu cache clean build/sr", help="size of a build's step cache, or empty it")
     ca.add_argument("action", choices=("info", "clean"), help="info: sizes per step; clean: remove every entry")
     ca.add_argument("path", help="the cache directory, or the build directory it belongs to (OUT for OUT.cache)")
     ca.set_defaults(func=_cmd_cache)
 
-    c = sub.add_parser("compare-builds", help="compare two build directories file by file, timings aside")
-    c.add_argument("a")
-    c.add_argument("b")
+    c = command("compare-builds", "neodragon-npu compare-builds build/a build/b",
+                help="compare two build directories file by file, timings aside")
+    c.add_argument("a", help="a build directory")
+    c.add_argument("b", help="a build directory")
     c.set_defaults(func=_cmd_compare_builds)
     return parser
 
@@ -490,6 +572,33 @@ class Terminated(BaseException):
     workers stopped) but is not a KeyboardInterrupt: under `python -m`, CPython remembers a
     KeyboardInterrupt that passed through `exec` of a string (dataclasses and torch do that
     while importing) and exits by SIGINT even after we handled it, not with our status 130."""
+
+
+_STAGING = re.compile(r"\.(?P<name>[^/\s'\"]+)\.(?:partial|old)-\d+(?:-[A-Za-z0-9_]+)?")
+# Our own errors say what was wrong and how to fix it in their message; anything else is a
+# library's, whose first line may not.
+_OURS = (ValueError, LookupError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def user_message(exc: BaseException) -> tuple[str, bool]:
+    """The one line a user sees for ``exc``, and whether more of it is hidden (shown with
+    --debug): the rest of a multi-line message, the error it came from, or the traceback of
+    a library's error. A hidden staging directory is named as the output it becomes."""
+    text = str(exc).strip() or type(exc).__name__
+    first, _, rest = text.partition("\n")
+    ours = isinstance(exc, _OURS)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        first, ours = (f"the disk is full{where}; free some space or choose another -o / --cache-dir "
+                       "(a rerun resumes from the finished steps in the cache)"), True
+    elif not ours and not first.startswith(type(exc).__name__):
+        first = f"{type(exc).__name__}: {first}"
+    notes = [n for n in getattr(exc, "__notes__", ()) if "\n" not in n]
+    if notes:
+        first += " " + " ".join(notes)
+    first = _STAGING.sub(lambda m: m.group("name"), first)
+    chained = exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__)
+    return first, bool(rest.strip()) or chained or not ours
 
 
 def _terminated(signum, frame):
@@ -524,8 +633,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line for the user; --debug for the traceback
         if args.debug:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message, hidden = user_message(exc)
         print(f"neodragon-npu: error: {message}", file=sys.stderr)
+        if hidden:
+            print("neodragon-npu: (run again with --debug for the full error and traceback)", file=sys.stderr)
         return EXIT_ERROR
     finally:
         if previous is not None:

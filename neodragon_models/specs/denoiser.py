@@ -13,11 +13,13 @@ from pathlib import Path
 
 from neodragon_npu.neodragon_models import pyramid
 from neodragon_npu.neodragon_models.configs import DENOISER_CONFIGS, get_denoiser_config
-from neodragon_npu.neodragon_models.denoiser import Denoiser, build_denoiser, count_parameters
+from neodragon_npu.neodragon_models.denoiser import (
+    Denoiser, build_denoiser, check_denoiser_checkpoint, count_parameters, denoiser_modules,
+)
 from neodragon_npu.neodragon_models.pruning import parse_removal, prune_blocks
 from neodragon_npu.neodragon_models.sampling import collect_samples, example_stage_inputs
 from neodragon_npu.neodragon_models.spec import (
-    REFERENCE_SUFFIX, GraphSpec, LoadOptions, ModelOption, ModelSpec, SamplePlan, Samples,
+    REFERENCE_SUFFIX, GraphSpec, LoadOptions, ModelOption, ModelSpec, SamplePlan, Samples, meta_shapes,
 )
 from neodragon_npu.passes import pipelines
 
@@ -39,7 +41,19 @@ def _load(opts: LoadOptions) -> Denoiser:
         removed = parse_removal(opts.options["remove_blocks"], n_blocks, opts.options.get("importance"))
         denoiser, mapping = prune_blocks(denoiser, removed)
         denoiser.pruning = {"original_blocks": n_blocks, "removed": removed, "old_to_new": mapping}
+        logger.info("      removed %d of the %d MMDiT blocks before tracing: %s", len(removed), n_blocks,
+                    ", ".join(map(str, removed)))
     return denoiser
+
+
+def _weight_shapes(opts: LoadOptions) -> dict[str, tuple[int, ...]]:
+    """Checkpoint config and headers checked, --remove-blocks (and its importance file)
+    parsed against the model's blocks; the weights' shapes (before pruning)."""
+    config = check_denoiser_checkpoint(get_denoiser_config(opts.config), opts.checkpoint)
+    if opts.options.get("remove_blocks"):
+        parse_removal(opts.options["remove_blocks"], config.mmdit.num_layers, opts.options.get("importance"))
+    transformer, adapter = denoiser_modules(config)
+    return meta_shapes(transformer, "transformer.") | meta_shapes(adapter, "context_adapter.")
 
 
 def _stage_graph(stage: int) -> GraphSpec:
@@ -198,4 +212,5 @@ DENOISER = ModelSpec(
     checkpoint_help="folder holding diffusion_transformer_320p/ and context_adapter/",
     artifacts=_artifacts,
     reference_note="fp32 PyTorch stage module",
+    weight_shapes=_weight_shapes,
 )

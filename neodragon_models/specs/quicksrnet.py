@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import torch
+
 from neodragon_npu.neodragon_models.quicksrnet import (
-    QUICKSRNET_CONFIGS, build_quicksrnet, count_parameters, get_quicksrnet_config, synthetic_frames,
+    QUICKSRNET_CONFIGS, QuickSRNet, build_quicksrnet, count_parameters, get_quicksrnet_config, read_checkpoint,
+    synthetic_frames,
 )
-from neodragon_npu.neodragon_models.spec import GraphSpec, ModelSpec, SamplePlan, Samples
+from neodragon_npu.neodragon_models.spec import GraphSpec, LoadOptions, ModelSpec, SamplePlan, Samples, meta_shapes
+from neodragon_npu.neodragon_models.weights import check_shapes
 from neodragon_npu.passes import pipelines
 
 CALIBRATION, CHECK = 16, 4  # frames
@@ -36,6 +40,16 @@ def _samples(model, graphs, plan: SamplePlan) -> Samples:
     )
 
 
+def _weight_shapes(opts: LoadOptions) -> dict[str, tuple[int, ...]]:
+    """The model's weights (meta device); a checkpoint is read (it is small) and matched."""
+    with torch.device("meta"):
+        shapes = meta_shapes(QuickSRNet(get_quicksrnet_config(opts.config)))
+    if opts.checkpoint is not None:
+        state = read_checkpoint(opts.checkpoint)
+        check_shapes(shapes, {k: tuple(v.shape) for k, v in state.items()}, str(opts.checkpoint))
+    return shapes
+
+
 QUICKSRNET = ModelSpec(
     name="quicksrnet",
     summary="QuickSRNet 2x super-resolution (small / medium / large): W8A16 with AdaRound",
@@ -50,4 +64,5 @@ QUICKSRNET = ModelSpec(
     min_sqnr_db=40.0,
     checkpoint_help="aimet-model-zoo's quicksrnet_<variant>_2x_checkpoint_float32.pth.tar",
     reference_note="fp32 PyTorch QuickSRNet",
+    weight_shapes=_weight_shapes,
 )

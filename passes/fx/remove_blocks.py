@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from neodragon_npu.graphs import fx as fx_utils
-from neodragon_npu.passes.base import Pass, PassResult, PreconditionError
+from neodragon_npu.passes.base import Option, Pass, PassResult, PreconditionError
 
 ORIGIN = "_origin_block_index"  # set on every block module: its index in the unpruned model
 
@@ -66,6 +66,11 @@ class RemoveBlocksPass(Pass):
     IR = "fx"
     NAME = "remove_blocks"
     LOOKS_FOR = "block list"
+    OPTIONS = {
+        "blocks": Option("int list", "indices of the MMDiT blocks to remove", min=0),
+        "blocks_path": Option("str", "attribute path of the block list (default: found by structure)", none_ok=True),
+        "mapping_path": Option("path", "write the old -> new block index mapping to this JSON file", none_ok=True),
+    }
 
     def __init__(
         self,

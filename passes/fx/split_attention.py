@@ -9,7 +9,7 @@ import torch.fx as fx
 from neodragon_npu.graphs import fx as fx_utils
 from neodragon_npu.graphs.fx_attention import find_attention
 from neodragon_npu.kernels.attention import attention_split, plan_chunks
-from neodragon_npu.passes.base import Pass, PassResult
+from neodragon_npu.passes.base import Option, Pass, PassResult
 
 
 class SplitAttentionPass(Pass):
@@ -33,6 +33,12 @@ class SplitAttentionPass(Pass):
     IR = "fx"
     NAME = "split_attention"
     LOOKS_FOR = "attention (scaled_dot_product_attention, or softmax(QK^T)V)"
+    OPTIONS = {
+        "tile_budget_bytes": Option("int", "on-chip bytes one score tile may take", min=1024),
+        "activation_bytes": Option("int", "bytes per activation value on the target", choices=(1, 2, 4)),
+        "min_rows": Option("int", "fewest query rows per chunk", min=1),
+    }
+    ENGINE_OPTIONS = ("mask_segments",)
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from neodragon_npu.kernels.attention import MASK_VALUE
-from neodragon_npu.passes.base import Pass, PassResult, PostconditionError
+from neodragon_npu.passes.base import Option, Pass, PassResult, PostconditionError
 
 # Consumers that take weights, never masks: their constant inputs are not examined.
 _WEIGHT_CONSUMERS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "LayerNormalization"}
@@ -41,6 +41,10 @@ class ConvertMaskToFinitePass(Pass):
     IR = "onnx"
     NAME = "convert_mask_to_finite"
     LOOKS_FOR = "mask constant at or below -threshold (-inf, finfo.min)"
+    OPTIONS = {
+        "mask_value": Option("float", "the finite value masked positions get", max=-1.0),
+        "threshold": Option("float", "constants at or below -threshold count as masks", min=1.0),
+    }
 
     def __init__(self, *, mask_value: float = MASK_VALUE, threshold: float = 1e4) -> None:
         if not np.isfinite(mask_value) or mask_value >= 0:

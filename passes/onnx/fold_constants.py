@@ -6,7 +6,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 from onnxscript.optimizer import _constant_folding
 
-from neodragon_npu.passes.base import Pass, PassResult
+from neodragon_npu.passes.base import Option, Pass, PassResult
 
 
 class FoldConstantsPass(Pass):
@@ -25,6 +25,11 @@ class FoldConstantsPass(Pass):
     IR = "onnx"
     NAME = "fold_constants"
     LOOKS_FOR = "subgraph computed from constants alone"
+    OPTIONS = {
+        "input_size_limit": Option("int", "largest constant input (bytes) a folded node may read", min=0),
+        "output_size_limit": Option("int", "largest constant (bytes) folding may create", min=0),
+        "max_rounds": Option("int", "fold rounds at most (until nothing changes)", min=1, max=100),
+    }
 
     def __init__(
         self, *, input_size_limit: int = 1 << 40, output_size_limit: int = 1 << 40, max_rounds: int = 4

@@ -8,7 +8,7 @@ import re
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
-from neodragon_npu.passes.base import Pass, PassResult
+from neodragon_npu.passes.base import Option, Pass, PassResult
 
 PREFIX = "w_"
 # Names an exporter makes up (counters, output names); parameter names are kept as they are.
@@ -42,6 +42,7 @@ class NameWeightsByContentPass(Pass):
     IR = "onnx"
     NAME = "name_weights_by_content"
     LOOKS_FOR = "weight not yet named after its content"
+    OPTIONS = {"min_bytes": Option("int", "rename only weights of at least this many bytes", min=0)}
 
     def __init__(self, *, min_bytes: int = 0) -> None:
         self.min_bytes = min_bytes

@@ -7,7 +7,7 @@ from typing import Sequence
 import onnx_ir as ir
 
 from neodragon_npu.graphs import partition
-from neodragon_npu.passes.base import Pass, PassResult, PostconditionError
+from neodragon_npu.passes.base import Option, Pass, PassResult, PostconditionError
 
 
 class PartitionGraphPass(Pass):
@@ -28,6 +28,12 @@ class PartitionGraphPass(Pass):
     IR = "onnx"
     NAME = "partition_graph"
     LOOKS_FOR = "node whose partition changes"
+    OPTIONS = {
+        "max_weight_bytes": Option("int", "weight bytes one partition may hold", min=1),
+        "max_live_bytes": Option("int", "live activation bytes any node may see", min=1, none_ok=True),
+        "activation_bytes": Option("int", "bytes per float activation value when pricing", choices=(1, 2, 4)),
+    }
+    ENGINE_OPTIONS = ("reference",)
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from neodragon_npu.graphs.feeds import load_samples
 from neodragon_npu.graphs.onnx_edit import is_quantized
 from neodragon_npu.graphs.quant import aimet
-from neodragon_npu.passes.base import Pass, PassResult, PreconditionError
+from neodragon_npu.passes.base import Option, Pass, PassResult, PreconditionError
 
 
 class QuantizeW8A16Pass(Pass):
@@ -64,6 +64,16 @@ class QuantizeW8A16Pass(Pass):
     IN_PLACE = False
     NAME = "quantize_w8a16"
     LOOKS_FOR = "float model to quantize"
+    OPTIONS = {
+        "calibration": Option("path", "an .npz of calibration samples (one input set per sample)", exists=True),
+        "htp_arch": Option("int", "the target's HTP architecture (68, 69, 73, 75, 79, ...): picks aimet's HTP config", min=68),
+        "quant_scheme": Option("str", "aimet's range calibration", choices=("min_max", "tf", "tf_enhanced", "percentile")),
+        "encodings_dir": Option("path", "write the AIMET encodings file here", none_ok=True),
+        "encodings_prefix": Option("str", "the encodings file's name"),
+        "range_margin": Option("float", "activation ranges widened by this factor", min=1.0, max=16.0),
+        "high_precision": Option("str list", "weight name patterns kept at 16 bit"),
+    }
+    ENGINE_OPTIONS = ("on_output", "quantized_weight_feeds")
 
     def __init__(
         self,

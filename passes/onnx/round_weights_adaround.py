@@ -15,7 +15,7 @@ from neodragon_npu.graphs.feeds import load_samples
 from neodragon_npu.graphs.onnx_edit import at_spatial_size, const_array, is_quantized, matches_any
 from neodragon_npu.graphs.quant import aimet
 from neodragon_npu.graphs.quant.gptq import keep_scales, on_grid, snap_to_grid
-from neodragon_npu.passes.base import Pass, PassResult, PreconditionError
+from neodragon_npu.passes.base import Option, Pass, PassResult, PreconditionError
 
 _ROUNDED_OPS = ("Conv", "MatMul", "Gemm")
 
@@ -54,6 +54,15 @@ class RoundWeightsAdaRoundPass(Pass):
     IR = "onnx"
     NAME = "round_weights_adaround"
     LOOKS_FOR = "Conv/MatMul/Gemm weight off its int8 grid"
+    OPTIONS = {
+        "calibration": Option("path", "an .npz of calibration samples (one input set per sample)", exists=True),
+        "iterations": Option("int", "optimizer steps per layer", min=1),
+        "htp_arch": Option("int", "the target's HTP architecture (68, 69, 73, 75, 79, ...): picks aimet's HTP config", min=68),
+        "skip": Option("str list", "weight name patterns left alone (kept at 16 bit)"),
+        "crop": Option("int list", "AdaRound on (height, width) crops of the inputs", length=2, min=1, none_ok=True),
+        "crops_per_sample": Option("int", "crops cut from each calibration sample", min=1),
+        "seed": Option("int", "seed of the crop positions and the optimizer", min=0),
+    }
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ from neodragon_npu.graphs import onnx_io
 from neodragon_npu.graphs.onnx_edit import is_quantized
 from neodragon_npu.graphs.quant.gptq import DEFAULT_ROWS_PER_FEED, HessianSet, round_model_weights
 from neodragon_npu.graphs.feeds import load_samples
-from neodragon_npu.passes.base import Pass, PassResult, PreconditionError
+from neodragon_npu.passes.base import Option, Pass, PassResult, PreconditionError
 
 
 class RoundWeightsGPTQPass(Pass):
@@ -35,6 +35,13 @@ class RoundWeightsGPTQPass(Pass):
     IR = "onnx"
     NAME = "round_weights_gptq"
     LOOKS_FOR = "MatMul/Gemm/Conv weight off its int8 grid with enough calibration rows"
+    OPTIONS = {
+        "calibration": Option("path", "an .npz of calibration samples (one input set per sample)", exists=True,
+                              none_ok=True),
+        "skip": Option("str list", "weight name patterns left alone (kept at 16 bit)"),
+        "rows_per_feed": Option("int", "activation rows per sample entering the Hessians", min=1),
+    }
+    ENGINE_OPTIONS = ("hessians",)
 
     def __init__(
         self,

@@ -180,3 +180,57 @@ def test_preloading_sets_and_restores_ld_preload(monkeypatch):
     assert "LD_PRELOAD" not in os.environ
     with qnn.preloaded_in_new_processes(None):
         assert "LD_PRELOAD" not in os.environ
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has exited (reaped, or a zombie waiting for its parent)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pid: int, seconds: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_worker_exits_when_the_process_that_started_it_is_killed(tmp_path):
+    """A middle process starts a worker watching it, then is SIGKILLed: the worker exits
+    on its own (it is not killed by anyone)."""
+    import signal
+    import subprocess
+    import sys
+
+    worker = ("import sys, time; from neodragon_npu.graphs.qnn import exit_with_parent; "
+              "exit_with_parent(interval=0.05); print('watching', flush=True); time.sleep(600)")
+    middle = ("import subprocess, sys, time; "
+              f"w = subprocess.Popen([sys.executable, '-c', {worker!r}], stdout=subprocess.PIPE, text=True); "
+              "assert w.stdout.readline().strip() == 'watching'; print(w.pid, flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", middle], stdout=subprocess.PIPE, text=True)
+    worker_pid = int(proc.stdout.readline())
+    assert not _gone(worker_pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _wait_gone(worker_pid), "the worker outlived the process that started it"
+
+
+def test_a_worker_started_after_its_pool_died_exits_at_once():
+    """A worker given its pool's pid exits even when that process was gone before the
+    worker started (its parent is already init: watching getppid alone never fires)."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    code = ("import time; from neodragon_npu.graphs.qnn import exit_with_parent; "
+            f"exit_with_parent({dead.pid}, interval=0.05); time.sleep(600)")
+    worker = subprocess.Popen([sys.executable, "-c", code])
+    assert worker.wait(timeout=60) == 1

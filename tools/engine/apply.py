@@ -74,6 +74,10 @@ def apply_pipeline(
     if is_file and fx_passes:
         names = [p.pass_name() for p in fx_passes]
         raise ValueError(f"FX passes {names} need a traced model, not {model}; give {MODEL_SPEC_HELP}")
+    if is_file and out.exists() and out.resolve() == Path(model).resolve():
+        raise ValueError(f"-o {out} is the input model; write the result to another file")
+    if is_file:
+        onnx_io.load(model)  # a missing or malformed input is refused before any pass runs
     resolved = None if is_file else parse_model_spec(model)
 
     def manager(group: list[Pass], check, sub: str, dump) -> PassManager:

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
-from neodragon_npu.graphs.onnx_io import sha256
+from neodragon_npu.graphs.onnx_io import is_external_data, sha256
 
 logger = logging.getLogger("neodragon_npu")
 
@@ -139,10 +139,16 @@ def step_key(kind: str, **parts: Any) -> str:
 
 
 def _place(src: Path, dst: Path) -> None:
-    """``dst`` becomes the same file as ``src``: a hard link, or a copy across filesystems."""
+    """``dst`` becomes the same file as ``src``: a hard link, or a copy across file systems.
+    An ONNX external-data file is always copied: onnx and onnx_ir refuse to read one with
+    several links (they take it for a hard-link attack). Models are saved with inline weights
+    up to ``onnx_io.INLINE_LIMIT_BYTES``, so only models larger than that are copied."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         dst.unlink()
+    if is_external_data(src):
+        shutil.copyfile(src, dst)
+        return
     try:
         os.link(src, dst)
     except OSError:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -98,7 +99,8 @@ def compile_workers():
     allocator = qnn.compile_allocator()
     with qnn.preloaded_in_new_processes(allocator):  # the pool starts workers as jobs come
         pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
-                                   max_tasks_per_child=1, initializer=qnn.exit_with_parent)
+                                   max_tasks_per_child=1, initializer=qnn.exit_with_parent,
+                                   initargs=(os.getpid(),))
         compiler = Compiler(pool, allocator=allocator)
         try:
             yield compiler

@@ -47,6 +47,7 @@ from neodragon_npu.tools.engine.compile_pool import PartTimer, compile_workers, 
 from neodragon_npu.tools.engine.forked import Forked
 from neodragon_npu.tools.engine.host import describe_host, host_line
 from neodragon_npu.tools.engine.options import BuildPlan
+from neodragon_npu.tools.engine.preflight import staged_build_dir
 from neodragon_npu.tools.engine.progress import Steps, TreePeak, release_memory
 from neodragon_npu.tools.engine.steps import BuildCheckError, manifest_target
 
@@ -722,7 +723,7 @@ def build_family(plan: BuildPlan, out_dir: str | Path) -> FamilyResult:
     tree = TreePeak()  # worker processes count towards the peak
     root = cache_root(out_dir, plan.options.cache_dir, plan.options.cache)
     with artifacts.Digests() as digests, StepCache(root, digests) as cache:
-        with tree, artifacts.staged_dir(out_dir) as work, compile_workers() as compiler, \
+        with tree, staged_build_dir(plan, out_dir) as work, compile_workers() as compiler, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="float-chain") as checker:
             build = _Family(plan, work, tree, compiler, digests, checker, cache)
             result = build.run()

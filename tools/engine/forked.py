@@ -90,10 +90,10 @@ def _interrupts_held() -> Iterator[_Held]:
         held.release()
 
 
-def _child(conn, fn: Callable, args: tuple, held: _Held) -> None:
+def _child(conn, fn: Callable, args: tuple, held: _Held, parent: int) -> None:
     from neodragon_npu.graphs.qnn import exit_with_parent, thread_limit
 
-    exit_with_parent()
+    exit_with_parent(parent)
 
     ours = logging.getLogger("neodragon_npu")
     lines = _Lines()
@@ -122,7 +122,7 @@ class Forked:
         self._conn, child_end = context.Pipe()
         try:
             with _interrupts_held() as held:
-                self.process = context.Process(target=_child, args=(child_end, fn, args, held), name=name,
+                self.process = context.Process(target=_child, args=(child_end, fn, args, held, os.getpid()), name=name,
                                                daemon=True)
                 self.process.start()
                 child_end.close()

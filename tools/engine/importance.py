@@ -10,7 +10,7 @@ from pathlib import Path
 from neodragon_npu.tools.engine import artifacts
 from neodragon_npu.tools.engine.progress import peak_rss_bytes
 from neodragon_npu.neodragon_models.configs import get_denoiser_config
-from neodragon_npu.neodragon_models.denoiser import build_denoiser
+from neodragon_npu.neodragon_models.denoiser import build_denoiser, check_denoiser_checkpoint
 from neodragon_npu.neodragon_models.importance import COMBINATION, BlockScores, block_importance, rank_blocks
 
 logger = logging.getLogger("neodragon_npu")
@@ -81,6 +81,7 @@ def run_importance(
     samples_per_stage: int = 4,
     checkpoint: str | Path | None = None,
     seed: int = 0,
+    force: bool = False,
 ) -> dict:
     """Score the blocks of ``config`` and write importance.json, bi_image.png, bi_text.png."""
     cfg = get_denoiser_config(config)
@@ -88,8 +89,10 @@ def run_importance(
         raise ValueError("need at least one prompt and one sample per stage")
     if samples_per_stage > len(cfg.geometry.denoised_units):
         raise ValueError(f"{config} makes {len(cfg.geometry.denoised_units)} calls per stage and prompt")
+    artifacts.check_output_dir(out_dir, "importance", inputs={"--checkpoint": checkpoint}, force=force)
+    check_denoiser_checkpoint(cfg, checkpoint)
     start = time.perf_counter()
-    with artifacts.staged_dir(out_dir) as work:
+    with artifacts.staged_dir(out_dir, "importance", inputs={"--checkpoint": checkpoint}, force=force) as work:
         logger.info("building the %s denoiser", config)
         denoiser = build_denoiser(cfg, checkpoint=checkpoint, seed=seed)
         seeds = list(range(3000, 3000 + prompts))
@@ -111,6 +114,6 @@ def run_importance(
         plot_scores(scores, "image", work / "bi_image.png")
         plot_scores(scores, "text", work / "bi_text.png")
         (work / "importance.txt").write_text(format_table(scores) + "\n")
-        artifacts.write_manifest(work, {"pipeline": "importance", "config": config})
+        artifacts.write_manifest(work, {"pipeline": "importance", "config": config}, kind="importance")
     data["table"] = format_table(scores)
     return data

@@ -79,6 +79,7 @@ class BuildOptions:
     model_options: dict[str, Any] = field(default_factory=dict)
     cache: bool = True  # keep each step's outputs in the step cache and reuse them
     cache_dir: Path | None = None  # None: <output>.cache beside the output
+    force: bool = False  # write into an output directory that holds no build of this tool
 
     def replace(self, **changes: Any) -> "BuildOptions":
         return dataclasses.replace(self, **changes)

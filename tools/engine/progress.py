@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import gc
 import logging
@@ -206,6 +207,20 @@ class StepRecord:
     cpu_seconds: float | None = None  # this process and every process it started (cpu_seconds())
 
 
+_LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("steps_label", default="")
+
+
+@contextlib.contextmanager
+def labelled(label: str) -> Iterator[None]:
+    """Steps logged inside name ``label`` in their counter (``[stage 0 baseline: 1/4]``):
+    for a command that runs several builds."""
+    token = _LABEL.set(f"{label}: ")
+    try:
+        yield
+    finally:
+        _LABEL.reset(token)
+
+
 @dataclass
 class Steps:
     """Numbered, timed steps: ``with steps.step("quantize"): ...`` logs start and end."""
@@ -219,8 +234,8 @@ class Steps:
     def step(self, name: str) -> Iterator[None]:
         """With a :class:`TreePeak`, a step's peak is its own (the whole process tree's, and
         this process's alone); without, this process's peak so far."""
-        index = len(self.records) + 1
-        logger.info("[%d/%d] %s ...", index, self.total, name)
+        index, label = len(self.records) + 1, _LABEL.get()
+        logger.info("[%s%d/%d] %s ...", label, index, self.total, name)
         start, cpu_start = time.perf_counter(), cpu_seconds()
         with self.tree.watch() if self.tree is not None else contextlib.nullcontext() as window:
             yield
@@ -232,7 +247,8 @@ class Steps:
             record = StepRecord(name, seconds, window.tree, window.main, cpu_seconds=cpu)
             memory = f"peak RSS in the step {window.tree / 1e9:.2f} GB, this process alone {window.main / 1e9:.2f} GB"
         self.records.append(record)
-        logger.info("[%d/%d] %s done in %.1f s (CPU %.0f s; %s)", index, self.total, name, seconds, cpu, memory)
+        logger.info("[%s%d/%d] %s done in %.1f s (CPU %.0f s; %s)", label, index, self.total, name, seconds, cpu,
+                    memory)
 
     def as_list(self) -> list[dict]:
         rows = []

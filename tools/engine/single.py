@@ -27,6 +27,7 @@ from neodragon_npu.tools.engine import artifacts, steps as build_steps
 from neodragon_npu.tools.engine.cache import StepCache, cache_root, step_key
 from neodragon_npu.tools.engine.host import describe_host
 from neodragon_npu.tools.engine.options import BuildPlan
+from neodragon_npu.tools.engine.preflight import staged_build_dir
 from neodragon_npu.tools.engine.progress import Steps, count, release_memory
 from neodragon_npu.tools.engine.report import write_report
 from neodragon_npu.tools.engine.steps import BuildCheckError, manifest_target
@@ -82,7 +83,7 @@ def build_single(plan: BuildPlan, out_dir: str | Path) -> BuildResult:
     the step cache (:mod:`.cache`)."""
     root = cache_root(out_dir, plan.options.cache_dir, plan.options.cache)
     with artifacts.Digests() as digests, StepCache(root, digests) as cache:
-        with artifacts.staged_dir(out_dir) as work:
+        with staged_build_dir(plan, out_dir) as work:
             manifest, report, per_target = _Single(plan, work, cache).run()
             artifacts.write_manifest(work, manifest, digests)
         logger.info(cache.finish())

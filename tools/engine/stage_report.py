@@ -20,6 +20,7 @@ from neodragon_npu.neodragon_models import pyramid
 from neodragon_npu.neodragon_models.configs import get_denoiser_config
 from neodragon_npu.tools.engine.build import build
 from neodragon_npu.tools.engine.options import BuildOptions
+from neodragon_npu.tools.engine.progress import labelled
 
 VARIANTS = ("baseline", "optimized")
 _COMPILE_STEP = "compile the HTP context binary"
@@ -73,7 +74,8 @@ def stage_report(
             results[stage] = {}
             for variant in VARIANTS:
                 out = root / f"stage{stage}_{variant}"
-                built = build(replace(base, graphs=(str(stage),), fx_pipeline=variant), out)
+                with labelled(f"stage {stage} {variant}"):
+                    built = build(replace(base, graphs=(str(stage),), fx_pipeline=variant), out)
                 results[stage][variant] = StageFigures.from_manifest(built.manifest)
                 if work_dir is None:
                     shutil.rmtree(out, ignore_errors=True)  # a full-size float model is 6.5 GB
