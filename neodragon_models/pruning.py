@@ -125,4 +125,7 @@ def parse_removal(spec: str, num_layers: int, importance: str | Path | None = No
         blocks = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--remove-blocks {spec!r}: expected indices like 3,7,9, count=N or threshold=T") from None
-    return check_removal(num_layers, blocks)
+    try:
+        return check_removal(num_layers, blocks)
+    except ValueError as exc:
+        raise ValueError(f"--remove-blocks {spec}: {exc}") from None

@@ -26,3 +26,16 @@ def tiny_stage_inputs(tiny_denoiser):
     from neodragon_npu.neodragon_models.sampling import example_stage_inputs
 
     return {s: example_stage_inputs(tiny_denoiser, s, seed=3) for s in range(3)}
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_pytest_sees_it():
+    """The CLI's main() gives the package logger its own stderr handler and stops it
+    propagating; undo that after each test, so a later test's caplog sees the messages."""
+    import logging
+
+    yield
+    ours = logging.getLogger("neodragon_npu")
+    ours.handlers[:] = []
+    ours.propagate = True
+    ours.setLevel(logging.NOTSET)

@@ -141,7 +141,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     opts = build_options(args)
     out = Path(args.out).absolute()
     try:
-        result = build(opts, out)
+        result = build(opts, args.out)  # messages name the directory as the user typed it
     except BuildCheckError as exc:
         print(f"neodragon-npu: check failed: {exc}", file=sys.stderr)
         return EXIT_CHECK_FAILED

@@ -6,7 +6,8 @@ from neodragon_npu.tools.cli import EXIT_ERROR, build_parser, main
 def test_passes_and_targets_are_listed(capsys):
     assert main(["passes", "--options"]) == 0
     out = capsys.readouterr().out
-    assert "specialize_shapes" in out and "[onnx]" in out and "--calibration (required)" in out
+    assert "specialize_shapes" in out and "[onnx]" in out and "calibration (path; required)" in out
+    assert "max_rounds (int in [1, 100]; default 4)" in out
     assert main(["targets"]) == 0
     assert "soc_model 69" in capsys.readouterr().out
 
@@ -141,3 +142,79 @@ def test_first_blocks_16bit_sets_which_blocks_keep_16_bit_weights():
     none = patterns("--first-blocks-16bit", "0")
     assert not set(first_blocks_patterns(1)) & set(none) and set(none) < set(DENOISER_HIGH_PRECISION)
     assert patterns("--high-precision", "none") == ()
+
+
+def test_an_error_is_one_line_and_says_when_debug_shows_more():
+    from neodragon_npu.tools.cli import user_message
+
+    assert user_message(ValueError("--seed must be positive")) == ("--seed must be positive", False)
+    first, hidden = user_message(RuntimeError("[ONNXRuntimeError] : 1 : FAIL : bad node\n  at frame 1\n  at 2"))
+    assert first == "RuntimeError: [ONNXRuntimeError] : 1 : FAIL : bad node" and hidden
+    try:
+        try:
+            raise KeyError("inner")
+        except KeyError as exc:
+            raise ValueError("outer") from exc
+    except ValueError as exc:
+        assert user_message(exc) == ("outer", True)
+    staged = OSError(f"cannot write /data/runs/.sr.partial-{12345}-k2j3h_x/model.onnx")
+    assert user_message(staged)[0] == "OSError: cannot write /data/runs/sr/model.onnx"
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/runs/.sr.partial-77-abc/p.onnx")
+    first, _ = user_message(full)
+    assert first.startswith("the disk is full while writing /data/runs/sr/p.onnx; free some space")
+    noted = ValueError("shape mismatch")
+    noted.add_note("(in pass fold_constants)")
+    assert user_message(noted)[0] == "shape mismatch (in pass fold_constants)"
+
+
+def test_a_library_error_prints_the_debug_hint_and_debug_prints_the_traceback(tmp_path, capsys, monkeypatch):
+    from neodragon_npu.tools import cli
+
+    def broken(args):
+        raise RuntimeError("deep inside a library\nwith a second line")
+
+    monkeypatch.setattr(cli, "_cmd_targets", broken)
+    assert main(["targets"]) == EXIT_ERROR
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["neodragon-npu: error: RuntimeError: deep inside a library",
+                   "neodragon-npu: (run again with --debug for the full error and traceback)"]
+    with pytest.raises(RuntimeError, match="second line"):
+        main(["targets", "--debug"])  # a global flag after the subcommand
+
+
+def test_global_flags_work_before_and_after_the_subcommand(capsys):
+    parser = build_parser()
+    for argv in (["-q", "--debug", "targets"], ["targets", "-q", "--debug"]):
+        args = parser.parse_args(argv)
+        assert args.quiet and args.debug and args.verbose == 0
+    assert parser.parse_args(["targets", "-vv"]).verbose == 2
+    assert parser.parse_args(["-v", "targets"]).verbose == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--version"])
+    assert "neodragon-npu" in capsys.readouterr().out
+
+
+def test_every_subcommand_has_an_example_and_shows_its_defaults():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) >= {"build", "emit", "importance", "bench", "verify", "report", "apply", "diff", "stats",
+                             "passes", "targets", "cache", "compare-builds"}
+    for name, sub in commands.items():
+        assert (sub.epilog or "").startswith(f"example: neodragon-npu {name}"), name
+    help_text = commands["verify"].format_help()
+    assert "(default: 2)" in help_text  # --prompts
+    assert "(default: sm8750)" in commands["emit"].format_help()
+
+
+def test_emit_takes_the_same_target_list_as_build(tmp_path, capsys):
+    from neodragon_npu.tools.engine.artifacts import write_manifest
+
+    build_dir = tmp_path / "b"
+    build_dir.mkdir()
+    (build_dir / "m_qdq.onnx").write_text("x")
+    write_manifest(build_dir, {"pipeline": "quicksrnet", "qdq_model": "m_qdq.onnx", "graphs": [{"name": "x2"}]})
+    assert main(["emit", str(build_dir), "--hub", "--dry-run", "--target", "sm8750,x-elite"]) == 0
+    out = capsys.readouterr().out
+    assert "Samsung Galaxy S25 (Family)" in out and "Snapdragon X Elite CRD" in out

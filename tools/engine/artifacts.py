@@ -29,6 +29,7 @@ logger = logging.getLogger("neodragon_npu")
 MANIFEST = "manifest.json"
 TOOL = "neodragon-npu"
 KEPT_SUFFIX = ".kept"  # a file a user added whose name a new output now takes
+KINDS = {"build": "a build", "importance": "an importance run"}  # outputs, as messages name them
 
 
 class OutputDirError(ValueError):
@@ -79,7 +80,8 @@ def check_output_dir(path: str | Path, kind: str = "build", *, inputs: Mapping[s
             raise OutputDirError(f"{flag} {path} is not empty and holds no {TOOL} output; choose a new or empty "
                                  f"directory, or add --force to write into it (its files are kept)")
         if output_kind(manifest) != kind:
-            raise OutputDirError(f"{flag} {path} holds a {TOOL} {output_kind(manifest)} output, not a {kind}; "
+            found = KINDS.get(output_kind(manifest), output_kind(manifest))
+            raise OutputDirError(f"{flag} {path} holds {found} of {TOOL}, not {KINDS.get(kind, kind)}; "
                                  f"choose another {flag}, or add --force to replace it (files it did not write "
                                  f"are kept)")
     return path

@@ -396,6 +396,11 @@ def is_cache(root: Path) -> bool:
     return (root / LOCK).exists()
 
 
+def cache_bytes(root: str | Path) -> int:
+    """The bytes of every finished entry under ``root``."""
+    return sum(r["bytes"] for r in list_entries(root))
+
+
 def describe(root: str | Path) -> str:
     """A readable size report of the cache at ``root``."""
     root = Path(root)
@@ -403,7 +408,7 @@ def describe(root: str | Path) -> str:
     by_kind: dict[str, list[dict]] = {}
     for r in rows:
         by_kind.setdefault(r["kind"], []).append(r)
-    lines = [f"cache {root}: {len(rows)} entries, {_size(sum(r['bytes'] for r in rows))}"]
+    lines = [f"cache {root}: {len(rows)} entries, {_size(cache_bytes(root))}"]
     for kind, group in sorted(by_kind.items()):
         newest = max(r["last_used"] for r in group)
         lines.append(f"  {kind:<14} {len(group):4d} entries {_size(sum(r['bytes'] for r in group)):>10}   "

@@ -49,6 +49,7 @@ from neodragon_npu.tools.engine.host import describe_host, host_line
 from neodragon_npu.tools.engine.options import BuildPlan
 from neodragon_npu.tools.engine.preflight import staged_build_dir
 from neodragon_npu.tools.engine.progress import Steps, TreePeak, release_memory
+from neodragon_npu.tools.engine.report import model_lines
 from neodragon_npu.tools.engine.steps import BuildCheckError, manifest_target
 
 logger = logging.getLogger("neodragon_npu")
@@ -497,8 +498,11 @@ class _Family:
         if not cache.enabled:
             return
         handoff = self.work / _HANDOFF
+        start = time.perf_counter()
         with open(handoff, "wb") as f:
             pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+        logger.info("      hand-off after partition %d/%d (what a resumed build starts from): %s written in %.1f s",
+                    k + 1, self.n_parts, format_bytes(handoff.stat().st_size), time.perf_counter() - start)
         cache.put("handoff", key, self.work, [handoff], background=True)
         handoff.unlink()  # the cache holds it; it is no output
         if k > 0:
@@ -674,7 +678,7 @@ class _Family:
         title = f"{self.spec.name} {self.plan.config}, {self.spec.family_label} -> " \
                 f"{', '.join(t.description for t in targets)}"
         lines = [title, "=" * len(title), "", f"Host: {host_line(manifest['host'])}; the compile workers' malloc: "
-                 f"{manifest['compile_allocator']}", "",
+                 f"{manifest['compile_allocator']}", "", *model_lines(manifest["model"]),
                  "Steps (CPU time of this process and its workers; peak RSS within the step: all "
                  "processes / this one alone):"]
         records = self.steps.records

@@ -88,7 +88,8 @@ def run_importance(
     if prompts < 1 or samples_per_stage < 1:
         raise ValueError("need at least one prompt and one sample per stage")
     if samples_per_stage > len(cfg.geometry.denoised_units):
-        raise ValueError(f"{config} makes {len(cfg.geometry.denoised_units)} calls per stage and prompt")
+        raise ValueError(f"--samples-per-stage {samples_per_stage}: the {config} denoiser makes "
+                         f"{len(cfg.geometry.denoised_units)} calls per stage and prompt")
     artifacts.check_output_dir(out_dir, "importance", inputs={"--checkpoint": checkpoint}, force=force)
     check_denoiser_checkpoint(cfg, checkpoint)
     start = time.perf_counter()

@@ -15,26 +15,26 @@ from pathlib import Path
 
 from neodragon_npu.graphs.stats import format_bytes
 from neodragon_npu.tools.engine import artifacts
-from neodragon_npu.tools.engine.cache import cache_root
+from neodragon_npu.tools.engine.cache import cache_bytes, cache_root, is_cache
 from neodragon_npu.tools.engine.options import BuildPlan
 
 logger = logging.getLogger("neodragon_npu")
 
 # Bytes a build writes (output directory and step cache together: the cache holds hard links
-# to the same files) per fp32 weight byte. A family build writes, per graph, its float
-# partitions (fp32) and the QDQ and int8 partitions, its samples, and per target one context
-# binary per partition; the hand-off between partitions is transient. Measured on the
-# full-size denoiser family (docs/measurements.md, "Disk use of a build"), rounded up.
-FAMILY_BYTES_PER_WEIGHT_BYTE_PER_GRAPH = 2.5
+# to the same files) per fp32 weight byte. Per graph of a family: its float partitions (fp32,
+# 1.0) and its W8A16 partitions (0.37); per target: the context binaries (0.39); measured on
+# the full-size denoiser family (docs/measurements.md, 2026-12-06) and rounded up for the
+# files a step holds only while it runs.
+FAMILY_BYTES_PER_WEIGHT_BYTE_PER_GRAPH = 1.6
 FAMILY_BYTES_PER_WEIGHT_BYTE_PER_TARGET = 0.5
-# A single-graph build writes one float graph, one quantized graph and a binary per target.
-SINGLE_BYTES_PER_WEIGHT_BYTE = 2.0
+# A single-graph build: the float graph, the deployed graph, a binary per target.
+SINGLE_BYTES_PER_WEIGHT_BYTE = 1.6
 SINGLE_BYTES_PER_WEIGHT_BYTE_PER_TARGET = 0.5
 # Samples, reports and small graphs: what any build needs beyond its weights.
 FIXED_BYTES = 256 << 20
 
 
-class DiskSpaceError(OSError):
+class DiskSpaceError(ValueError):
     """Not enough free disk space for a build (found before it starts)."""
 
 
@@ -87,12 +87,15 @@ def _existing(path: Path) -> Path:
 def check_disk_space(plan: BuildPlan, out_dir: str | Path, weight_bytes: int) -> tuple[int, int]:
     """Refuse a build the free space of its output's file system cannot hold; returns
     (estimate, free bytes). A previous build in ``out_dir`` is replaced only at the end, so
-    its files do not count as free."""
+    its files do not count as free; what the step cache holds already is reused by hard
+    link and not written again."""
     need = estimate_bytes(plan, weight_bytes)
     free = shutil.disk_usage(_existing(Path(out_dir))).free
     root = cache_root(out_dir, plan.options.cache_dir, plan.options.cache)
     if root is not None:
         free = min(free, shutil.disk_usage(_existing(root)).free)
+        if is_cache(root):
+            need = max(FIXED_BYTES, need - cache_bytes(root))
     if need > free:
         raise DiskSpaceError(
             f"this build writes about {format_bytes(need)} and {_existing(Path(out_dir))} has "

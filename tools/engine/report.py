@@ -29,10 +29,22 @@ def _passes(records: list[dict]) -> list[str]:
     ]
 
 
+def model_lines(model: dict) -> list[str]:
+    """What a build changed in the model before tracing (blocks removed), for its report."""
+    removed = model.get("removed_blocks")
+    if not removed:
+        return []
+    total = len(model.get("block_mapping", {})) + len(removed) if "block_mapping" in model else None
+    of = f" of {total}" if total else ""
+    return [f"Model: {len(removed)}{of} blocks removed before tracing ({', '.join(map(str, removed))}); "
+            "block_mapping.json maps old indices to new", ""]
+
+
 def render_report(report: dict) -> str:
     lines = [report["title"], "=" * len(report["title"]), ""]
     if "host" in report:
         lines += [f"Host: {host_line(report['host'])}", ""]
+    lines += model_lines(report.get("model", {}))
     if "steps" in report:
         lines.append("Steps:")
         for r in report["steps"]:

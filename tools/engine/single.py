@@ -180,7 +180,7 @@ class _Single:
                 exported = cache.reuse(entry, work, "the float graph").meta
                 manifest["graph_stats_a16"] = exported["graph_stats_a16"]
                 report.update(exported["report"])
-            manifest["model"] = exported["model"]
+            manifest["model"] = report["model"] = exported["model"]
         self._model = None
         manifest["float_model"] = float_path.name
 

@@ -80,7 +80,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
 
 def test_foreign_output_directory_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(OutputDirError, match="holds no neodragon-npu build"):
+    with pytest.raises(OutputDirError, match="holds no neodragon-npu output"):
         build_denoiser_stage(DenoiserBuildOptions(config="tiny"), tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
@@ -103,9 +103,13 @@ def test_bad_options_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_pruned_model_builds_to_a_verified_binary(tmp_path):
+def test_pruned_model_builds_to_a_verified_binary(tmp_path, caplog):
     out = tmp_path / "pruned"
-    result = build_denoiser_stage(DenoiserBuildOptions(config="tiny", stage=0, remove_blocks="1"), out)
+    with caplog.at_level("INFO", logger="neodragon_npu"):
+        result = build_denoiser_stage(DenoiserBuildOptions(config="tiny", stage=0, remove_blocks="1"), out)
+    # the log and the report both say the model was pruned
+    assert "removed 1 of the 3 MMDiT blocks before tracing: 1" in caplog.text
+    assert "Model: 1 of 3 blocks removed before tracing (1)" in (out / "report.txt").read_text()
     assert result.sqnr_db >= MIN_SQNR_DB
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["model"]["removed_blocks"] == [1]

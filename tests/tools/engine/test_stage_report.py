@@ -3,8 +3,12 @@ import json
 from neodragon_npu.tools.engine.stage_report import format_stage_report, report_json, stage_report
 
 
-def test_report_compares_baseline_and_optimized_graphs(tmp_path):
-    results = stage_report("tiny", [2], target="sm8750", compile=True, work_dir=tmp_path)
+def test_report_compares_baseline_and_optimized_graphs(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="neodragon_npu"):
+        results = stage_report("tiny", [2], target="sm8750", compile=True, work_dir=tmp_path)
+    # each build's progress says which build it is
+    steps = [m for m in caplog.messages if m.startswith("[")]
+    assert steps and all(line.startswith(("[stage 2 baseline: ", "[stage 2 optimized: ")) for line in steps)
     before, after = results[2]["baseline"], results[2]["optimized"]
     assert after.largest_score_tensor == before.largest_score_tensor // 2  # per head: 1 of 2 heads
     assert after.op_output_bytes < before.op_output_bytes
