@@ -137,45 +137,96 @@ def _live_profile(tg) -> np.ndarray:
     return out
 
 
+def _owned(prof: Profile) -> np.ndarray:
+    """Per node: does it read a weight that belongs to one partition (>= OWNED_WEIGHT_BYTES)?"""
+    return np.array([any(prof.weight_bytes.get(w, 0) >= OWNED_WEIGHT_BYTES for w in names)
+                     for names in prof.weights], dtype=bool)
+
+
+def _inseparable(prof: Profile, owned: np.ndarray) -> np.ndarray:
+    """Per position p: must no cut fall right before node p? True where node p applies a
+    small (unowned) constant to the output of node p - 1, which reads an owned weight: a
+    bias Add after its MatMul. Graphs that follow this cut (:func:`align_parts`) keep such a
+    node beside its producer, and aimet fuses MatMul and Add into one op: a cut between them
+    in one graph only would give a shared weight consumers of different types."""
+    blocked = np.zeros(len(prof.nodes) + 1, dtype=bool)
+    for p in range(1, len(prof.nodes)):
+        node, before = prof.nodes[p], prof.nodes[p - 1]
+        if owned[p] or not owned[p - 1] or not prof.weights[p]:
+            continue
+        if any(v is not None and v.producer() is before for v in node.inputs):
+            blocked[p] = True
+    return blocked
+
+
 def plan_cuts(prof: Profile, *, max_weight_bytes: int, max_live_bytes: int | None = None) -> list[int]:
-    """Start positions of partitions 1..K-1 minimising the crossing bytes (DP, O(n))."""
+    """Start positions of partitions 1..K-1 minimising the crossing bytes (DP, O(n)).
+
+    Every partition holds at least one owned weight (so a graph that follows the cuts has a
+    node in each partition), and no cut separates a node from the bias that follows it (see
+    :func:`_inseparable`)."""
     n = len(prof.nodes)
     if max_live_bytes is not None and n and prof.live.max() > max_live_bytes:
         raise PartitionBudgetError(
             f"live activations reach {int(prof.live.max())} bytes at one node; no cut helps, "
             f"the smallest live-activation budget that works is {int(prof.live.max())} bytes"
         )
-    # weight bytes per node, a weight read by several nodes counted at each of them: a
+    # owned weight bytes per node, a weight read by several nodes counted at each of them: a
     # segment's sum then bounds its exact (deduplicated) weight bytes from above, so every
-    # segment the DP accepts fits. Only small constants are read more than once here.
-    per_node = np.array([sum(prof.weight_bytes.get(name, 0) for name in names) for names in prof.weights],
-                        dtype=np.int64).reshape(n)
-    heaviest = int(per_node.max()) if n else 0
+    # segment the DP accepts fits. Small constants (scalars, axes, small biases) are copied
+    # into each partition that reads them and are not counted.
+    per_node = np.array([sum(b for b in (prof.weight_bytes.get(name, 0) for name in names) if b >= OWNED_WEIGHT_BYTES)
+                         for names in prof.weights], dtype=np.int64).reshape(n)
+    owned = _owned(prof)
+    blocked = _inseparable(prof, owned)
+    # the smallest piece a cut can leave: a node with the nodes no cut may separate from it
+    unit = per_node.copy()
+    for p in range(n - 1, 0, -1):
+        if blocked[p]:
+            unit[p - 1] += unit[p]
+            unit[p] = 0
+    heaviest = int(unit.max()) if n else 0
     if heaviest > max_weight_bytes:
         raise PartitionBudgetError(
             f"one node alone reads {heaviest} bytes of weights; the smallest weight budget that "
             f"works is {heaviest} bytes (asked for {max_weight_bytes})"
         )
+    if not owned.any():  # no weight owns a partition: any cut is as good as another
+        owned[:] = True
     prefix = np.concatenate([[0], np.cumsum(per_node)])
+    # last_owned[p]: the last owned node before position p (-1: none); a segment [j, p)
+    # holds an owned weight if j <= last_owned[p]
+    last_owned = np.full(n + 1, -1, dtype=np.int64)
+    for p in range(1, n + 1):
+        last_owned[p] = p - 1 if owned[p - 1] else last_owned[p - 1]
     # dp[p]: best cost of partitioning nodes [0, p) with a cut at p (p = n: the end)
     inf = np.iinfo(np.int64).max // 4
     dp = np.full(n + 1, inf, dtype=np.int64)
     back = np.full(n + 1, -1, dtype=np.int64)
     dp[0] = 0
-    window: deque[int] = deque([0])  # candidate segment starts, increasing dp[j]
-    lo = 0
+    window: deque[int] = deque()  # candidate segment starts, increasing dp[j]
+    lo, added = 0, 0  # starts below lo exceed the budget; starts below added were offered
     for p in range(1, n + 1):
         while prefix[p] - prefix[lo] > max_weight_bytes:
             lo += 1
+        hi = last_owned[p]  # starts after the last owned node leave a segment without one
+        while added <= hi:
+            if dp[added] < inf:
+                while window and dp[window[-1]] >= dp[added]:
+                    window.pop()
+                window.append(added)
+            added += 1
         while window and window[0] < lo:
             window.popleft()
-        if window:
+        if window and (p == n or not blocked[p]):
             j = window[0]
             dp[p] = dp[j] + (prof.crossing[p] if p < n else 0)
             back[p] = j
-        while window and dp[window[-1]] >= dp[p]:
-            window.pop()
-        window.append(p)
+    if dp[n] >= inf:
+        raise PartitionBudgetError(
+            f"no cut of this graph keeps every partition under {max_weight_bytes} bytes of weights "
+            f"with at least one weight in each; give a larger budget"
+        )
     cuts, p = [], n
     while p > 0:
         p = int(back[p])

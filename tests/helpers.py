@@ -29,10 +29,15 @@ class PassCheck:
     model: object
 
 
-def run_onnx(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run_onnx(model: ir.Model, feeds: dict[str, np.ndarray], *, optimize: bool = True) -> list[np.ndarray]:
+    """``optimize=False``: onnxruntime runs the graph as written, no fusions (which differ in
+    their last bits with where a graph is cut)."""
     ir.external_data.load_to_model(model)  # tests use small models: weights in memory
     proto = ir.serde.serialize_model(model)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
 

@@ -575,8 +575,8 @@ class Terminated(BaseException):
 
 
 _STAGING = re.compile(r"\.(?P<name>[^/\s'\"]+)\.(?:partial|old)-\d+(?:-[A-Za-z0-9_]+)?")
-# Our own errors say what was wrong and how to fix it in their message; anything else is a
-# library's, whose first line may not.
+# Our own errors (these types, and every exception class of this package) say what was wrong
+# and how to fix it; anything else is a library's, whose first line may not.
 _OURS = (ValueError, LookupError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
 
 
@@ -586,7 +586,7 @@ def user_message(exc: BaseException) -> tuple[str, bool]:
     a library's error. A hidden staging directory is named as the output it becomes."""
     text = str(exc).strip() or type(exc).__name__
     first, _, rest = text.partition("\n")
-    ours = isinstance(exc, _OURS)
+    ours = isinstance(exc, _OURS) or type(exc).__module__.startswith("neodragon_npu.")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         where = f" while writing {exc.filename}" if exc.filename else ""
         first, ours = (f"the disk is full{where}; free some space or choose another -o / --cache-dir "

@@ -8,6 +8,7 @@ check prompts (2000+) are disjoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from neodragon_npu.neodragon_models.spec import (
     REFERENCE_SUFFIX, GraphSpec, LoadOptions, ModelOption, ModelSpec, SamplePlan, Samples, meta_shapes,
 )
 from neodragon_npu.passes import pipelines
+
+logger = logging.getLogger("neodragon_npu")
 
 OUTPUT = "noise_pred"
 CALIBRATION_SEED, CHECK_SEED = 1000, 2000
@@ -137,9 +140,6 @@ def _samples(model: Denoiser, graphs, plan: SamplePlan) -> Samples:
 
 
 def _progress():
-    import logging
-
-    logger = logging.getLogger("neodragon_npu")
     return lambda i, n: logger.info("      prompt %d/%d", i, n)
 
 

@@ -185,7 +185,7 @@ class _Family:
         self.cache = cache
         self.graphs = list(plan.graphs)  # natural order
         self.order = self.graphs[::-1]  # build order: the lead graph first
-        n_steps = {"export": 2, "quantize": 4, "compile": 5, "verify": 7}[plan.until]
+        n_steps = {"export": 3, "quantize": 4, "compile": 5, "verify": 7}[plan.until]
         self.steps = Steps(n_steps, tree=tree)
         precision = plan.precision
         self.gptq = precision.rounding == "gptq"
@@ -594,6 +594,7 @@ class _Family:
             verify_htp = self.weight_bytes <= HTP_VERIFY_LIMIT_BYTES
         if not verify_htp:
             logger.info("      HTP simulator check skipped for a model this size (--verify-htp forces it)")
+            self.steps.total -= 1
             return
         target = self.plan.targets[0]
         with self.steps.step("run non-shared binaries chained in the HTP simulator"):

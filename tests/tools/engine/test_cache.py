@@ -41,6 +41,33 @@ def test_an_entry_comes_back_with_its_files_and_metadata(tmp_path):
     assert (other / "sub" / "b.bin").read_bytes() == b"beta" * 1000
 
 
+def test_external_data_is_copied_and_what_onnx_loads_from_a_reused_entry_loads(tmp_path):
+    """onnx and onnx_ir refuse an external-data file with several hard links (a "hard-link
+    attack"): the cache copies such files, and hard-links the rest."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from neodragon_npu.graphs import onnx_io
+
+    work, other = tmp_path / "work", tmp_path / "other"
+    work.mkdir()
+    weight = numpy_helper.from_array(np.arange(64 * 64, dtype=np.float32).reshape(64, 64), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    onnx.save(helper.make_model(graph), str(work / "m.onnx"), save_as_external_data=True,
+              location="m.onnx.data", size_threshold=0)
+    with StepCache(tmp_path / "c") as cache:
+        cache.put("step", "k", work, [work / "m.onnx", work / "m.onnx.data"])
+        assert (work / "m.onnx.data").stat().st_nlink == 1 and (work / "m.onnx").stat().st_nlink == 2
+        cache.get("step", "k").place(other)
+    assert (other / "m.onnx.data").stat().st_nlink == 1
+    loaded = onnx_io.load(other / "m.onnx")
+    np.testing.assert_array_equal(loaded.graph.initializers["w"].const_value.numpy(), numpy_helper.to_array(weight))
+    onnx.load(str(other / "m.onnx"))  # onnx's own loader checks the links too
+
+
 def test_a_changed_file_is_found_even_with_its_size_and_time_kept(tmp_path):
     work = tmp_path / "work"
     f = _write(work / "a.bin", b"0123456789")

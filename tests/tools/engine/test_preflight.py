@@ -59,3 +59,22 @@ def test_the_disk_estimate_grows_with_graphs_targets_and_weights():
     assert preflight.estimate_bytes(export, w) < preflight.estimate_bytes(family, w) < preflight.estimate_bytes(two, w)
     assert preflight.estimate_bytes(single, w) < preflight.estimate_bytes(family, w)
     assert preflight.estimate_bytes(family, 2 * w) > preflight.estimate_bytes(family, w)
+
+
+def test_a_family_builds_at_the_smallest_budget_preflight_names(tmp_path):
+    """The budget the refusal names must work all the way through quantization: at it each
+    partition holds about one layer, and shared weights keep one kind of consumer."""
+    import json
+
+    # the fidelity gate is not what this test is about: one layer per partition, with every
+    # cut's activations quantized on two calibration samples, loses much more than a build
+    # at a sensible budget
+    opts = BuildOptions(config="tiny", family=True, partition_budget=4096, until="quantize",
+                        calibration_samples=2, cache=False, min_sqnr_db=-100.0)
+    with pytest.raises(ValueError) as refused:
+        build(opts, tmp_path / "refused")
+    smallest = int(str(refused.value).rsplit(" ", 1)[1])
+    build(opts.replace(partition_budget=smallest), tmp_path / "b")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert len(manifest["partitions"]) > 10
+    assert all(set(p["graphs"]) == {"0", "1", "2"} for p in manifest["partitions"])

@@ -53,6 +53,12 @@ def test_verify_refuses_what_is_not_an_all_stages_build(tmp_path, capsys):
     assert "single-graph build" in capsys.readouterr().err
 
 
+def _has_int8(qdq_path) -> bool:
+    import onnx
+
+    return any(t.data_type == onnx.TensorProto.INT8 for t in onnx.load(str(qdq_path)).graph.initializer)
+
+
 def _scale_weights(qdq_path, factor):
     """Multiply the scale of every int8 weight's DequantizeLinear in a QDQ file."""
     import numpy as np
@@ -95,23 +101,25 @@ def test_per_partition_names_the_partition_that_loses(build, tmp_path, capsys):
     spoiled = tmp_path / "spoiled"
     shutil.copytree(out, spoiled)
     manifest = json.loads((spoiled / MANIFEST).read_text())
-    part = sorted(manifest["partitions"], key=lambda p: p["index"])[1]
-    _scale_weights(spoiled / part["graphs"]["0"]["qdq_model"], 1.25)
+    parts = sorted(manifest["partitions"], key=lambda p: p["index"])
+    # the first partition after the first that holds int8 weights (the first blocks stay 16-bit)
+    j = next(k for k in range(1, n - 1) if _has_int8(spoiled / parts[k]["graphs"]["0"]["qdq_model"]))
+    _scale_weights(spoiled / parts[j]["graphs"]["0"]["qdq_model"], 1.25)
     bad = vb.verify_build(spoiled, prompts=1, calls_per_prompt=1, per_partition=True)
     good, worse = split.partitions["0"], bad.partitions["0"]
-    assert worse[0] == good[0]
-    assert worse[1].local_db < good[1].local_db - 10 and worse[1].chain_db < good[1].chain_db - 10
-    assert all(w.chain_db < g.chain_db for w, g in zip(worse[1:], good[1:]))  # from it on
-    assert all(w.local_db == pytest.approx(g.local_db, abs=1e-6) for w, g in zip(worse[2:], good[2:]))
-    assert min(range(n), key=lambda k: worse[k].local_db) == 1
+    assert worse[:j] == good[:j]
+    assert worse[j].local_db < good[j].local_db - 10 and worse[j].chain_db < good[j].chain_db - 10
+    assert all(w.chain_db < g.chain_db for w, g in zip(worse[j:], good[j:]))  # from it on
+    assert all(w.local_db == pytest.approx(g.local_db, abs=1e-6) for w, g in zip(worse[j + 1:], good[j + 1:]))
+    assert min(range(n), key=lambda k: worse[k].local_db) == j
     assert bad.partitions["1"] == split.partitions["1"] and bad.partitions["2"] == split.partitions["2"]
 
     assert main(["verify", str(spoiled), "--prompts", "1", "--calls-per-prompt", "1", "--per-partition",
                  "--json", str(tmp_path / "v.json")]) == 0
     printed = capsys.readouterr().out
     assert "0, partition by partition" in printed
-    row = next(x for x in printed.splitlines() if x.strip().startswith("1 ") and "dB" in x)
-    assert f"{worse[1].local_db:6.2f} dB" in row and worse[1].worst_tensor in row
+    row = next(x for x in printed.splitlines() if x.strip().startswith(f"{j} ") and "dB" in x)
+    assert f"{worse[j].local_db:6.2f} dB" in row and worse[j].worst_tensor in row
     saved = json.loads((tmp_path / "v.json").read_text())
-    assert saved["partitions"]["0"][1]["local_db"] == round(worse[1].local_db, 2)
+    assert saved["partitions"]["0"][j]["local_db"] == round(worse[j].local_db, 2)
     assert list(saved["sqnr_db"]) == ["w8a16_cpu", "float_chain"]
