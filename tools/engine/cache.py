@@ -408,7 +408,7 @@ def describe(root: str | Path) -> str:
     by_kind: dict[str, list[dict]] = {}
     for r in rows:
         by_kind.setdefault(r["kind"], []).append(r)
-    lines = [f"cache {root}: {len(rows)} entries, {_size(cache_bytes(root))}"]
+    lines = [f"cache {root}: {len(rows)} entries, {_size(sum(r['bytes'] for r in rows))}"]
     for kind, group in sorted(by_kind.items()):
         newest = max(r["last_used"] for r in group)
         lines.append(f"  {kind:<14} {len(group):4d} entries {_size(sum(r['bytes'] for r in group)):>10}   "
