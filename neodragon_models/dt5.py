@@ -1,0 +1,235 @@
+"""DT5: the distilled T5 encoder with its projection (``text_encoder_3``), our own module.
+
+The released class is transformers' ``T5EncoderModel`` under ``encoder`` plus
+``final_projection = Sequential(Linear(768, 4096, bias=False), ReLU(), Dropout,
+Linear(4096, 4096, bias=False))``; the module tree here keeps those names, so a released
+state dict loads as it is. T5's semantics: RMS layer norms without bias (pre-norm), attention
+without the 1/sqrt(d) scale, a bucketed relative position bias computed in block 0 and
+shared by every block, and a gated-GELU (``gelu_new``) or ReLU feed-forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+FFN_KINDS = ("gated-gelu", "relu")
+
+
+@dataclass(frozen=True)
+class DT5Config:
+    """Hyper-parameters (names follow T5's ``config.json``; the projection's follow
+    ``T5ProjectionConfig``: ``project_in_dim`` and ``out_dim``)."""
+
+    vocab_size: int = 32128
+    d_model: int = 768
+    d_kv: int = 64
+    num_heads: int = 12
+    num_layers: int = 12
+    d_ff: int = 2048
+    feed_forward_proj: str = "gated-gelu"
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    project_out_dim: int = 4096
+    max_length: int = 128  # the tokenizer pads and truncates to this (MAX_SEQUENCE_LENGTH)
+
+    def __post_init__(self) -> None:
+        if self.feed_forward_proj not in FFN_KINDS:
+            raise ValueError(f"DT5 feed_forward_proj {self.feed_forward_proj!r}: expected one of "
+                             f"{', '.join(FFN_KINDS)}")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.d_kv
+
+
+DT5_CONFIGS = {
+    # the released DT5 (d_model 768, 12 heads of 64, 12 layers, gated-GELU d_ff 2048)
+    "neodragon": DT5Config(),
+    "tiny": DT5Config(vocab_size=96, d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=48,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      project_out_dim=64, max_length=16),
+}
+
+
+def get_dt5_config(name: str) -> DT5Config:
+    if name not in DT5_CONFIGS:
+        raise ValueError(f"unknown DT5 config {name!r}; known configs: {', '.join(DT5_CONFIGS)}")
+    return DT5_CONFIGS[name]
+
+
+def count_parameters(config: DT5Config) -> int:
+    """Parameters of the encoder and projection (the tied ``embed_tokens`` counted once)."""
+    d, inner, ff = config.d_model, config.inner_dim, config.d_ff
+    ffn = (3 if config.feed_forward_proj == "gated-gelu" else 2) * d * ff
+    layer = 4 * d * inner + ffn + 2 * d
+    return (config.vocab_size * d + config.num_layers * layer + config.relative_attention_num_buckets
+            * config.num_heads + d + d * config.project_out_dim + config.project_out_dim ** 2)
+
+
+class T5LayerNorm(nn.Module):
+    """RMS norm without mean or bias, computed in fp32 (T5's)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bidirectional bucket of each (key - query) offset: half the buckets per
+    direction, exact up to half of those, logarithmic up to ``max_distance``."""
+    num_buckets //= 2
+    buckets = (relative_position > 0).to(torch.long) * num_buckets
+    distance = relative_position.abs()
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    large = max_exact + (
+        torch.log(distance.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).to(torch.long)
+    large = torch.minimum(large, torch.full_like(large, num_buckets - 1))
+    return buckets + torch.where(is_small, distance, large)
+
+
+class T5Attention(nn.Module):
+    def __init__(self, config: DT5Config, has_relative_bias: bool) -> None:
+        super().__init__()
+        self.config = config
+        inner = config.inner_dim
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        if has_relative_bias:
+            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+
+    def position_bias(self, length: int) -> torch.Tensor:
+        """[1, heads, L, L]: the bias of every (query, key) pair."""
+        position = torch.arange(length, dtype=torch.long)
+        relative = position[None, :] - position[:, None]
+        buckets = relative_position_bucket(relative, self.config.relative_attention_num_buckets,
+                                           self.config.relative_attention_max_distance)
+        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        heads, d_kv = self.config.num_heads, self.config.d_kv
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, length, heads, d_kv).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = torch.matmul(q, k.transpose(-1, -2)) + bias  # T5 has no 1/sqrt(d_kv)
+        weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
+        out = torch.matmul(weights, v).transpose(1, 2).reshape(b, length, heads * d_kv)
+        return self.o(out)
+
+
+class T5LayerSelfAttention(nn.Module):
+    def __init__(self, config: DT5Config, has_relative_bias: bool) -> None:
+        super().__init__()
+        self.SelfAttention = T5Attention(config, has_relative_bias)
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return x + self.SelfAttention(self.layer_norm(x), bias)
+
+
+class T5DenseGatedActDense(nn.Module):
+    """``wo(gelu_new(wi_0 x) * wi_1 x)``."""
+
+    def __init__(self, config: DT5Config) -> None:
+        super().__init__()
+        self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(nn.functional.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+
+
+class T5DenseActDense(nn.Module):
+    """``wo(relu(wi x))``."""
+
+    def __init__(self, config: DT5Config) -> None:
+        super().__init__()
+        self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(torch.relu(self.wi(x)))
+
+
+class T5LayerFF(nn.Module):
+    def __init__(self, config: DT5Config) -> None:
+        super().__init__()
+        gated = config.feed_forward_proj == "gated-gelu"
+        self.DenseReluDense = T5DenseGatedActDense(config) if gated else T5DenseActDense(config)
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.DenseReluDense(self.layer_norm(x))
+
+
+class T5Block(nn.Module):
+    def __init__(self, config: DT5Config, has_relative_bias: bool) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([T5LayerSelfAttention(config, has_relative_bias), T5LayerFF(config)])
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.layer[1](self.layer[0](x, bias))
+
+
+class T5Stack(nn.Module):
+    def __init__(self, config: DT5Config, embed_tokens: nn.Embedding) -> None:
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.block = nn.ModuleList([T5Block(config, has_relative_bias=i == 0) for i in range(config.num_layers)])
+        self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        length = input_ids.shape[-1]
+        # masked keys: the most negative float, as transformers does (a pass makes it finite)
+        mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        bias = self.block[0].layer[0].SelfAttention.position_bias(length).to(x.dtype) + mask
+        for block in self.block:
+            x = block(x, bias)
+        return self.final_layer_norm(x)
+
+
+class T5EncoderModel(nn.Module):
+    """transformers' ``T5EncoderModel``'s module tree: ``shared`` and ``encoder``."""
+
+    def __init__(self, config: DT5Config) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = T5Stack(config, self.shared)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids, attention_mask)
+
+
+class DT5(nn.Module):
+    """``T5EncoderWithProjection``: token ids [B, L] and mask [B, L] -> [B, L, out_dim]."""
+
+    def __init__(self, config: DT5Config) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = T5EncoderModel(config)
+        self.final_projection = nn.Sequential(
+            nn.Linear(config.d_model, config.project_out_dim, bias=False), nn.ReLU(), nn.Dropout(0.1),
+            nn.Linear(config.project_out_dim, config.project_out_dim, bias=False),
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.final_projection(self.encoder(input_ids, attention_mask))
