@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from neodragon_npu.neodragon_models.dt5 import DT5, count_parameters, get_dt5_config
 
@@ -60,3 +61,64 @@ def test_the_released_size_has_the_released_parameter_count():
     assert tuple(names["encoder.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape) == (32, 12)
     assert tuple(names["encoder.encoder.block.11.layer.1.DenseReluDense.wi_0.weight"].shape) == (2048, 768)
     assert tuple(names["final_projection.3.weight"].shape) == (4096, 4096)
+
+
+def test_the_released_size_synthetic_weights_overflow_fp16_like_real_t5():
+    """The residual stream grows block by block past FP16's 65,504 on token ids the weights
+    were not fitted on: fp32 stays finite, a plain FP16 run does not."""
+    from neodragon_npu.neodragon_models.dt5 import build_dt5
+
+    model = build_dt5(get_dt5_config("neodragon"), seed=0)
+    cfg = model.config
+    peaks = []
+    hooks = [block.register_forward_hook(lambda mod, inputs, out: peaks.append(float(out.abs().max())))
+             for block in model.encoder.encoder.block]
+    ids = torch.randint(2, cfg.vocab_size, (1, cfg.max_length), generator=torch.Generator().manual_seed(99))
+    mask = torch.ones_like(ids)
+    mask[0, 20:] = 0
+    with torch.no_grad():
+        out = model(ids, mask)
+        for hook in hooks:
+            hook.remove()
+        half = model.half()(ids, mask)
+    assert peaks[0] < 1e3 and peaks[-1] > 4 * 65504
+    assert all(b > a for a, b in zip(peaks, peaks[1:]))  # it grows block by block
+    assert torch.isfinite(out).all() and float(out.abs().max()) < 100
+    assert not torch.isfinite(half).all()
+
+
+def test_tiny_synthetic_weights_are_seeded():
+    from neodragon_npu.neodragon_models.dt5 import build_dt5
+
+    a, b, c = (build_dt5(get_dt5_config("tiny"), seed=s) for s in (0, 0, 1))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_a_released_style_folder_loads_and_a_mismatched_one_is_named(tmp_path):
+    import json
+
+    from neodragon_npu.neodragon_models.dt5 import build_dt5, dt5_config_to_json
+    from neodragon_npu.neodragon_models.weights import CheckpointError
+
+    cfg = get_dt5_config("tiny")
+    model = build_dt5(cfg, seed=4)
+    state = {k: v for k, v in model.state_dict().items() if k != "encoder.encoder.embed_tokens.weight"}
+    folder = tmp_path / "text_encoder_3"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(dt5_config_to_json(cfg)))
+    loaded = build_dt5(cfg, checkpoint=folder)
+    ids = torch.randint(2, cfg.vocab_size, (1, cfg.max_length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask), model(ids, mask), rtol=0, atol=0)
+
+    relu = json.loads((folder / "config.json").read_text()) | {"feed_forward_proj": "relu"}
+    (folder / "config.json").write_text(json.dumps(relu))  # the file's wi_0/wi_1 no longer fit
+    with pytest.raises(CheckpointError, match=r"does not match the model: missing keys: .*DenseReluDense.wi.weight"):
+        build_dt5(cfg, checkpoint=folder)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="lacks vocab_size, d_model"):
+        build_dt5(cfg, checkpoint=folder)
