@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 FFN_KINDS = ("gated-gelu", "relu")
+MASK_MIN = float(torch.finfo(torch.float32).min)
 
 
 @dataclass(frozen=True)
@@ -202,9 +203,9 @@ class T5Stack(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         length = input_ids.shape[-1]
-        # masked keys: the most negative float, as transformers does (a pass makes it finite)
-        mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
-        bias = self.block[0].layer[0].SelfAttention.position_bias(length).to(x.dtype) + mask
+        # masked keys get the most negative float32, as transformers does (a pass makes it finite)
+        mask = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * MASK_MIN
+        bias = self.block[0].layer[0].SelfAttention.position_bias(length) + mask.to(x.dtype)
         for block in self.block:
             x = block(x, bias)
         return self.final_layer_norm(x)

@@ -122,3 +122,20 @@ def test_a_released_style_folder_loads_and_a_mismatched_one_is_named(tmp_path):
     (folder / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="lacks vocab_size, d_model"):
         build_dt5(cfg, checkpoint=folder)
+
+
+def test_a_plain_fp16_dt5_saturates_in_the_htp_simulator(tmp_path):
+    """What the passes of this model must fix, shown end to end: the synthetic weights'
+    residual stream passes FP16's range, and the FP16 graph the engine emits, compiled for
+    SM8750 and run in the HTP simulator, is far from fp32."""
+    import re
+
+    from neodragon_npu.tools.engine.build import build
+    from neodragon_npu.tools.engine.options import BuildOptions
+    from neodragon_npu.tools.engine.steps import BuildCheckError
+
+    with pytest.raises(BuildCheckError, match=r"reaches (-?\d+\.\d) dB SQNR") as failed:
+        build(BuildOptions(model="dt5", config="tiny", cache=False), tmp_path / "dt5")
+    assert float(re.search(r"reaches (-?\d+\.\d) dB", str(failed.value)).group(1)) < 10.0
+    report = (tmp_path / "dt5" / "report.txt").read_text()
+    assert "past FP16's 65504" in report or "FP16 ends at 65504" in report
