@@ -104,6 +104,17 @@ class ModelOption:
     sets_precision: bool = False  # it chooses weights kept at 16 bit (--high-precision none excludes it)
 
 
+def load_description(load: "LoadOptions", **more: Any) -> dict:
+    """What a manifest says of a loaded model: its config, checkpoint and seed, and ``more``."""
+    return {"config": load.config, "checkpoint": str(load.checkpoint) if load.checkpoint else None,
+            "seed": load.seed, **more}
+
+
+def fp32_weight_bytes(model: nn.Module) -> int:
+    """The bytes of a module's parameters at fp32."""
+    return sum(p.numel() * 4 for p in model.parameters())
+
+
 def meta_shapes(module: nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of a module (on the meta device: no memory)."""
     return {prefix + name: tuple(p.shape) for name, p in module.named_parameters()}

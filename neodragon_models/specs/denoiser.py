@@ -20,7 +20,8 @@ from neodragon_npu.neodragon_models.denoiser import (
 from neodragon_npu.neodragon_models.pruning import parse_removal, prune_blocks
 from neodragon_npu.neodragon_models.sampling import collect_samples, example_stage_inputs
 from neodragon_npu.neodragon_models.spec import (
-    REFERENCE_SUFFIX, GraphSpec, LoadOptions, ModelOption, ModelSpec, SamplePlan, Samples, meta_shapes,
+    REFERENCE_SUFFIX, GraphSpec, LoadOptions, ModelOption, ModelSpec, SamplePlan, Samples, load_description,
+    meta_shapes,
 )
 from neodragon_npu.passes import pipelines
 
@@ -151,13 +152,8 @@ def _precision(options) -> pipelines.W8A16:
 
 def _describe(model: Denoiser, opts: LoadOptions) -> dict:
     config = get_denoiser_config(opts.config)
-    out = {
-        "config": opts.config,
-        "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
-        "seed": opts.seed,
-        "transformer_params": count_parameters(model.config.mmdit),
-        "context_adapter_params": count_parameters(config.context_adapter),
-    }
+    out = load_description(opts, transformer_params=count_parameters(model.config.mmdit),
+                           context_adapter_params=count_parameters(config.context_adapter))
     pruning = getattr(model, "pruning", None)
     if pruning:
         out["removed_blocks"] = pruning["removed"]

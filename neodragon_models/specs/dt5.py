@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from neodragon_npu.neodragon_models.dt5 import DT5, DT5_CONFIGS, build_dt5, count_parameters, get_dt5_config
-from neodragon_npu.neodragon_models.spec import GraphSpec, LoadOptions, ModelSpec, SamplePlan, Samples, Tracing, meta_shapes
+from neodragon_npu.neodragon_models.spec import (
+    GraphSpec, LoadOptions, ModelSpec, SamplePlan, Samples, Tracing, fp32_weight_bytes, load_description, meta_shapes,
+)
 from neodragon_npu.passes import pipelines
 
 CALIBRATION, CHECK = 8, 4  # prompts
@@ -75,10 +77,9 @@ DT5_SPEC = ModelSpec(
     load=lambda o: build_dt5(get_dt5_config(o.config), checkpoint=o.checkpoint, seed=o.seed),
     graphs=_graphs, samples=_samples,
     precision=lambda options: pipelines.FP16(),
-    describe=lambda model, o: {"config": o.config, "checkpoint": str(o.checkpoint) if o.checkpoint else None,
-                               "seed": o.seed, "params": count_parameters(model.config),
-                               "samples": "synthetic token ids (no tokenizer)"},
-    weight_bytes=lambda model: sum(p.numel() * 4 for p in model.parameters()),
+    describe=lambda model, o: load_description(o, params=count_parameters(model.config),
+                                               samples="synthetic token ids (no tokenizer)"),
+    weight_bytes=fp32_weight_bytes,
     min_sqnr_db=40.0,
     checkpoint_help="the released text_encoder_3 folder (config.json + safetensors)",
     reference_note="fp32 PyTorch DT5",

@@ -8,7 +8,9 @@ from neodragon_npu.neodragon_models.quicksrnet import (
     QUICKSRNET_CONFIGS, QuickSRNet, build_quicksrnet, count_parameters, get_quicksrnet_config, read_checkpoint,
     synthetic_frames,
 )
-from neodragon_npu.neodragon_models.spec import GraphSpec, LoadOptions, ModelSpec, SamplePlan, Samples, meta_shapes
+from neodragon_npu.neodragon_models.spec import (
+    GraphSpec, LoadOptions, ModelSpec, SamplePlan, Samples, fp32_weight_bytes, load_description, meta_shapes,
+)
 from neodragon_npu.neodragon_models.weights import check_shapes
 from neodragon_npu.passes import pipelines
 
@@ -58,9 +60,8 @@ QUICKSRNET = ModelSpec(
     graphs=_graphs, samples=_samples,
     # AdaRound learns each layer's rounding on 48x48 crops: a conv sees local statistics only
     precision=lambda options: pipelines.W8A16(rounding="adaround", adaround_crop=(48, 48)),
-    describe=lambda model, o: {"config": o.config, "checkpoint": str(o.checkpoint) if o.checkpoint else None,
-                               "seed": o.seed, "params": count_parameters(model.config)},
-    weight_bytes=lambda model: sum(p.numel() * 4 for p in model.parameters()),
+    describe=lambda model, o: load_description(o, params=count_parameters(model.config)),
+    weight_bytes=fp32_weight_bytes,
     min_sqnr_db=40.0,
     checkpoint_help="aimet-model-zoo's quicksrnet_<variant>_2x_checkpoint_float32.pth.tar",
     reference_note="fp32 PyTorch QuickSRNet",
