@@ -333,7 +333,6 @@ def build_dt5(config: DT5Config, *, checkpoint=None, seed: int = 0) -> DT5:
         with torch.device("meta"):
             model = DT5(config)
         load_state_dict_strict(model, state, str(checkpoint))
-        model.encoder.encoder.embed_tokens = model.encoder.shared
     else:
         model = DT5(config)
         synthetic_init_(model, seed)

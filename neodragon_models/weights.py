@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -79,20 +79,25 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
 
 
-def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder as float32, memory-mapped where possible."""
-    state: dict[str, torch.Tensor] = {}
+def _each_tensor(folder: str | Path, read: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """``read(file, key)`` for every tensor of a checkpoint folder's safetensors files; a
+    missing or corrupt file is one clear error."""
+    out: dict[str, Any] = {}
     for path in _weight_files(Path(folder)):
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in the index but missing")
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
-                    tensor = f.get_tensor(key)
-                    state[key] = tensor if tensor.dtype == torch.float32 else tensor.float()
+                    out[key] = read(f, key)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
-    return state
+    return out
+
+
+def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder as float32, memory-mapped where possible."""
+    return _each_tensor(folder, lambda f, key: f.get_tensor(key).float())
 
 
 def _summarise(names: Iterable[str], limit: int = 8) -> str:
@@ -129,17 +134,7 @@ def checkpoint_shapes(folder: str | Path) -> dict[str, tuple]:
     """The name and shape of every tensor of a checkpoint folder, from the safetensors
     headers alone (no tensor is read): a mismatched or truncated folder is found before any
     work."""
-    shapes: dict[str, tuple] = {}
-    for path in _weight_files(Path(folder)):
-        if not path.is_file():
-            raise CheckpointError(f"{path}: listed in the index but missing")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
-    return shapes
+    return _each_tensor(folder, lambda f, key: tuple(f.get_slice(key).get_shape()))
 
 
 def config_from_json(cls, raw: Any, source: str, required: Iterable[str]):

@@ -170,10 +170,6 @@ def staged_dir(path: str | Path, kind: str = "build", *, inputs: Mapping[str, ob
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent))
     try:
         yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    try:
         kept = _carry_over(path, stage)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
