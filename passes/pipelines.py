@@ -21,6 +21,7 @@ from neodragon_npu.passes.onnx.fuse_rotary_embedding import FuseRotaryEmbeddingP
 from neodragon_npu.passes.onnx.name_weights_by_content import NameWeightsByContentPass
 from neodragon_npu.passes.onnx.quantize_w8a16 import QuantizeW8A16Pass
 from neodragon_npu.passes.onnx.remove_unused_nodes import RemoveUnusedNodesPass
+from neodragon_npu.passes.onnx.rescale_residual_stream import RescaleResidualStreamPass
 from neodragon_npu.passes.onnx.requantize_matmul_operand import RequantizeMatMulOperandPass
 from neodragon_npu.passes.onnx.round_weights_adaround import RoundWeightsAdaRoundPass
 from neodragon_npu.passes.onnx.round_weights_gptq import RoundWeightsGPTQPass
@@ -150,6 +151,21 @@ def cleanup_onnx() -> list[Pass]:
     return [FoldConstantsPass(), ConvertMaskToFinitePass(), RemoveUnusedNodesPass()]
 
 
+def encoder_onnx() -> list[Pass]:
+    """ONNX passes for a text encoder: the clean-up, and its RMS norms as one op each."""
+    return [
+        # the relative position bias and any shape arithmetic become constants: no bucket
+        # arithmetic (log, where, min on integers) reaches the HTP
+        FoldConstantsPass(),
+        # finfo.min masks overflow FP16 and NaN fully masked rows (facts 4.3)
+        ConvertMaskToFinitePass(),
+        # T5's RMS norms as one op: one full-size x^2 write less each, and the form the
+        # residual-stream rescale recognises as a scale-free reader
+        FuseRMSNormPass(),
+        RemoveUnusedNodesPass(),
+    ]
+
+
 # --- precision: what turns a float graph into what the NPU runs -------------------------
 
 WEIGHT_ROUNDINGS = ("gptq", "adaround", "nearest")
@@ -250,6 +266,11 @@ def w8a16(
     return passes
 
 
-def fp16(precision: FP16) -> list[Pass]:
+def fp16(precision: FP16, *, calibration) -> list[Pass]:
     """The FP16 pipeline: the graph emitted in FP16, so the simulator computes as the HTP."""
-    return [ConvertToFP16Pass()]
+    return [
+        # a residual stream past FP16's range (T5's, facts 4.4) divided by a power of two
+        # chosen on the calibration samples, folded into the weights: exact, no op added
+        RescaleResidualStreamPass(calibration=calibration),
+        ConvertToFP16Pass(),
+    ]

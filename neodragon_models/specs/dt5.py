@@ -44,7 +44,7 @@ def _graphs(config: str) -> list[GraphSpec]:
         name="encoder", module=lambda model: model, example_inputs=_example,
         input_names=("input_ids", "attention_mask"), output_names=("prompt_embeds",),
         fx_passes=lambda model, target, pipeline: pipelines.cleanup_fx(),
-        onnx_passes=lambda pipeline: pipelines.cleanup_onnx(),
+        onnx_passes=lambda pipeline: pipelines.encoder_onnx(),
         # T5's norms branch on the weights' dtype and its position bias on the length
         tracing=Tracing(method="export"),
     )]

@@ -27,7 +27,7 @@ def test_w8a16_is_its_four_passes_in_order_and_each_can_be_left_out():
                                calibration=[{}], htp_arch=79)
     assert [p.pass_name() for p in adaround][:2] == ["round_weights_adaround", "quantize_w8a16"]
     assert (adaround[0].iterations, adaround[0].crop) == (7, (8, 8))
-    assert [p.pass_name() for p in pipelines.fp16(pipelines.FP16())] == ["convert_to_fp16"]
+    assert [p.pass_name() for p in pipelines.fp16(pipelines.FP16(), calibration=[{}])] == ["rescale_residual_stream", "convert_to_fp16"]
 
 
 def test_bad_precision_options_are_refused():

@@ -70,6 +70,7 @@ def render_report(report: dict) -> str:
         peak, where = report["fp16_range"]
         lines.append(f"FP16 graph: {report['fp16'].node_count} nodes, weights {format_bytes(report['fp16'].weight_bytes)}; "
                      f"largest activation on the calibration samples {peak:.4g} ({where}; FP16 ends at 65504)")
+        lines += [f"  {note}" for note in report.get("fp16_notes", ())]
     if "compile_seconds" in report:
         lines.append(f"HTP context binary built in {report['compile_seconds']:.1f} s")
     if "htp_check" in report:

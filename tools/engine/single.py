@@ -210,7 +210,7 @@ class _Single:
             else:
                 deployed_path = work / f"{name}_fp16.onnx"
                 with steps.step("convert to FP16"):
-                    report["fp16_range"], report["fp16"] = cache.run(
+                    report["fp16_range"], report["fp16"], report["fp16_notes"] = cache.run(
                         "precision", k_precise, work, lambda: self._to_fp16(float_path, deployed_path),
                         "the FP16 graph")
                 peak, where = report["fp16_range"]
@@ -219,6 +219,7 @@ class _Single:
                                    "graph will saturate there", where, peak, FP16_MAX)
                 manifest["fp16_model"] = deployed_path.name
                 manifest["fp16_range"] = {"largest_abs_activation": peak, "tensor": where, "fp16_max": FP16_MAX}
+                manifest["fp16_passes"] = report["fp16_notes"]
             manifest["quantization"] = precision.describe()
 
         binaries, qnn_ops, k_compiled = {}, {}, {}
@@ -309,11 +310,18 @@ class _Single:
         return [*onnx_io.model_files(deployed_path), self.work / f"{self.name}_w8a16.encodings"], stats
 
     def _to_fp16(self, float_path: Path, deployed_path: Path):
-        peak, where = _largest_activation(float_path, load_samples(self.work / "calibration_inputs.npz"))
-        model16 = onnx_io.load(float_path)
-        PassManager(pipelines.fp16(self.plan.precision))(model16)
-        onnx_io.save(model16, deployed_path)
-        return onnx_io.model_files(deployed_path), ((peak, where), onnx_stats(model16))
+        calib = load_samples(self.work / "calibration_inputs.npz")
+        passes = build_steps.without_skipped(pipelines.fp16(self.plan.precision, calibration=calib), self.plan)
+        split = next((i for i, p in enumerate(passes) if p.pass_name() == "convert_to_fp16"), len(passes))
+        model = onnx_io.load(float_path)
+        notes = [f"{r.name}: {n}" for r in PassManager(passes[:split])(model).records for n in r.notes]
+        # the range the FP16 graph must hold: the graph just before the conversion, at fp32
+        staged = onnx_io.save(model, self.work / f".{self.name}_fp16_input.onnx")
+        peak, where = _largest_activation(staged, calib)
+        onnx_io.remove(staged)
+        PassManager(passes[split:])(model)
+        onnx_io.save(model, deployed_path)
+        return onnx_io.model_files(deployed_path), ((peak, where), onnx_stats(model), notes)
 
     def _compile(self, deployed_path: Path, target):
         graph, work = self.graph, self.work

@@ -35,18 +35,18 @@ def run_passes(model, passes, check, plan: BuildPlan, dump) -> list[dict]:
     return [{"pass": r.name, "modified": r.modified, "seconds": round(r.seconds, 3)} for r in result.records]
 
 
-def _without_skipped(passes: list, plan: BuildPlan) -> list:
+def without_skipped(passes: list, plan: BuildPlan) -> list:
     return [p for p in passes if p.pass_name() not in plan.options.skip_passes]
 
 
 def fx_passes(plan: BuildPlan, graph: GraphSpec, model) -> list:
     """The graph's FX pipeline for the build's first target (its tile budget), minus the
     skipped passes."""
-    return _without_skipped(graph.fx_passes(model, plan.targets[0], plan.options.fx_pipeline), plan)
+    return without_skipped(graph.fx_passes(model, plan.targets[0], plan.options.fx_pipeline), plan)
 
 
 def onnx_passes(plan: BuildPlan, graph: GraphSpec) -> list:
-    return _without_skipped(graph.onnx_passes(plan.options.fx_pipeline), plan)
+    return without_skipped(graph.onnx_passes(plan.options.fx_pipeline), plan)
 
 
 def trace(graph: GraphSpec, model) -> tuple:
