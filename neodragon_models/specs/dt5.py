@@ -66,8 +66,24 @@ def _samples(model: DT5, graphs, plan: SamplePlan) -> Samples:
 
 
 def _weight_shapes(opts: LoadOptions) -> dict[str, tuple[int, ...]]:
+    """The modules' weights (meta device); a checkpoint's config and tensor headers are read
+    and matched."""
+    config = get_dt5_config(opts.config)
+    if opts.checkpoint is not None:
+        import dataclasses
+
+        from neodragon_npu.neodragon_models.dt5 import dt5_config_from_json
+        from neodragon_npu.neodragon_models.weights import check_shapes, checkpoint_shapes, read_config
+
+        released = dt5_config_from_json(read_config(opts.checkpoint), str(opts.checkpoint))
+        config = dataclasses.replace(released, max_length=config.max_length)
     with torch.device("meta"):
-        return meta_shapes(DT5(get_dt5_config(opts.config)))
+        shapes = meta_shapes(DT5(config))
+    if opts.checkpoint is not None:
+        found = checkpoint_shapes(opts.checkpoint)
+        found.pop("encoder.encoder.embed_tokens.weight", None)  # the tied copy: one parameter here
+        check_shapes(shapes, found, str(opts.checkpoint))
+    return shapes
 
 
 DT5_SPEC = ModelSpec(

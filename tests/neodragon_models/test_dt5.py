@@ -101,6 +101,8 @@ def test_a_released_style_folder_loads_and_a_mismatched_one_is_named(tmp_path):
     import json
 
     from neodragon_npu.neodragon_models.dt5 import build_dt5, dt5_config_to_json
+    from neodragon_npu.neodragon_models.spec import LoadOptions
+    from neodragon_npu.neodragon_models.specs import get_model
     from neodragon_npu.neodragon_models.weights import CheckpointError
 
     cfg = get_dt5_config("tiny")
@@ -115,11 +117,14 @@ def test_a_released_style_folder_loads_and_a_mismatched_one_is_named(tmp_path):
     mask = torch.ones_like(ids)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, mask), model(ids, mask), rtol=0, atol=0)
+    assert get_model("dt5").preflight(LoadOptions("tiny", folder, 0, {}))["final_projection.3.weight"] == (64, 64)
 
     relu = json.loads((folder / "config.json").read_text()) | {"feed_forward_proj": "relu"}
     (folder / "config.json").write_text(json.dumps(relu))  # the file's wi_0/wi_1 no longer fit
-    with pytest.raises(CheckpointError, match=r"does not match the model: missing keys: .*DenseReluDense.wi.weight"):
-        build_dt5(cfg, checkpoint=folder)
+    for load in (lambda: build_dt5(cfg, checkpoint=folder),  # the load, and the check before any work
+                 lambda: get_model("dt5").preflight(LoadOptions("tiny", folder, 0, {}))):
+        with pytest.raises(CheckpointError, match=r"does not match the model: missing keys: .*DenseReluDense.wi.weight"):
+            load()
     (folder / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="lacks vocab_size, d_model"):
         build_dt5(cfg, checkpoint=folder)

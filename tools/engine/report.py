@@ -78,7 +78,10 @@ def render_report(report: dict) -> str:
         lines.append("HTP simulator vs fp32 PyTorch (check samples, not used for calibration):")
         for label, cmp in report["htp_check"]:
             lines.append(f"  {label}: {cmp}")
-        lines.append(f"  all samples pooled: SQNR {report['htp_sqnr_db']:.2f} dB")
+        for name, db in report.get("htp_sqnr_per_output_db", {}).items():
+            lines.append(f"  {name}, all samples pooled: SQNR {db:.2f} dB")
+        lines.append(f"  all samples pooled{' (worst output)' if 'htp_sqnr_per_output_db' in report else ''}: "
+                     f"SQNR {report['htp_sqnr_db']:.2f} dB")
     return "\n".join(lines) + "\n"
 
 
