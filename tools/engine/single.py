@@ -62,12 +62,20 @@ def _largest_activation(path: Path, feeds: list[dict]) -> tuple[float, str]:
     """The largest |value| any float tensor of the model takes on ``feeds``, and where."""
     import onnx
 
-    proto = onnx.load(str(path))
+    path = Path(path)
+    # the weights stay in their external file (a 2 GB graph does not fit one protobuf)
+    proto = onnx.load(str(path), load_external_data=False)
     names = [o for n in proto.graph.node for o in n.output if o]
     del proto.graph.output[:]
     for name in names:
         proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = qnn.cpu_session(proto.SerializeToString())
+    probe = path.with_name(f".{path.stem}_every_output.onnx")  # beside it: the data file's path is relative
+    onnx.save(proto, str(probe))
+    del proto
+    try:
+        session = qnn.cpu_session(probe)
+    finally:
+        probe.unlink()
     peak, where = 0.0, ""
     for feed in feeds:
         for name, value in zip(names, session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})):
