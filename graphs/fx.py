@@ -162,7 +162,7 @@ def erase_unused(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> int:
     pending = list(nodes)
     while pending:
         node = pending.pop()
-        if node.graph is None or node.users or node.op in ("placeholder", "output"):
+        if node.graph is None or getattr(node, "_erased", False) or node.users or node.op in ("placeholder", "output"):
             continue
         producers = [a for a in node.all_input_nodes]
         gm.graph.erase_node(node)

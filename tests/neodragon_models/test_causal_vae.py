@@ -1,0 +1,111 @@
+"""The causal video VAE: its mid-block attention against diffusers' own, causality of the
+3-D encoder and of the parallel decoder, sizes against the released model, folder loading,
+and a tiny W8A16 first-frame encoder build checked in the HTP simulator."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from neodragon_npu.neodragon_models.causal_vae import (
+    CausalVideoVAE, VAEAttention, build_causal_vae, causal_vae_config_to_json, get_causal_vae_config,
+)
+
+
+def test_the_mid_block_attention_is_diffusers_attention():
+    from diffusers.models.attention_processor import Attention
+
+    ours = VAEAttention(32, 4)
+    torch.manual_seed(0)
+    for p in ours.parameters():
+        p.data.normal_()
+    # as the released CausalUNetMidBlock2D builds it
+    theirs = Attention(32, heads=1, dim_head=32, rescale_output_factor=1, eps=1e-6, norm_num_groups=4,
+                       residual_connection=True, bias=True, upcast_softmax=True,
+                       _from_deprecated_attn_block=True).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 32, 5, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_released_size_has_the_released_parameter_counts():
+    """neodragon-submodules.md 3-4: about 110 M in the 3-D encoder, about 9.9 M in the decoder."""
+    with torch.device("meta"):
+        vae = CausalVideoVAE(get_causal_vae_config("neodragon"))
+    encoder = sum(p.numel() for p in vae.encoder.parameters())
+    decoder = sum(p.numel() for p in vae.decoder.parameters())
+    assert round(encoder / 1e6) == 110 and round(decoder / 1e5) == 99
+
+
+def test_the_encoder_is_causal_and_the_first_frame_alone_gives_its_moments():
+    vae = build_causal_vae(get_causal_vae_config("tiny"), seed=2)
+    video = torch.rand(1, 3, 9, 32, 48) * 2 - 1
+    with torch.no_grad():
+        full = vae.encode_moments(video)
+        first = vae.encode_moments(video[:, :, :1])
+    assert full.shape == (1, 32, 2, 4, 6) and first.shape == (1, 32, 1, 4, 6)
+    torch.testing.assert_close(full[:, :, 0], first[:, :, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_parallel_decoder_makes_49_frames_and_is_causal():
+    cfg = get_causal_vae_config("tiny")
+    vae = build_causal_vae(cfg, seed=2)
+    z = torch.randn(1, 16, 7, 4, 6)
+    changed = z.clone()
+    changed[:, :, 3] += 1.0
+    with torch.no_grad():
+        frames, other = vae.decode_parallel(z), vae.decode_parallel(changed)
+    assert frames.shape == (1, 3, 49, 32, 48)
+    # latent frame k makes output frames 8k - 7 .. 8k (frame 0 keeps only its last)
+    torch.testing.assert_close(frames[:, :, :17], other[:, :, :17], rtol=0, atol=0)
+    assert not torch.allclose(frames[:, :, 17:25], other[:, :, 17:25])
+    assert float(frames.abs().max()) < 10  # the synthetic decoder's range stays O(1)
+
+
+def test_a_released_style_folder_loads_and_a_mismatched_one_is_named(tmp_path):
+    from neodragon_npu.neodragon_models.spec import LoadOptions
+    from neodragon_npu.neodragon_models.specs import get_model
+    from neodragon_npu.neodragon_models.weights import CheckpointError, save_checkpoint
+
+    cfg = get_causal_vae_config("tiny")
+    vae = build_causal_vae(cfg, seed=5)
+    folder = save_checkpoint(vae, tmp_path / "causal_video_vae", causal_vae_config_to_json(cfg))
+    loaded = build_causal_vae(cfg, checkpoint=folder)
+    image = torch.rand(1, 3, 1, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_moments(image), vae.encode_moments(image), rtol=0, atol=0)
+    spec = get_model("vae-encoder")
+    assert spec.preflight(LoadOptions("tiny", folder, 0, {}))["quant_conv.conv.weight"] == (32, 32, 1, 1, 1)
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(raw | {"decoder_num_features": [16, 8, 8, 4]}))
+    for load in (lambda: build_causal_vae(cfg, checkpoint=folder),
+                 lambda: spec.preflight(LoadOptions("tiny", folder, 0, {}))):
+        with pytest.raises(CheckpointError, match=r"decoder\.blocks\.22\.weight"):
+            load()
+
+
+def test_a_tiny_w8a16_first_frame_encoder_build_agrees_with_aimet_in_the_htp_simulator(tmp_path):
+    """2-D only (no Conv3d, no 5-D tensor, no InstanceNormalization), and the HTP simulator
+    within 1 dB of aimet's QDQ simulation on the CPU (the tiny model's W8A16 error itself is
+    about 31 dB with 16 calibration images)."""
+    from neodragon_npu.graphs import onnx_io, qnn
+    from neodragon_npu.graphs.feeds import load_samples
+    from neodragon_npu.graphs.verify import compare, pooled_sqnr
+    from neodragon_npu.tools.engine.build import build
+    from neodragon_npu.tools.engine.options import BuildOptions
+
+    out = tmp_path / "enc"
+    build(BuildOptions(model="vae-encoder", config="tiny", cache=False, min_sqnr_db=25.0), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    graph = onnx_io.load(out / manifest["float_model"]).graph
+    ops = {n.op_type for n in graph}
+    assert "Conv" in ops and not {"InstanceNormalization", "GroupNormalization"} & ops
+    assert all(len(v.shape) <= 4 for n in graph for v in n.outputs if v.shape is not None)
+    session = qnn.cpu_session(out / manifest["qdq_model"])
+    pairs = [(f["moments_fp32"], session.run(None, {"image": f["image"]})[0])
+             for f in load_samples(out / "check_samples.npz")]
+    aimet = pooled_sqnr(pairs)
+    assert abs(manifest["verification"]["sqnr_db"] - aimet) < 1.0 and aimet > 25.0
+    assert np.isfinite(compare(*pairs[0]).sqnr_db)
