@@ -69,6 +69,11 @@ class GraphStats:
         }
 
 
+# Ops that only move data: on an NHWC NPU a Transpose or a Reshape across the channel axis
+# is a relayout of its whole tensor, paid in bytes like any op (facts 4.10, 4.12).
+LAYOUT_OPS = frozenset({"Transpose", "Reshape", "permute", "transpose", "reshape", "view"})
+
+
 def compute_stats(tg: TensorGraph) -> GraphStats:
     """Statistics of a TensorGraph; liveness over the given node order."""
     last_use: dict[str, int] = {}
@@ -82,7 +87,7 @@ def compute_stats(tg: TensorGraph) -> GraphStats:
     live = {t: tg.sizes.get(t, 0) for t in tg.inputs}
     live_bytes = sum(live.values())
     peak, peak_at = live_bytes, "<inputs>"
-    op_output_bytes, unknown = 0, 0
+    op_output_bytes, layout_bytes, unknown = 0, 0, 0
     for i, node in enumerate(tg.nodes):
         for t in node.outputs:
             if not t:
@@ -91,6 +96,8 @@ def compute_stats(tg: TensorGraph) -> GraphStats:
                 unknown += 1
                 continue
             op_output_bytes += tg.sizes[t]
+            if node.op in LAYOUT_OPS:
+                layout_bytes += tg.sizes[t]
             live[t] = tg.sizes[t]
             live_bytes += tg.sizes[t]
         if live_bytes > peak:
@@ -114,6 +121,7 @@ def compute_stats(tg: TensorGraph) -> GraphStats:
         peak_live_bytes=peak,
         peak_live_at=peak_at,
         unknown_shapes=unknown,
+        extra={"layout_bytes": layout_bytes},
     )
 
 
@@ -254,6 +262,10 @@ def format_stats(stats: GraphStats, title: str = "", top_ops: int = 8) -> str:
         f"  largest tensor        {format_bytes(nbytes)} {list(shape)} ({name})",
         f"  peak live activations {format_bytes(stats.peak_live_bytes)} (at {stats.peak_live_at})",
     ]
+    layout = stats.extra.get("layout_bytes")
+    if layout is not None and stats.op_output_bytes:
+        lines.append(f"  Transpose/Reshape     {format_bytes(layout)}, "
+                     f"{100 * layout / stats.op_output_bytes:.1f}% of op-output bytes")
     if stats.unknown_shapes:
         lines.append(f"  unknown shapes        {stats.unknown_shapes} op outputs")
     if "largest_score_tensor" in stats.extra:

@@ -1,8 +1,15 @@
-"""The causal video VAE's first-frame encoder as a spec: one W8A16 graph, the first frame
-(an image) -> the posterior's moments, with every causal Conv3d collapsed to a Conv2d.
+"""The causal video VAE as two specs.
 
-The host samples the posterior and scales it ((z - 0.1490) * 0.5430); the graph stops at
-the moments. Calibration and check inputs are image-like synthetic frames in [-1, 1].
+* ``vae-encoder``: one W8A16 graph, the first frame (an image) -> the posterior's moments,
+  every causal Conv3d collapsed to a Conv2d. The host samples the posterior and scales it
+  ((z - 0.1490) * 0.5430); the graph stops at the moments. Calibration and check inputs
+  are image-like synthetic frames in [-1, 1].
+* ``vae-decoder``: the streaming decoder's two graphs (:mod:`..streaming_decoder`), ``first``
+  (latent frame 0 -> its one kept frame and the MemBlock state) and ``next`` (a latent
+  frame and the state -> 8 frames and the state), W8A16. Samples are latent videos shaped
+  like the denoiser's output (smooth, unit variance once scaled; unscaled by the host as
+  the released decoder expects), decoded frame by frame by the float streaming decoder, so
+  each call is calibrated on the state the previous call really hands on.
 """
 
 from __future__ import annotations
@@ -11,11 +18,14 @@ import torch
 from torch import nn
 
 from neodragon_npu.neodragon_models.causal_vae import (
-    CAUSAL_VAE_CONFIGS, CausalVideoVAE, build_causal_vae, count_parameters, get_causal_vae_config,
+    CAUSAL_VAE_CONFIGS, FIRST_FRAME_SCALE, FIRST_FRAME_SHIFT, VIDEO_SCALE, VIDEO_SHIFT, CausalVideoVAE,
+    build_causal_vae, count_parameters, get_causal_vae_config,
 )
+from neodragon_npu.neodragon_models.streaming_decoder import StreamingDecoder, state_names, state_shapes
 from neodragon_npu.neodragon_models.quicksrnet import synthetic_frames
 from neodragon_npu.neodragon_models.spec import (
-    GraphSpec, LoadOptions, ModelSpec, SamplePlan, Samples, fp32_weight_bytes, load_description, meta_shapes,
+    GraphSpec, LoadOptions, ModelSpec, SamplePlan, Samples, Tracing, fp32_weight_bytes, load_description,
+    meta_shapes,
 )
 from neodragon_npu.neodragon_models.weights import check_shapes, checkpoint_shapes
 from neodragon_npu.passes import pipelines
@@ -103,5 +113,112 @@ VAE_ENCODER_SPEC = ModelSpec(
     min_sqnr_db=40.0,
     checkpoint_help="the released causal_video_vae folder (config.json + safetensors)",
     reference_note="fp32 PyTorch causal 3-D encoder run on one frame",
+    weight_shapes=_weight_shapes,
+)
+
+
+# --- the streaming decoder ---------------------------------------------------------------
+
+DECODER_CALIBRATION_VIDEOS, DECODER_CHECK_VIDEOS = 3, 1
+
+
+def synthetic_latents(videos: int, config, seed: int) -> torch.Tensor:
+    """[videos, C, T, h, w] latents as the decoder receives them: smooth unit-variance fields
+    (the denoiser's output statistics), then the host's unscaling (frame 0 with the
+    first-frame constants, the others with the video constants)."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = config.latent_size
+    c, t = config.encoder_out_channels, config.latent_frames
+    coarse = torch.randn(videos * t, c, max(1, h // 4), max(1, w // 4), generator=gen)
+    smooth = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    fields = smooth / smooth.std() * 0.8 + 0.6 * torch.randn(videos * t, c, h, w, generator=gen)
+    z = fields.reshape(videos, t, c, h, w).transpose(1, 2)
+    z[:, :, 0] = z[:, :, 0] / FIRST_FRAME_SCALE + FIRST_FRAME_SHIFT
+    z[:, :, 1:] = z[:, :, 1:] / VIDEO_SCALE + VIDEO_SHIFT
+    return z
+
+
+def _decoder_outputs(vae: CausalVideoVAE) -> tuple[str, ...]:
+    return ("frames", *[f"{n}_out" for n in state_names(vae)])
+
+
+def _decoder_graph(variant: str, config: str) -> GraphSpec:
+    def example(vae):
+        h, w = vae.config.latent_size
+        inputs = {"latent": torch.zeros(1, vae.config.encoder_out_channels, h, w)}
+        if variant == "next":
+            inputs |= {n: torch.zeros(s) for n, s in zip(state_names(vae), state_shapes(vae))}
+        return inputs
+
+    cfg = get_causal_vae_config(config)
+    with torch.device("meta"):
+        names = state_names(CausalVideoVAE(cfg))
+    return GraphSpec(
+        name=variant, module=lambda vae: StreamingDecoder(vae, variant), example_inputs=example,
+        input_names=("latent", *(names if variant == "next" else ())),
+        output_names=("frames", *[f"{n}_out" for n in names]),
+        fx_passes=lambda model, target, pipeline: pipelines.cleanup_fx(),
+        onnx_passes=lambda pipeline: pipelines.cleanup_onnx(),
+        tracing=Tracing(method="export"),
+    )
+
+
+def _decoder_graphs(config: str) -> list[GraphSpec]:
+    return [_decoder_graph("first", config), _decoder_graph("next", config)]
+
+
+def _decoder_samples(vae: CausalVideoVAE, graphs, plan: SamplePlan) -> Samples:
+    """Per graph: each latent frame's feed with the state the float streaming decoder hands
+    on; check feeds hold every output's fp32 reference."""
+    names = state_names(vae)
+    outputs = _decoder_outputs(vae)
+
+    def feeds(videos: int, seed: int, references: bool) -> dict[str, list[dict]]:
+        out = {"first": [], "next": []}
+        first, step = StreamingDecoder(vae, "first"), StreamingDecoder(vae, "next")
+        for z in synthetic_latents(videos, vae.config, seed):
+            z = z[None]
+            with torch.no_grad():
+                result = first(z[:, :, 0])
+            feed = {"latent": z[:, :, 0].numpy()}
+            if references:
+                feed |= {f"{o}_fp32": r.numpy() for o, r in zip(outputs, result)}
+            out["first"].append(feed)
+            state = result[1:]
+            for t in range(1, z.shape[2]):
+                feed = {"latent": z[:, :, t].numpy()} | {n: s.numpy() for n, s in zip(names, state)}
+                with torch.no_grad():
+                    result = step(z[:, :, t], *state)
+                if references:
+                    feed |= {f"{o}_fp32": r.numpy() for o, r in zip(outputs, result)}
+                out["next"].append(feed)
+                state = result[1:]
+        return out
+
+    calib = feeds(plan.calibration or DECODER_CALIBRATION_VIDEOS, 1000, False)
+    check = feeds(plan.check or DECODER_CHECK_VIDEOS, plan.first_check_seed, True)
+    labels = {"first": [f"video {i} frame 0" for i in range(len(check["first"]))],
+              "next": [f"video {i // (vae.config.latent_frames - 1)} frame {1 + i % (vae.config.latent_frames - 1)}"
+                       for i in range(len(check["next"]))]}
+    wanted = {g.name for g in graphs}
+    return Samples(calibration={k: v for k, v in calib.items() if k in wanted},
+                   check={k: v for k, v in check.items() if k in wanted},
+                   check_labels={k: v for k, v in labels.items() if k in wanted})
+
+
+VAE_DECODER_SPEC = ModelSpec(
+    name="vae-decoder",
+    summary="causal video VAE's streaming decoder, one latent frame per call, state as graph I/O: W8A16",
+    configs=lambda: tuple(CAUSAL_VAE_CONFIGS), default_config="tiny",
+    load=lambda o: build_causal_vae(get_causal_vae_config(o.config), checkpoint=o.checkpoint, seed=o.seed),
+    graphs=_decoder_graphs, samples=_decoder_samples,
+    precision=lambda options: pipelines.W8A16(),
+    describe=lambda model, o: load_description(o, params=count_parameters(model.config),
+                                               samples="synthetic latent videos, decoded frame by frame in fp32"),
+    weight_bytes=lambda model: fp32_weight_bytes(model.decoder) + fp32_weight_bytes(model.post_quant_conv),
+    min_sqnr_db=35.0,
+    default_graph="next",
+    checkpoint_help="the released causal_video_vae folder (config.json + safetensors)",
+    reference_note="fp32 PyTorch streaming decoder (equal to the parallel decoder)",
     weight_shapes=_weight_shapes,
 )
