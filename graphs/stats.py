@@ -239,7 +239,48 @@ def onnx_stats(model: ir.Model, *, activation_bytes: int | None = None) -> Graph
 
 
 def fx_stats(gm: fx.GraphModule, *, activation_bytes: int | None = None) -> GraphStats:
-    return compute_stats(fx_tensor_graph(gm, activation_bytes=activation_bytes))
+    stats = compute_stats(fx_tensor_graph(gm, activation_bytes=activation_bytes))
+    stats.extra["macs"] = fx_macs(gm)
+    return stats
+
+
+def _shape_of(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def fx_macs(gm: fx.GraphModule) -> int:
+    """Multiply-accumulates of one call: convolutions (every output value times its input
+    window), linear layers and matrix products (attention included). Elementwise ops,
+    norms and pooling are not counted. Needs shapes (``graphs.fx.propagate_shapes``)."""
+    import torch.nn.functional as F
+
+    total = 0
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        out = _shape_of(node)
+        if out is None:
+            continue
+        numel = math.prod(out)
+        if node.op == "call_module":
+            m = modules[node.target]
+            if isinstance(m, torch.nn.modules.conv._ConvNd):
+                total += numel * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+            elif isinstance(m, torch.nn.Linear):
+                total += numel * m.in_features
+        elif node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear):
+            weight = _shape_of(node.args[1])
+            if weight is not None:
+                total += numel * math.prod(weight[1:])
+        elif fx_utils.target_name(node) in ("matmul", "bmm", "mm"):
+            left = _shape_of(node.args[0])
+            if left is not None:
+                total += numel * left[-1]
+        elif node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            q, k = _shape_of(node.args[0]), _shape_of(node.args[1])
+            if q is not None and k is not None:
+                total += 2 * math.prod(q[:-1]) * k[-2] * q[-1]  # QK^T and the weights times V
+    return total
 
 
 def format_bytes(n: float) -> str:
@@ -262,6 +303,8 @@ def format_stats(stats: GraphStats, title: str = "", top_ops: int = 8) -> str:
         f"  largest tensor        {format_bytes(nbytes)} {list(shape)} ({name})",
         f"  peak live activations {format_bytes(stats.peak_live_bytes)} (at {stats.peak_live_at})",
     ]
+    if stats.extra.get("macs"):
+        lines.append(f"  MACs/call             {stats.extra['macs'] / 1e9:.3f} G")
     layout = stats.extra.get("layout_bytes")
     if layout is not None and stats.op_output_bytes:
         lines.append(f"  Transpose/Reshape     {format_bytes(layout)}, "

@@ -19,6 +19,10 @@ def _stats_pair(before: GraphStats, after: GraphStats, label: str) -> list[str]:
         row("largest tensor", before.largest_tensor[1], after.largest_tensor[1], format_bytes),
         row("peak live activations", before.peak_live_bytes, after.peak_live_bytes, format_bytes),
         row("weights", before.weight_bytes, after.weight_bytes, format_bytes),
+        *([row("MACs/call", before.extra["macs"], after.extra["macs"], lambda m: f"{m / 1e9:.3f} G")]
+          if before.extra.get("macs") else []),
+        *([row("Transpose/Reshape bytes", before.extra["layout_bytes"], after.extra["layout_bytes"], format_bytes)]
+          if "layout_bytes" in before.extra else []),
     ]
 
 
