@@ -227,6 +227,20 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify_stream(args: argparse.Namespace) -> int:
+    from neodragon_npu.tools.engine.stream_check import check_stream, format_stream
+
+    _check_writable(args.json, "--json")
+    result = check_stream(args.first, args.next, videos=args.videos, first_seed=args.first_seed,
+                          runtime=args.runtime)
+    print(format_stream(result), end="")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(result.as_json(), indent=1) + "\n")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from neodragon_npu.tools.engine.stage_report import format_stage_report, report_json, stage_report
 
@@ -509,6 +523,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure each partition alone and the chain up to it, against the float chain")
     v.add_argument("--json", help="also write the figures to this JSON file")
     v.set_defaults(func=_cmd_verify)
+
+    vs = command("verify-stream", "neodragon-npu verify-stream build/dec-first build/dec-next --videos 2",
+                 help="decode videos through a streaming decoder's compiled graphs, state handed on")
+    vs.add_argument("first", help="a vae-decoder build of the first graph (--graph first)")
+    vs.add_argument("next", help="a vae-decoder build of the next graph (--graph next), same model and target")
+    vs.add_argument("--videos", type=_at_least(1), default=1, help="synthetic latent videos (seeds 3000+)")
+    vs.add_argument("--first-seed", type=_at_least(0), default=3000, help="the first video's seed")
+    vs.add_argument("--runtime", choices=("htp", "cpu-qdq"), default="htp",
+                    help="the HTP simulator (context binaries) or aimet's QDQ graphs on the CPU")
+    vs.add_argument("--json", help="also write the figures to this JSON file")
+    vs.set_defaults(func=_cmd_verify_stream)
 
     r = command("report", "neodragon-npu report denoiser --config tiny --stages 0 2",
                 help="stage graphs before and after the stage-graph passes")
