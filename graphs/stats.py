@@ -268,11 +268,13 @@ def fx_macs(gm: fx.GraphModule) -> int:
                 total += numel * (m.in_channels // m.groups) * math.prod(m.kernel_size)
             elif isinstance(m, torch.nn.Linear):
                 total += numel * m.in_features
-        elif node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear):
+        elif node.op == "call_function" and (node.target in (F.conv1d, F.conv2d, F.conv3d, F.linear)
+                                             or str(node.target).split(".")[1:2] in (["convolution"], ["conv2d"],
+                                                                                      ["linear"])):
             weight = _shape_of(node.args[1])
             if weight is not None:
                 total += numel * math.prod(weight[1:])
-        elif fx_utils.target_name(node) in ("matmul", "bmm", "mm"):
+        elif fx_utils.target_name(node).split(".")[0] in ("matmul", "bmm", "mm"):
             left = _shape_of(node.args[0])
             if left is not None:
                 total += numel * left[-1]
