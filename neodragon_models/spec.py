@@ -163,6 +163,8 @@ class ModelSpec:
     # everything the load depends on, so a bad checkpoint or model option is refused, and
     # the partition budget and disk space are checked, before any work.
     weight_shapes: Callable[[LoadOptions], Mapping[str, tuple[int, ...]]] | None = None
+    # the ONNX exporter a build uses unless --exporter says otherwise
+    exporter: str = "legacy"
 
     def preflight(self, load: LoadOptions) -> dict[str, tuple[int, ...]]:
         """:attr:`weight_shapes` (empty if the spec has none)."""

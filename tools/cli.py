@@ -366,7 +366,8 @@ def _add_build(command) -> None:
     b.add_argument("--check-samples", type=_at_least(1), help="held-out check samples per graph (default: the model's)")
     b.add_argument("--until", default="verify", choices=("export", "quantize", "compile", "verify"),
                    help="stop after this step (default verify)")
-    b.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"), help="ONNX exporter (default legacy)")
+    b.add_argument("--exporter", choices=("legacy", "dynamo"),
+                   help="ONNX exporter (default: the model's; dynamo for vae-encoder, legacy for the others)")
     b.add_argument("--pipeline", default="optimized", help="named pass pipeline: optimized (default), or the "
                    "denoiser's baseline (static shapes only)")
     b.add_argument("--skip-pass", action="append", help="leave a pass out (ablation); repeatable")

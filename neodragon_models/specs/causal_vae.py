@@ -52,13 +52,17 @@ def images(count: int, config, seed: int) -> torch.Tensor:
 
 
 def _fx(model, target, pipeline):
+    # GroupNorm stays one op, exported (by the dynamo exporter) as GroupNormalization, which
+    # the QNN EP takes quantized; "decomposed-norms" writes it as per-channel means and 1x1
+    # group averages instead, for a runtime without it (more op-output bytes). The legacy
+    # exporter's Reshape -> InstanceNormalization -> Reshape is wrong in the W8A16 HTP graph
+    # (docs/causal-vae.md).
+    norms = [DecomposeGroupNormPass()] if pipeline == "decomposed-norms" else []
     return [
         *pipelines.cleanup_fx(),
         # one frame: every causal Conv3d is a Conv2d with its last tap, no 5-D tensor (facts 4.11)
         CollapseSingletonTimePass(),
-        # GroupNorm as per-channel means and 1x1 group averages: the exported
-        # Reshape -> InstanceNormalization -> Reshape is wrong in the W8A16 HTP graph
-        DecomposeGroupNormPass(),
+        *norms,
         # the mid block's attention over every latent position, in tiles that fit on chip
         SplitAttentionPass(tile_budget_bytes=target.score_tile_bytes),
     ]
@@ -114,6 +118,8 @@ VAE_ENCODER_SPEC = ModelSpec(
     checkpoint_help="the released causal_video_vae folder (config.json + safetensors)",
     reference_note="fp32 PyTorch causal 3-D encoder run on one frame",
     weight_shapes=_weight_shapes,
+    pipelines=("optimized", "decomposed-norms"),
+    exporter="dynamo",
 )
 
 

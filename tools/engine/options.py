@@ -58,7 +58,7 @@ class BuildOptions:
     seed: int = 0
     calibration_samples: int | None = None  # per graph
     check_samples: int | None = None  # per graph
-    exporter: str = "legacy"
+    exporter: str | None = None  # None: the model's (ModelSpec.exporter)
     until: str = "verify"
     fx_pipeline: str = "optimized"
     skip_passes: tuple[str, ...] = ()
@@ -179,7 +179,7 @@ def plan_build(opts: BuildOptions) -> BuildPlan:
         raise ValueError(f"--target {','.join(opts.targets)} names a target twice")
     if opts.until not in UNTIL:
         raise ValueError(f"unknown --until step {opts.until!r}; expected one of {', '.join(UNTIL)}")
-    if opts.exporter not in EXPORTERS:
+    if opts.exporter is not None and opts.exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {opts.exporter!r}; expected one of {', '.join(EXPORTERS)}")
     if opts.fx_pipeline not in spec.pipelines:
         raise ValueError(f"unknown pipeline {opts.fx_pipeline!r} for {spec.name}; known: {', '.join(spec.pipelines)}")
@@ -208,7 +208,7 @@ def plan_build(opts: BuildOptions) -> BuildPlan:
         if option.check is not None:
             option.check(value)
     model_options = {o.name: opts.model_options.get(o.name, o.default) for o in spec.options}
-    opts = opts.replace(config=config, model_options=model_options)
+    opts = opts.replace(config=config, model_options=model_options, exporter=opts.exporter or spec.exporter)
     graphs = _select_graphs(spec, config, opts)
     precision = _precision(spec, opts)
     if opts.family and precision.name != "w8a16":
