@@ -343,19 +343,12 @@ ARCHITECTURE_KEYS = ("encoder_block_out_channels", "encoder_layers_per_block", "
 
 
 def causal_vae_config_from_json(raw: dict, source: str, base: CausalVAEConfig) -> CausalVAEConfig:
-    """The released ``causal_video_vae/config.json``; lists become tuples; the frame size
-    stays ``base``'s."""
-    from neodragon_npu.neodragon_models.weights import CheckpointError, config_from_json
+    """The released ``causal_video_vae/config.json``; the frame size stays ``base``'s."""
+    from neodragon_npu.neodragon_models.weights import config_from_json
 
-    if isinstance(raw, dict):
-        raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-        raw |= {"height": base.height, "width": base.width, "latent_frames": base.latent_frames}
-    try:
-        return config_from_json(CausalVAEConfig, raw, source, ARCHITECTURE_KEYS)
-    except ValueError as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"{source}: {exc}") from None
+    if isinstance(raw, dict):  # the deployed size, not a config.json key, checked with the rest
+        raw = raw | {"height": base.height, "width": base.width, "latent_frames": base.latent_frames}
+    return config_from_json(CausalVAEConfig, raw, source, ARCHITECTURE_KEYS)
 
 
 def causal_vae_config_to_json(config: CausalVAEConfig) -> dict:

@@ -222,14 +222,9 @@ IGNORED_KEYS = ("text_model.embeddings.position_ids",)
 
 def clip_config_from_json(raw: dict, source: str) -> CLIPTextConfig:
     """A released ``text_encoder(_2)/config.json`` (transformers' CLIPTextConfig)."""
-    from neodragon_npu.neodragon_models.weights import CheckpointError, config_from_json
+    from neodragon_npu.neodragon_models.weights import config_from_json
 
-    try:
-        return config_from_json(CLIPTextConfig, raw, source, ARCHITECTURE_KEYS)
-    except ValueError as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"{source}: {exc}") from None
+    return config_from_json(CLIPTextConfig, raw, source, ARCHITECTURE_KEYS)
 
 
 def clip_config_to_json(config: CLIPTextConfig) -> dict:

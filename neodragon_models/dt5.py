@@ -297,12 +297,7 @@ def dt5_config_from_json(raw: dict, source: str) -> DT5Config:
         raw["project_out_dim"] = raw.pop("out_dim")
     if isinstance(raw, dict) and raw.get("project_in_dim", raw.get("d_model")) != raw.get("d_model"):
         raise CheckpointError(f"{source}: project_in_dim {raw['project_in_dim']} != d_model {raw['d_model']}")
-    try:
-        return config_from_json(DT5Config, raw, source, ARCHITECTURE_KEYS)
-    except ValueError as exc:  # an unknown feed_forward_proj
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"{source}: {exc}") from None
+    return config_from_json(DT5Config, raw, source, ARCHITECTURE_KEYS)
 
 
 def dt5_config_to_json(config: DT5Config) -> dict:

@@ -163,7 +163,10 @@ def config_from_json(cls, raw: Any, source: str, required: Iterable[str]):
         if not ok:
             raise CheckpointError(f"{source}/{CONFIG_NAME}: {key} = {value!r} should be a {kind.__name__}")
         values[key] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # the dataclass's own checks (an unknown activation, a bad shape)
+        raise CheckpointError(f"{source}/{CONFIG_NAME}: {exc}") from None
 
 
 def save_checkpoint(model: nn.Module, folder: str | Path, config: dict[str, Any]) -> Path:

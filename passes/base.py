@@ -298,3 +298,14 @@ class PassManager(Pass):
 @dataclass
 class PassManagerResult(PassResult):
     records: list[PassRecord] = field(default_factory=list)
+
+
+def calibration_feeds(calibration, pass_name: str) -> list[dict]:
+    """A pass's ``calibration`` option as feeds: an .npz sample file or a sequence of feeds
+    (copied into dicts); none at all is refused, naming the pass."""
+    from neodragon_npu.graphs.feeds import load_samples
+
+    feeds = load_samples(calibration) if isinstance(calibration, (str, Path)) else [dict(f) for f in calibration]
+    if not feeds:
+        raise PreconditionError(f"{pass_name}: no calibration samples")
+    return feeds

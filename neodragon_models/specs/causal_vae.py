@@ -104,22 +104,30 @@ def _weight_shapes(opts: LoadOptions) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _describe(samples: str):
+    return lambda model, o: load_description(o, params=count_parameters(model.config), samples=samples)
+
+
+# Both specs load the one released folder (encoder and decoder together).
+_VAE = dict(
+    configs=lambda: tuple(CAUSAL_VAE_CONFIGS), default_config="tiny",
+    load=lambda o: build_causal_vae(get_causal_vae_config(o.config), checkpoint=o.checkpoint, seed=o.seed),
+    precision=lambda options: pipelines.W8A16(),
+    checkpoint_help="the released causal_video_vae folder (config.json + safetensors)",
+    weight_shapes=_weight_shapes,
+)
+
 VAE_ENCODER_SPEC = ModelSpec(
     name="vae-encoder",
     summary="causal video VAE encoder on the first frame (T=1, collapsed to 2-D): one W8A16 graph",
-    configs=lambda: tuple(CAUSAL_VAE_CONFIGS), default_config="tiny",
-    load=lambda o: build_causal_vae(get_causal_vae_config(o.config), checkpoint=o.checkpoint, seed=o.seed),
     graphs=_graphs, samples=_samples,
-    precision=lambda options: pipelines.W8A16(),
-    describe=lambda model, o: load_description(o, params=count_parameters(model.config),
-                                               samples="image-like synthetic frames in [-1, 1]"),
+    describe=_describe("image-like synthetic frames in [-1, 1]"),
     weight_bytes=lambda model: fp32_weight_bytes(model.encoder) + fp32_weight_bytes(model.quant_conv),
     min_sqnr_db=40.0,
-    checkpoint_help="the released causal_video_vae folder (config.json + safetensors)",
     reference_note="fp32 PyTorch causal 3-D encoder run on one frame",
-    weight_shapes=_weight_shapes,
     pipelines=("optimized", "decomposed-norms"),
     exporter="dynamo",
+    **_VAE,
 )
 
 
@@ -148,21 +156,20 @@ def _decoder_outputs(vae: CausalVideoVAE) -> tuple[str, ...]:
     return ("frames", *[f"{n}_out" for n in state_names(vae)])
 
 
-def _decoder_graph(variant: str, config: str) -> GraphSpec:
-    def example(vae):
-        h, w = vae.config.latent_size
-        inputs = {"latent": torch.zeros(1, vae.config.encoder_out_channels, h, w)}
+def _decoder_graph(variant: str, vae: CausalVideoVAE) -> GraphSpec:
+    """``vae`` (on the meta device) gives the state's names; the example inputs come from
+    the loaded model."""
+    def example(model):
+        h, w = model.config.latent_size
+        inputs = {"latent": torch.zeros(1, model.config.encoder_out_channels, h, w)}
         if variant == "next":
-            inputs |= {n: torch.zeros(s) for n, s in zip(state_names(vae), state_shapes(vae))}
+            inputs |= {n: torch.zeros(s) for n, s in zip(state_names(model), state_shapes(model))}
         return inputs
 
-    cfg = get_causal_vae_config(config)
-    with torch.device("meta"):
-        names = state_names(CausalVideoVAE(cfg))
     return GraphSpec(
-        name=variant, module=lambda vae: StreamingDecoder(vae, variant), example_inputs=example,
-        input_names=("latent", *(names if variant == "next" else ())),
-        output_names=("frames", *[f"{n}_out" for n in names]),
+        name=variant, module=lambda model: StreamingDecoder(model, variant), example_inputs=example,
+        input_names=("latent", *(state_names(vae) if variant == "next" else ())),
+        output_names=_decoder_outputs(vae),
         fx_passes=lambda model, target, pipeline: pipelines.cleanup_fx(),
         onnx_passes=lambda pipeline: pipelines.cleanup_onnx(),
         tracing=Tracing(method="export"),
@@ -170,7 +177,9 @@ def _decoder_graph(variant: str, config: str) -> GraphSpec:
 
 
 def _decoder_graphs(config: str) -> list[GraphSpec]:
-    return [_decoder_graph("first", config), _decoder_graph("next", config)]
+    with torch.device("meta"):
+        vae = CausalVideoVAE(get_causal_vae_config(config))
+    return [_decoder_graph("first", vae), _decoder_graph("next", vae)]
 
 
 def _decoder_samples(vae: CausalVideoVAE, graphs, plan: SamplePlan) -> Samples:
@@ -215,16 +224,11 @@ def _decoder_samples(vae: CausalVideoVAE, graphs, plan: SamplePlan) -> Samples:
 VAE_DECODER_SPEC = ModelSpec(
     name="vae-decoder",
     summary="causal video VAE's streaming decoder, one latent frame per call, state as graph I/O: W8A16",
-    configs=lambda: tuple(CAUSAL_VAE_CONFIGS), default_config="tiny",
-    load=lambda o: build_causal_vae(get_causal_vae_config(o.config), checkpoint=o.checkpoint, seed=o.seed),
     graphs=_decoder_graphs, samples=_decoder_samples,
-    precision=lambda options: pipelines.W8A16(),
-    describe=lambda model, o: load_description(o, params=count_parameters(model.config),
-                                               samples="synthetic latent videos, decoded frame by frame in fp32"),
+    describe=_describe("synthetic latent videos, decoded frame by frame in fp32"),
     weight_bytes=lambda model: fp32_weight_bytes(model.decoder) + fp32_weight_bytes(model.post_quant_conv),
     min_sqnr_db=35.0,
     default_graph="next",
-    checkpoint_help="the released causal_video_vae folder (config.json + safetensors)",
     reference_note="fp32 PyTorch streaming decoder (equal to the parallel decoder)",
-    weight_shapes=_weight_shapes,
+    **_VAE,
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -116,7 +118,7 @@ class DecomposeGroupNormPass(Pass):
             if arg is None:
                 return None
             if isinstance(arg, fx.Node) and arg.op == "get_attr":
-                return fx_utils_attr(gm, arg.target)
+                return operator.attrgetter(arg.target)(gm)
             raise ValueError
 
         try:
@@ -124,9 +126,3 @@ class DecomposeGroupNormPass(Pass):
         except (ValueError, TypeError):
             return None
 
-
-def fx_utils_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

@@ -9,10 +9,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from neodragon_npu.graphs.feeds import load_samples
 from neodragon_npu.graphs.onnx_edit import is_quantized
 from neodragon_npu.graphs.quant import aimet
-from neodragon_npu.passes.base import Option, Pass, PassResult, PreconditionError
+from neodragon_npu.passes.base import Option, Pass, PassResult, PreconditionError, calibration_feeds
 
 
 class QuantizeW8A16Pass(Pass):
@@ -101,16 +100,12 @@ class QuantizeW8A16Pass(Pass):
         self.quantized_weight_feeds = tuple(quantized_weight_feeds)
 
     def _samples(self) -> list[dict[str, np.ndarray]]:
-        if isinstance(self.calibration, (str, Path)):
-            return load_samples(self.calibration)
-        return [dict(s) for s in self.calibration]
+        return calibration_feeds(self.calibration, self.NAME)
 
     def requires(self, model: ir.Model) -> None:
         if is_quantized(model):
             return
         samples = self._samples()
-        if not samples:
-            raise PreconditionError("quantize_w8a16: no calibration samples")
         names = {v.name for v in model.graph.inputs if v.name not in model.graph.initializers}
         missing = names - set(samples[0])
         if missing:

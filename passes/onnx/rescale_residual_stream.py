@@ -13,9 +13,8 @@ import numpy as np
 import onnx_ir as ir
 
 from neodragon_npu.graphs import onnx_io
-from neodragon_npu.graphs.feeds import load_samples
 from neodragon_npu.graphs.onnx_edit import const_array, is_quantized
-from neodragon_npu.passes.base import Option, Pass, PassResult, PreconditionError
+from neodragon_npu.passes.base import Option, Pass, PassResult, PreconditionError, calibration_feeds
 
 FP16_MAX = 65504.0
 # Norms whose output does not change when their input and epsilon are scaled together:
@@ -202,9 +201,7 @@ class RescaleResidualStreamPass(Pass):
         self.scales = []
         if not streams:
             return PassResult(model, False)
-        feeds = load_samples(self.calibration) if isinstance(self.calibration, (str, Path)) else list(self.calibration)
-        if not feeds:
-            raise PreconditionError("rescale_residual_stream: no calibration samples")
+        feeds = calibration_feeds(self.calibration, self.NAME)
         modified = False
         for stream, peak in zip(streams, stream_statistics(model, streams, feeds)):
             scale = scale_for(peak, self.headroom)

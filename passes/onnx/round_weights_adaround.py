@@ -11,11 +11,10 @@ import onnx_ir as ir
 import torch
 from onnx import numpy_helper
 
-from neodragon_npu.graphs.feeds import load_samples
 from neodragon_npu.graphs.onnx_edit import at_spatial_size, const_array, is_quantized, matches_any
 from neodragon_npu.graphs.quant import aimet
 from neodragon_npu.graphs.quant.gptq import keep_scales, on_grid, snap_to_grid
-from neodragon_npu.passes.base import Option, Pass, PassResult, PreconditionError
+from neodragon_npu.passes.base import Option, Pass, PassResult, PreconditionError, calibration_feeds
 
 _ROUNDED_OPS = ("Conv", "MatMul", "Gemm")
 
@@ -138,10 +137,7 @@ class RoundWeightsAdaRoundPass(Pass):
         sites = self._sites(model)
         if not sites:
             return PassResult(model, False)
-        feeds = load_samples(self.calibration) if isinstance(self.calibration, (str, Path)) else \
-            [dict(f) for f in self.calibration]
-        if not feeds:
-            raise PreconditionError("round_weights_adaround: no calibration samples")
+        feeds = calibration_feeds(self.calibration, self.NAME)
         ir.external_data.load_to_model(model)
         proto = ir.serde.serialize_model(model)
         if self.crop is not None:

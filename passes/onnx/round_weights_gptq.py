@@ -12,8 +12,7 @@ import onnx_ir as ir
 from neodragon_npu.graphs import onnx_io
 from neodragon_npu.graphs.onnx_edit import is_quantized
 from neodragon_npu.graphs.quant.gptq import DEFAULT_ROWS_PER_FEED, HessianSet, round_model_weights
-from neodragon_npu.graphs.feeds import load_samples
-from neodragon_npu.passes.base import Option, Pass, PassResult, PreconditionError
+from neodragon_npu.passes.base import Option, Pass, PassResult, PreconditionError, calibration_feeds
 
 
 class RoundWeightsGPTQPass(Pass):
@@ -65,9 +64,7 @@ class RoundWeightsGPTQPass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         hessians = self.hessians
         if hessians is None:
-            feeds = load_samples(self.calibration) if isinstance(self.calibration, (str, Path)) else list(self.calibration)
-            if not feeds:
-                raise PreconditionError("round_weights_gptq: no calibration samples")
+            feeds = calibration_feeds(self.calibration, self.NAME)
             hessians = HessianSet(rows_per_feed=self.rows_per_feed)
             ir.external_data.load_to_model(model)  # weights in memory before the copy is saved
             with tempfile.TemporaryDirectory() as tmp:

@@ -329,11 +329,16 @@ class _Single:
         passes = build_steps.without_skipped(pipelines.fp16(self.plan.precision, calibration=calib), self.plan)
         split = next((i for i, p in enumerate(passes) if p.pass_name() == "convert_to_fp16"), len(passes))
         model = onnx_io.load(float_path)
-        notes = [f"{r.name}: {n}" for r in PassManager(passes[:split])(model).records for n in r.notes]
+        records = PassManager(passes[:split])(model).records
+        notes = [f"{r.name}: {n}" for r in records for n in r.notes]
         # the range the FP16 graph must hold: the graph just before the conversion, at fp32
-        staged = onnx_io.save(model, self.work / f".{self.name}_fp16_input.onnx")
-        peak, where = _largest_activation(staged, calib)
-        onnx_io.remove(staged)
+        # (saved again only if a pass changed it)
+        if any(r.modified for r in records):
+            staged = onnx_io.save(model, self.work / f".{self.name}_fp16_input.onnx")
+            peak, where = _largest_activation(staged, calib)
+            onnx_io.remove(staged)
+        else:
+            peak, where = _largest_activation(float_path, calib)
         PassManager(passes[split:])(model)
         onnx_io.save(model, deployed_path)
         return onnx_io.model_files(deployed_path), ((peak, where), onnx_stats(model), notes)

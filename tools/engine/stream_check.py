@@ -69,7 +69,7 @@ def check_stream(first_build: str | Path, next_build: str | Path, *, videos: int
     from neodragon_npu.neodragon_models.specs import get_model
     from neodragon_npu.neodragon_models.specs.causal_vae import synthetic_latents
     from neodragon_npu.neodragon_models.streaming_decoder import state_names
-    from neodragon_npu.tools.engine.verify_build import _load_options
+    from neodragon_npu.tools.engine.verify_build import load_options
 
     start = time.perf_counter()
     first_manifest, next_manifest = _read(first_build, "first"), _read(next_build, "next")
@@ -78,7 +78,7 @@ def check_stream(first_build: str | Path, next_build: str | Path, *, videos: int
                                f"{first_manifest['model']} for {first_manifest['target']['name']} against "
                                f"{next_manifest['model']} for {next_manifest['target']['name']}")
     spec = get_model("vae-decoder")
-    vae = spec.load(_load_options(spec, first_manifest))
+    vae = spec.load(load_options(spec, first_manifest))
     names = state_names(vae)
     first = _session(first_build, first_manifest, runtime)
     step = _session(next_build, next_manifest, runtime)

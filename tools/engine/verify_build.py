@@ -73,7 +73,7 @@ class VerifyResult:
         }
 
 
-def _load_options(spec, manifest: dict) -> LoadOptions:
+def load_options(spec, manifest: dict) -> LoadOptions:
     """How the build loaded its model, from its manifest."""
     model = manifest["model"]
     options = {o.name: o.default for o in spec.options}
@@ -153,7 +153,7 @@ def verify_build(
     build, manifest = read_build(build)
     start = time.perf_counter()
     spec = get_model(manifest["pipeline"])
-    load = _load_options(spec, manifest)
+    load = load_options(spec, manifest)
     parts = sorted(manifest["partitions"], key=lambda p: p["index"])
     keys = list(parts[0]["graphs"])
     graphs = [g for g in spec.graphs(load.config) if g.manifest_key in keys]
