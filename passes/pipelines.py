@@ -177,6 +177,9 @@ class W8A16:
     weights kept at 16 bit; ``rounding``: how int8 weights are rounded."""
 
     high_precision: tuple[str, ...] = ()
+    # keep at 16 bit the fewest further weights that bring the int8 rest's predicted SQNR to
+    # this (graphs.quant.sensitivity); None: only ``high_precision``
+    auto_16bit_db: float | None = None
     kv_bits: int = 16
     rounding: str = "gptq"
     adaround_iterations: int = 10000
@@ -189,12 +192,16 @@ class W8A16:
             raise ValueError(f"unknown weight rounding {self.rounding!r}; known: {', '.join(WEIGHT_ROUNDINGS)}")
         if self.kv_bits not in (8, 16):
             raise ValueError(f"K/V bits must be 8 or 16, got {self.kv_bits}")
+        if self.auto_16bit_db is not None and not 0 < self.auto_16bit_db < 96:
+            raise ValueError(f"the int8 weights' SQNR target must lie between 0 and 96 dB, got {self.auto_16bit_db}")
         if self.adaround_iterations < 1:
             raise ValueError(f"AdaRound iterations must be at least 1, got {self.adaround_iterations}")
 
     def describe(self) -> dict:
         out = {"weights": "int8 per-channel symmetric", "activations": "uint16", "kv_bits": self.kv_bits,
                "high_precision": list(self.high_precision), "weight_rounding": self.rounding}
+        if self.auto_16bit_db is not None:
+            out["auto_16bit_db"] = self.auto_16bit_db
         if self.rounding == "adaround":
             out["adaround_iterations"] = self.adaround_iterations
             if self.adaround_crop:

@@ -91,6 +91,7 @@ def build_options(args: argparse.Namespace) -> "BuildOptions":
         precision=args.precision,
         kv_bits=args.kv_bits,
         weight_rounding=args.weight_rounding,
+        auto_16bit_db=args.auto_16bit_db,
         high_precision=high_precision,
         extra_high_precision=extra,
         adaround_iterations=args.adaround_iterations,
@@ -380,6 +381,9 @@ def _add_build(command) -> None:
     q.add_argument("--high-precision", action="append", metavar="PATTERN",
                    help="node or weight name pattern whose weights stay 16-bit, added to the model's "
                    "(passes/pipelines.py); 'none' keeps no weight at 16 bit")
+    q.add_argument("--auto-16bit", dest="auto_16bit_db", type=float, metavar="DB",
+                   help="also keep at 16 bit the fewest weights, chosen by their measured int8 noise, that "
+                   "bring the int8 rest's predicted SQNR to DB (default: the model's; 0 turns it off)")
     f = b.add_argument_group("family builds (--all-graphs / --all-stages)")
     f.add_argument("--partition-budget", help="fp32 weight bytes per partition (default 768M)")
     f.add_argument("--gptq-samples", type=_at_least(1), help="calibration calls per graph feeding GPTQ (default 2)")

@@ -42,6 +42,7 @@ W8A16_ONLY = {
     "high_precision": "--high-precision",
     "extra_high_precision": "--high-precision",
     "adaround_iterations": "--adaround-iterations",
+    "auto_16bit_db": "--auto-16bit",
 }
 
 
@@ -65,6 +66,7 @@ class BuildOptions:
     precision: str | None = None  # "w8a16" or "fp16"
     kv_bits: int | None = None
     weight_rounding: str | None = None
+    auto_16bit_db: float | None = None  # 0 turns the model's off
     high_precision: tuple[str, ...] | None = None  # replaces the model's patterns; () for none
     extra_high_precision: tuple[str, ...] = ()  # added to them
     adaround_iterations: int | None = None
@@ -157,6 +159,8 @@ def _precision(spec: ModelSpec, opts: BuildOptions):
         changes["kv_bits"] = opts.kv_bits
     if opts.weight_rounding is not None:
         changes["rounding"] = opts.weight_rounding
+    if opts.auto_16bit_db is not None:
+        changes["auto_16bit_db"] = opts.auto_16bit_db or None
     if opts.adaround_iterations is not None:
         if (opts.weight_rounding or precision.rounding) != "adaround":
             raise ValueError("--adaround-iterations applies with --weight-rounding adaround")
@@ -213,6 +217,9 @@ def plan_build(opts: BuildOptions) -> BuildPlan:
     precision = _precision(spec, opts)
     if opts.family and precision.name != "w8a16":
         raise ValueError("family builds are W8A16 (partitioned, quantized per partition); FP16 builds one graph")
+    if opts.family and precision.auto_16bit_db is not None:
+        raise ValueError("--auto-16bit applies to single-graph builds; a family build keeps the weights "
+                         "--high-precision names at 16 bit")
     if opts.family and opts.gptq_target is not None and precision.rounding != "gptq":
         raise ValueError("--gptq-target applies with --weight-rounding gptq")
     min_sqnr = opts.min_sqnr_db if opts.min_sqnr_db is not None else (

@@ -66,6 +66,8 @@ def render_report(report: dict) -> str:
     if "float_check" in report:
         worst = min(c.sqnr_db for c in report["float_check"])
         lines.append(f"Float ONNX vs PyTorch: worst sample SQNR {worst:.1f} dB")
+    if "auto_16bit" in report:
+        lines += _auto_16bit(report["auto_16bit"])
     if "qdq" in report:
         q = report["qdq"]
         n_q = q.op_counts.get("QuantizeLinear", 0) + q.op_counts.get("DequantizeLinear", 0)
@@ -87,6 +89,20 @@ def render_report(report: dict) -> str:
         lines.append(f"  all samples pooled{' (worst output)' if 'htp_sqnr_per_output_db' in report else ''}: "
                      f"SQNR {report['htp_sqnr_db']:.2f} dB")
     return "\n".join(lines) + "\n"
+
+
+def _auto_16bit(a: dict) -> list[str]:
+    kept = a["kept"]
+    lines = [f"Weights kept at 16 bit by their int8 noise (target {a['target_db']:g} dB, {a['samples']} calibration "
+             f"samples, round-to-nearest int8):",
+             f"  all {a['weights']} weights int8: {a['all_int8_db']:.2f} dB (sum of each weight's noise alone: "
+             f"{a['all_int8_sum_db']:.2f} dB)",
+             f"  {len(kept)} kept at 16 bit ({a['kept_weight_share']:.0%} of the weight bytes); the int8 rest, "
+             f"predicted: {a['predicted_db']:.2f} dB"]
+    noisiest = sorted(a["noise_db"].items(), key=lambda kv: kv[1])
+    for weight, db in noisiest[:min(len(noisiest), max(len(kept), 5))]:
+        lines.append(f"  {db:7.2f} dB  {weight}{'  (16 bit)' if weight in kept else ''}")
+    return lines + [""]
 
 
 def write_report(path: Path, report: dict) -> Path:

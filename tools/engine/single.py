@@ -7,6 +7,7 @@ graph goes through with bounded memory and each artefact can be inspected.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import shutil
@@ -17,6 +18,7 @@ import numpy as np
 
 from neodragon_npu.graphs import onnx_io, qnn
 from neodragon_npu.graphs.feeds import load_samples, save_samples
+from neodragon_npu.graphs.quant import sensitivity
 from neodragon_npu.graphs.quant.gptq import HessianSet
 from neodragon_npu.graphs.stats import fx_stats, onnx_stats
 from neodragon_npu.graphs.verify import compare, pooled_sqnr
@@ -33,6 +35,9 @@ from neodragon_npu.tools.engine.report import write_report
 from neodragon_npu.tools.engine.steps import BuildCheckError, manifest_target
 
 logger = logging.getLogger("neodragon_npu")
+# calibration samples the int8 noise of each weight is measured on (--auto-16bit): one run
+# per weight and sample, and the choice barely moves past two
+SENSITIVITY_SAMPLES = 2
 FP16_MAX = 65504.0
 
 
@@ -212,9 +217,11 @@ class _Single:
                 deployed_path = work / f"{name}_w8a16.onnx"
                 calib = load_samples(work / "calibration_inputs.npz")
                 with steps.step(f"quantize W8A16 with aimet-onnx ({len(calib)} calibration samples)"):
-                    report["qdq"] = cache.run("precision", k_precise, work, lambda: self._quantize(
+                    report["qdq"], auto = cache.run("precision", k_precise, work, lambda: self._quantize(
                         float_path, deployed_path, calib), "the W8A16 graph")
                 del calib
+                if auto is not None:
+                    report["auto_16bit"] = auto
                 manifest["qdq_model"] = deployed_path.name
                 manifest["encodings"] = f"{name}_w8a16.encodings"
             else:
@@ -231,6 +238,8 @@ class _Single:
                 manifest["fp16_range"] = {"largest_abs_activation": peak, "tensor": where, "fp16_max": FP16_MAX}
                 manifest["fp16_passes"] = report["fp16_notes"]
             manifest["quantization"] = precision.describe()
+            if "auto_16bit" in report:
+                manifest["quantization"]["auto_16bit"] = report["auto_16bit"]
 
         binaries, qnn_ops, k_compiled = {}, {}, {}
         if until in ("compile", "verify"):
@@ -310,6 +319,11 @@ class _Single:
 
     def _quantize(self, float_path: Path, deployed_path: Path, calib: list[dict]):
         precision, first = self.plan.precision, self.plan.targets[0]
+        auto = None
+        if precision.auto_16bit_db is not None:
+            auto = self._choose_16_bit(float_path, calib)
+            precision = dataclasses.replace(precision, high_precision=precision.high_precision
+                                            + sensitivity.as_patterns(auto["kept"]))
         hessians = None
         if precision.rounding == "gptq":
             hessians = HessianSet()
@@ -322,7 +336,30 @@ class _Single:
         stats = onnx_stats(result.model)
         del result
         gc.collect()
-        return [*onnx_io.model_files(deployed_path), self.work / f"{self.name}_w8a16.encodings"], stats
+        return [*onnx_io.model_files(deployed_path), self.work / f"{self.name}_w8a16.encodings"], (stats, auto)
+
+    def _choose_16_bit(self, float_path: Path, calib: list[dict]) -> dict:
+        """The weights to keep at 16 bit besides the model's: each weight's int8 noise at the
+        outputs, measured on a few calibration samples (graphs.quant.sensitivity)."""
+        target = self.plan.precision.auto_16bit_db
+        feeds = calib[:SENSITIVITY_SAMPLES]
+
+        def progress(i, n, weight):
+            if i % max(1, n // 10) == 0:
+                logger.info("      int8 noise of weight %d/%d (%s)", i + 1, n, weight)
+
+        noise, joint_db = sensitivity.measure_weight_noise(float_path, feeds, skip=self.plan.precision.high_precision,
+                                                           progress=progress)
+        kept = noise.choose_16_bit(target)
+        int8 = [w for w in noise.noise if w not in kept]
+        total = sum(noise.weight_bytes.values())
+        return {
+            "target_db": target, "samples": len(feeds), "weights": len(noise.noise),
+            "all_int8_db": round(joint_db, 2), "all_int8_sum_db": round(noise.predicted_db(noise.noise), 2),
+            "predicted_db": round(noise.predicted_db(int8), 2),
+            "kept": kept, "kept_weight_share": round(sum(noise.weight_bytes[w] for w in kept) / total, 4),
+            "noise_db": {w: round(noise.predicted_db([w]), 2) for w in noise.noise},
+        }
 
     def _to_fp16(self, float_path: Path, deployed_path: Path):
         calib = load_samples(self.work / "calibration_inputs.npz")
