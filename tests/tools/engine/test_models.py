@@ -55,6 +55,8 @@ def test_w8a16_options_are_refused_for_fp16_and_family_options_for_one_graph(tmp
         (["--precision", "fp16", "--weight-rounding", "gptq"], "--weight-rounding applies to W8A16 builds"),
         (["--partition-budget", "1M"], "--partition-budget applies to a family build"),
         (["--adaround-iterations", "5", "--weight-rounding", "nearest"], "--adaround-iterations applies with"),
+        (["--precision", "fp16", "--auto-16bit", "40"], "--auto-16bit applies to W8A16 builds"),
+        (["--auto-16bit", "120"], "must lie between 0 and 96 dB"),
     ):
         assert main(["build", "quicksrnet", "--config", "tiny", "-o", str(tmp_path / "x"), *argv]) == EXIT_ERROR
         assert message in capsys.readouterr().err
