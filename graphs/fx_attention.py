@@ -3,7 +3,8 @@
 Two forms are recognised, by pattern (not by module class), so the passes that use this
 apply to other DiT/MMDiT implementations too:
 
-* ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias)`` (no dropout, not causal)
+* ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias)`` (no dropout, not causal), or
+  the ATen op torch.export leaves for it (diffusers' attention processors, traced)
 * ``matmul(softmax([matmul(q, k^T) (* or /) scale] (+ bias), -1), v)``
 """
 
@@ -44,8 +45,11 @@ def _is_last_two_transpose(node) -> bool:
     return sorted(d % rank for d in node.args[1:3]) == [rank - 2, rank - 1]
 
 
+_SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+
+
 def _match_sdpa(node: fx.Node) -> AttentionMatch | None:
-    if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+    if node.op != "call_function" or node.target not in _SDPA:
         return None
     q, k, v = node.args[:3]
     bias = _arg(node, 3, "attn_mask")

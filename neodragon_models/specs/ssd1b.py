@@ -1,0 +1,247 @@
+"""SSD-1B's first-frame graphs as two specs, both W8A16 (diffusers' models, built from config).
+
+* ``ssd1b-unet``: one static UNet call at the released latent size (80x128 for 640x1024),
+  serving all 4 LCM steps. Inputs: the latent, the host's timestep and size-condition
+  sinusoids, the text conditioning; output: the noise estimate. The self- and
+  cross-attention are split under the target's score-tile budget. Calibration and check
+  samples are the float LCM loop's own UNet inputs, step by step, on prompts the check does
+  not share with calibration.
+* ``ssd1b-vae-decoder``: the SDXL VAE decoder, latent (unscaled on the host) -> image. Its
+  samples are the float loop's final latents.
+
+Both export with the dynamo exporter, which keeps GroupNorm as one GroupNormalization (the
+legacy exporter's InstanceNormalization form is wrong in the W8A16 HTP graph:
+docs/causal-vae.md). The loop needs the text encoders: our CLIP-L and CLIP-G at the same
+config (``neodragon_models/clip.py``), fed synthetic token ids (no tokenizer here).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from neodragon_npu.neodragon_models import ssd1b
+from neodragon_npu.neodragon_models.clip import build_clip, get_clip_config
+from neodragon_npu.neodragon_models.first_frame import (
+    UNET_INPUTS, Conditioning, run_first_frame, text_conditioning, torch_decoder, torch_unet,
+)
+from neodragon_npu.neodragon_models.spec import (
+    REFERENCE_SUFFIX, GraphSpec, LoadOptions, ModelSpec, SamplePlan, Samples, Tracing, fp32_weight_bytes,
+    load_description, meta_shapes,
+)
+from neodragon_npu.neodragon_models.specs.clip import synthetic_token_ids
+from neodragon_npu.passes import pipelines
+from neodragon_npu.passes.fx.split_attention import SplitAttentionPass
+
+logger = logging.getLogger("neodragon_npu")
+
+CONFIGS = ("tiny", "neodragon")
+# prompts whose 4 LCM steps calibrate the UNet (and whose final latents calibrate the decoder)
+CALIBRATION_PROMPTS, CHECK_PROMPTS = 4, 2
+CALIBRATION_SEED = 1000
+UNET_FOLDER, VAE_FOLDER = "ssd_1b_unet", "ssd_1b_vae"
+
+
+@dataclass
+class FirstFrameModels:
+    """What the float loop runs: the two text encoders, the UNet, and (for the decoder's
+    build) the VAE."""
+
+    config: str
+    clip_l: Any
+    clip_g: Any
+    unet: Any
+    vae: Any | None
+
+    @property
+    def tokens(self) -> int:
+        return self.clip_l.config.max_position_embeddings
+
+    def conditioning(self, prompt_seed: int) -> Conditioning:
+        ids_l = synthetic_token_ids(1, self.clip_l.config, prompt_seed)
+        ids_g = synthetic_token_ids(1, self.clip_g.config, prompt_seed)
+        return text_conditioning(self.clip_l, self.clip_g, ids_l, ids_g)
+
+    def run(self, prompt_seed: int, decode: bool):
+        shapes = ssd1b.unet_shapes(self.unet, self.tokens)
+        return run_first_frame(torch_unet(self.unet), torch_decoder(self.vae) if decode else None,
+                               self.conditioning(prompt_seed), self.unet.config, shapes.latent,
+                               self.scaling_factor, seed=prompt_seed)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor) if self.vae is not None else ssd1b.VAE_CONFIGS["neodragon"][
+            "scaling_factor"]
+
+
+def _load(with_vae: bool):
+    def load(o: LoadOptions) -> FirstFrameModels:
+        root = o.checkpoint
+        unet = ssd1b.build_unet(ssd1b.get_unet_config(o.config), seed=o.seed,
+                                checkpoint=None if root is None else root / UNET_FOLDER)
+        vae = None
+        if with_vae:
+            vae = ssd1b.build_vae(ssd1b.get_vae_config(o.config), seed=o.seed + 1,
+                                  checkpoint=None if root is None else root / VAE_FOLDER)
+        clip_l = build_clip(get_clip_config("clip-l", o.config), seed=o.seed + 2)
+        clip_g = build_clip(get_clip_config("clip-g", o.config), seed=o.seed + 3)
+        return FirstFrameModels(o.config, clip_l, clip_g, unet, vae)
+
+    return load
+
+
+def _prompt_seeds(plan: SamplePlan, per_prompt: int) -> tuple[list[int], list[int]]:
+    n_calib = -(-(plan.calibration or CALIBRATION_PROMPTS * per_prompt) // per_prompt)
+    n_check = -(-(plan.check or CHECK_PROMPTS * per_prompt) // per_prompt)
+    return (list(range(CALIBRATION_SEED, CALIBRATION_SEED + n_calib)),
+            list(range(plan.first_check_seed, plan.first_check_seed + n_check)))
+
+
+# --- the UNet --------------------------------------------------------------------------------
+
+def _fx(model, target, pipeline):
+    return [
+        *pipelines.cleanup_fx(),
+        # self-attention over 2560 tokens (10 heads) and cross-attention over the 77 text
+        # tokens, per head and in query chunks whose score tiles fit on chip
+        SplitAttentionPass(tile_budget_bytes=target.score_tile_bytes),
+    ]
+
+
+def _unet_example(model: FirstFrameModels) -> dict[str, torch.Tensor]:
+    s = ssd1b.unet_shapes(model.unet, model.tokens)
+    h, w = s.latent
+    return {"sample": torch.zeros(1, 4, h, w), "timestep_features": torch.zeros(1, s.time_features),
+            "encoder_hidden_states": torch.zeros(1, s.tokens, s.text_dim), "text_embeds": torch.zeros(1, s.pooled_dim),
+            "time_ids_features": torch.zeros(1, s.time_ids_features)}
+
+
+def _unet_graphs(config: str) -> list[GraphSpec]:
+    return [GraphSpec(
+        name="unet", module=lambda model: ssd1b.UNetGraph(model.unet), example_inputs=_unet_example,
+        input_names=UNET_INPUTS, output_names=("noise_pred",),
+        fx_passes=_fx, onnx_passes=lambda pipeline: pipelines.cleanup_onnx(),
+        tracing=Tracing(method="export"),
+    )]
+
+
+def _unet_samples(model: FirstFrameModels, graphs, plan: SamplePlan) -> Samples:
+    steps = len(ssd1b.LCM_TIMESTEPS)
+    calib_seeds, check_seeds = _prompt_seeds(plan, steps)
+    calib, check, labels = [], [], []
+    for i, seed in enumerate(calib_seeds + check_seeds):
+        logger.info("      prompt %d/%d: float LCM loop (%d UNet calls)", i + 1, len(calib_seeds) + len(check_seeds),
+                    steps)
+        run = model.run(seed, decode=False)
+        if seed in calib_seeds:
+            calib += run.unet_inputs
+        else:
+            for step, (feed, eps) in enumerate(zip(run.unet_inputs, run.noise_preds)):
+                check.append({**feed, "noise_pred" + REFERENCE_SUFFIX: eps})
+                labels.append(f"prompt {seed} step {step} (t={ssd1b.LCM_TIMESTEPS[step]})")
+    n_calib, n_check = plan.calibration or len(calib), plan.check or len(check)
+    return Samples(calibration={"unet": calib[:n_calib]}, check={"unet": check[:n_check]},
+                   check_labels={"unet": labels[:n_check]})
+
+
+def _unet_shapes(o: LoadOptions) -> dict[str, tuple[int, ...]]:
+    from diffusers import UNet2DConditionModel
+
+    from neodragon_npu.neodragon_models.weights import check_shapes, checkpoint_shapes
+
+    config = ssd1b.get_unet_config(o.config)
+    if o.checkpoint is not None:
+        config = ssd1b.released_config(o.checkpoint / UNET_FOLDER, "UNet2DConditionModel", ssd1b.UNET_KEYS)
+    with torch.device("meta"):
+        shapes = meta_shapes(UNet2DConditionModel.from_config(config))
+    if o.checkpoint is not None:
+        check_shapes(shapes, checkpoint_shapes(o.checkpoint / UNET_FOLDER), str(o.checkpoint / UNET_FOLDER))
+    return shapes
+
+
+UNET_SPEC = ModelSpec(
+    name="ssd1b-unet",
+    summary="SSD-1B UNet (diffusers), one LCM step at 640x1024: one W8A16 graph for all 4 steps",
+    configs=lambda: CONFIGS, default_config="tiny",
+    load=_load(with_vae=False), graphs=_unet_graphs, samples=_unet_samples,
+    precision=lambda options: pipelines.W8A16(),
+    describe=lambda model, o: load_description(o, params=ssd1b.count_parameters(model.unet),
+                                               samples="the float LCM loop's UNet inputs, synthetic token ids"),
+    weight_bytes=lambda model: fp32_weight_bytes(model.unet),
+    min_sqnr_db=38.0,
+    checkpoint_help=f"the released folder holding {UNET_FOLDER}/ (config.json + safetensors)",
+    reference_note="fp32 diffusers UNet2DConditionModel, one LCM step",
+    weight_shapes=_unet_shapes,
+    exporter="dynamo",
+)
+
+
+# --- the VAE decoder -----------------------------------------------------------------------
+
+def _decoder_example(model: FirstFrameModels) -> dict[str, torch.Tensor]:
+    h, w = ssd1b.unet_shapes(model.unet, model.tokens).latent
+    return {"latent": torch.zeros(1, model.vae.config.latent_channels, h, w)}
+
+
+def _decoder_graphs(config: str) -> list[GraphSpec]:
+    return [GraphSpec(
+        name="decoder", module=lambda model: ssd1b.VAEDecoderGraph(model.vae), example_inputs=_decoder_example,
+        input_names=("latent",), output_names=("image",),
+        # the mid block's attention over every latent position (10240 at 640x1024)
+        fx_passes=_fx, onnx_passes=lambda pipeline: pipelines.cleanup_onnx(),
+        tracing=Tracing(method="export"),
+    )]
+
+
+def _decoder_samples(model: FirstFrameModels, graphs, plan: SamplePlan) -> Samples:
+    calib_seeds, check_seeds = _prompt_seeds(plan, 1)
+    calib, check = [], []
+    for i, seed in enumerate(calib_seeds + check_seeds):
+        logger.info("      prompt %d/%d: float LCM loop and decode", i + 1, len(calib_seeds) + len(check_seeds))
+        run = model.run(seed, decode=seed in check_seeds)
+        latent = run.latent / model.scaling_factor
+        if seed in calib_seeds:
+            calib.append({"latent": latent})
+        else:
+            check.append({"latent": latent, "image" + REFERENCE_SUFFIX: run.image})
+    return Samples(calibration={"decoder": calib}, check={"decoder": check},
+                   check_labels={"decoder": [f"prompt {s}" for s in check_seeds]})
+
+
+def _vae_shapes(o: LoadOptions) -> dict[str, tuple[int, ...]]:
+    from diffusers import AutoencoderKL
+
+    from neodragon_npu.neodragon_models.weights import check_shapes, checkpoint_shapes
+
+    _unet_shapes(o)  # checked too: the loop that makes the decoder's samples runs the UNet
+    config = ssd1b.get_vae_config(o.config)
+    if o.checkpoint is not None:
+        config = ssd1b.released_config(o.checkpoint / VAE_FOLDER, "AutoencoderKL", ssd1b.VAE_KEYS)
+    with torch.device("meta"):
+        vae = meta_shapes(AutoencoderKL.from_config(config), "vae.")
+    if o.checkpoint is not None:
+        check_shapes({k[4:]: v for k, v in vae.items()}, checkpoint_shapes(o.checkpoint / VAE_FOLDER),
+                     str(o.checkpoint / VAE_FOLDER))
+    return {k: v for k, v in vae.items() if k.startswith(("vae.decoder.", "vae.post_quant_conv."))}
+
+
+VAE_DECODER_SPEC = ModelSpec(
+    name="ssd1b-vae-decoder",
+    summary="SDXL VAE decoder (diffusers AutoencoderKL) at 640x1024: one W8A16 graph",
+    configs=lambda: CONFIGS, default_config="tiny",
+    load=_load(with_vae=True), graphs=_decoder_graphs, samples=_decoder_samples,
+    precision=lambda options: pipelines.W8A16(),
+    describe=lambda model, o: load_description(o, params=ssd1b.count_parameters(model.vae.decoder)
+                                               + ssd1b.count_parameters(model.vae.post_quant_conv),
+                                               samples="the float LCM loop's final latents, synthetic token ids"),
+    weight_bytes=lambda model: fp32_weight_bytes(model.vae.decoder) + fp32_weight_bytes(model.vae.post_quant_conv),
+    min_sqnr_db=35.0,
+    checkpoint_help=f"the released folder holding {UNET_FOLDER}/ and {VAE_FOLDER}/",
+    reference_note="fp32 diffusers AutoencoderKL decoder",
+    weight_shapes=_vae_shapes,
+    exporter="dynamo",
+)
