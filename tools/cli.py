@@ -242,6 +242,18 @@ def _cmd_verify_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_first_frame(args: argparse.Namespace) -> int:
+    from neodragon_npu.tools.engine.first_frame import first_frame, format_first_frame, write_json
+
+    _check_writable(args.json, "--json")
+    _check_writable(args.out, "-o")
+    result = first_frame(args.prompt, args.unet, args.decoder, args.out, runtime=args.runtime, seed=args.seed)
+    print(format_first_frame(result), end="")
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from neodragon_npu.tools.engine.stage_report import format_stage_report, report_json, stage_report
 
@@ -539,6 +551,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the HTP simulator (context binaries) or aimet's QDQ graphs on the CPU")
     vs.add_argument("--json", help="also write the figures to this JSON file")
     vs.set_defaults(func=_cmd_verify_stream)
+
+    ff = command("first-frame", 'neodragon-npu first-frame "a red fox" --unet build/unet --decoder build/vae -o fox.png',
+                 help="SSD-1B's first frame through compiled UNet and decoder builds, the float loop beside it")
+    ff.add_argument("prompt", help="the prompt (no tokenizer here: it picks seeded synthetic token ids)")
+    ff.add_argument("--unet", required=True, help="an ssd1b-unet build")
+    ff.add_argument("--decoder", required=True, help="an ssd1b-vae-decoder build of the same model and target")
+    ff.add_argument("-o", "--out", required=True, help="the PNG to write (the float loop's goes beside it, -float)")
+    ff.add_argument("--runtime", choices=("htp", "cpu-qdq"), default="htp",
+                    help="the HTP simulator (context binaries) or aimet's QDQ graphs on the CPU")
+    ff.add_argument("--seed", type=_at_least(0), help="the noise seed (default: from the prompt)")
+    ff.add_argument("--json", help="also write the figures to this JSON file")
+    ff.set_defaults(func=_cmd_first_frame)
 
     r = command("report", "neodragon-npu report denoiser --config tiny --stages 0 2",
                 help="stage graphs before and after the stage-graph passes")

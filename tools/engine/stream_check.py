@@ -6,7 +6,6 @@ so error that builds up from frame to frame is measured, as on the device."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +14,14 @@ import numpy as np
 import torch
 
 from neodragon_npu.graphs import qnn
-from neodragon_npu.graphs.targets import get_target
 from neodragon_npu.graphs.verify import pooled_sqnr
-from neodragon_npu.tools.engine.artifacts import MANIFEST
+from neodragon_npu.tools.engine.graph_runtime import ChainError, graph_session, read_graph_build, same_model_and_target
 
 FIRST_SEED = 3000  # calibration uses 1000+, build checks 2000+
 
 
-class StreamCheckError(ValueError):
-    """The two builds cannot be chained (wrong model, graph or target, or not compiled)."""
+# the error a caller sees when the two builds cannot be chained
+StreamCheckError = ChainError
 
 
 @dataclass
@@ -38,29 +36,6 @@ class StreamResult:
                 "frame_sqnr_db": [[round(v, 2) for v in video] for video in self.frame_sqnr_db]}
 
 
-def _read(build: Path, graph: str) -> dict:
-    path = Path(build) / MANIFEST
-    if not path.is_file():
-        raise StreamCheckError(f"{build} holds no {MANIFEST}: not a build directory")
-    manifest = json.loads(path.read_text())
-    names = [g.get("name") for g in manifest.get("graphs", [])]
-    if manifest.get("pipeline") != "vae-decoder" or names not in ([graph], [f"vae-decoder_{graph}"]):
-        raise StreamCheckError(f"{build} is not a vae-decoder build of the {graph!r} graph "
-                               f"(it holds {manifest.get('pipeline')} {', '.join(map(str, names))})")
-    return manifest
-
-
-def _session(build: Path, manifest: dict, runtime: str):
-    entry = manifest["graphs"][0]
-    if runtime == "htp":
-        if "epcontext_model" not in entry:
-            raise StreamCheckError(f"{build} holds no context binary (built with --until before compile)")
-        return qnn.htp_session(Path(build) / entry["epcontext_model"], get_target(manifest["target"]["name"]))
-    if "qdq_model" not in manifest:
-        raise StreamCheckError(f"{build} holds no quantized graph (built with --until export)")
-    return qnn.cpu_session(Path(build) / manifest["qdq_model"])
-
-
 def check_stream(first_build: str | Path, next_build: str | Path, *, videos: int = 1, first_seed: int = FIRST_SEED,
                  runtime: str = "htp") -> StreamResult:
     """``videos`` synthetic latent videos (seeds ``first_seed``...) through ``first`` then
@@ -72,16 +47,14 @@ def check_stream(first_build: str | Path, next_build: str | Path, *, videos: int
     from neodragon_npu.tools.engine.verify_build import load_options
 
     start = time.perf_counter()
-    first_manifest, next_manifest = _read(first_build, "first"), _read(next_build, "next")
-    if first_manifest["model"] != next_manifest["model"] or first_manifest["target"] != next_manifest["target"]:
-        raise StreamCheckError("the two builds differ in model (config, checkpoint, seed) or target: "
-                               f"{first_manifest['model']} for {first_manifest['target']['name']} against "
-                               f"{next_manifest['model']} for {next_manifest['target']['name']}")
+    first_manifest = read_graph_build(first_build, "vae-decoder", "first")
+    next_manifest = read_graph_build(next_build, "vae-decoder", "next")
+    same_model_and_target({"first": first_manifest, "next": next_manifest})
     spec = get_model("vae-decoder")
     vae = spec.load(load_options(spec, first_manifest))
     names = state_names(vae)
-    first = _session(first_build, first_manifest, runtime)
-    step = _session(next_build, next_manifest, runtime)
+    first = graph_session(first_build, first_manifest, runtime)
+    step = graph_session(next_build, next_manifest, runtime)
     per_video, pairs = [], []
     for v in range(videos):
         z = synthetic_latents(1, vae.config, first_seed + v)
