@@ -17,9 +17,8 @@ config (``neodragon_models/clip.py``), fed synthetic token ids (no tokenizer her
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -46,20 +45,52 @@ CALIBRATION_SEED = 1000
 UNET_FOLDER, VAE_FOLDER = "ssd_1b_unet", "ssd_1b_vae"
 
 
-@dataclass
 class FirstFrameModels:
     """What the float loop runs: the two text encoders, the UNet, and (for the decoder's
-    build) the VAE."""
+    build) the VAE. Each is built on first use, so a step that needs only the VAE (its
+    trace and export) does not build a 1.3 B-parameter UNet."""
 
-    config: str
-    clip_l: Any
-    clip_g: Any
-    unet: Any
-    vae: Any | None
+    def __init__(self, options: LoadOptions, with_vae: bool) -> None:
+        self.options = options
+        self.config = options.config
+        self.with_vae = with_vae
+
+    def _folder(self, name: str):
+        return None if self.options.checkpoint is None else self.options.checkpoint / name
+
+    @functools.cached_property
+    def unet(self):
+        return ssd1b.build_unet(ssd1b.get_unet_config(self.config), seed=self.options.seed,
+                                checkpoint=self._folder(UNET_FOLDER))
+
+    @functools.cached_property
+    def vae(self):
+        if not self.with_vae:
+            return None
+        return ssd1b.build_vae(ssd1b.get_vae_config(self.config), seed=self.options.seed + 1,
+                               checkpoint=self._folder(VAE_FOLDER))
+
+    @functools.cached_property
+    def clip_l(self):
+        return build_clip(get_clip_config("clip-l", self.config), seed=self.options.seed + 2)
+
+    @functools.cached_property
+    def clip_g(self):
+        return build_clip(get_clip_config("clip-g", self.config), seed=self.options.seed + 3)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """From the UNet's config alone (the released folder's, or ours)."""
+        folder = self._folder(UNET_FOLDER)
+        config = (ssd1b.get_unet_config(self.config) if folder is None
+                  else ssd1b.released_config(folder, "UNet2DConditionModel", ssd1b.UNET_KEYS))
+        size = config.get("sample_size", 128)
+        h, w = size if isinstance(size, (tuple, list)) else (size, size)
+        return int(h), int(w)
 
     @property
     def tokens(self) -> int:
-        return self.clip_l.config.max_position_embeddings
+        return get_clip_config("clip-l", self.config).max_position_embeddings
 
     def conditioning(self, prompt_seed: int) -> Conditioning:
         ids_l = synthetic_token_ids(1, self.clip_l.config, prompt_seed)
@@ -67,31 +98,19 @@ class FirstFrameModels:
         return text_conditioning(self.clip_l, self.clip_g, ids_l, ids_g)
 
     def run(self, prompt_seed: int, decode: bool):
-        shapes = ssd1b.unet_shapes(self.unet, self.tokens)
         return run_first_frame(torch_unet(self.unet), torch_decoder(self.vae) if decode else None,
-                               self.conditioning(prompt_seed), self.unet.config, shapes.latent,
+                               self.conditioning(prompt_seed), self.unet.config, self.latent_size,
                                self.scaling_factor, seed=prompt_seed)
 
     @property
     def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor) if self.vae is not None else ssd1b.VAE_CONFIGS["neodragon"][
-            "scaling_factor"]
+        if self.vae is not None:
+            return float(self.vae.config.scaling_factor)
+        return float(ssd1b.get_vae_config(self.config)["scaling_factor"])
 
 
 def _load(with_vae: bool):
-    def load(o: LoadOptions) -> FirstFrameModels:
-        root = o.checkpoint
-        unet = ssd1b.build_unet(ssd1b.get_unet_config(o.config), seed=o.seed,
-                                checkpoint=None if root is None else root / UNET_FOLDER)
-        vae = None
-        if with_vae:
-            vae = ssd1b.build_vae(ssd1b.get_vae_config(o.config), seed=o.seed + 1,
-                                  checkpoint=None if root is None else root / VAE_FOLDER)
-        clip_l = build_clip(get_clip_config("clip-l", o.config), seed=o.seed + 2)
-        clip_g = build_clip(get_clip_config("clip-g", o.config), seed=o.seed + 3)
-        return FirstFrameModels(o.config, clip_l, clip_g, unet, vae)
-
-    return load
+    return lambda o: FirstFrameModels(o, with_vae)
 
 
 def _prompt_seeds(plan: SamplePlan, per_prompt: int) -> tuple[list[int], list[int]]:
@@ -183,7 +202,7 @@ UNET_SPEC = ModelSpec(
 # --- the VAE decoder -----------------------------------------------------------------------
 
 def _decoder_example(model: FirstFrameModels) -> dict[str, torch.Tensor]:
-    h, w = ssd1b.unet_shapes(model.unet, model.tokens).latent
+    h, w = model.latent_size
     return {"latent": torch.zeros(1, model.vae.config.latent_channels, h, w)}
 
 

@@ -90,9 +90,7 @@ def first_frame(prompt: str, unet_build: str | Path, decoder_build: str | Path, 
     p_seed = prompt_seed(prompt)
     noise_seed = p_seed if seed is None else seed
     conditioning = models.conditioning(p_seed)
-    from neodragon_npu.neodragon_models import ssd1b
-
-    latent = ssd1b.unet_shapes(models.unet, models.tokens).latent
+    latent = models.latent_size
 
     def npu_unet(feed):
         return qnn.run(unet_session, {n: feed[n] for n in UNET_INPUTS})[0]
