@@ -232,6 +232,11 @@ def clip_config_to_json(config: CLIPTextConfig) -> dict:
             **dataclasses.asdict(config)}
 
 
+def _without_projection(raw: dict, state: dict, config: CLIPTextConfig) -> bool:
+    return ("text_projection.weight" not in state and raw.get("architectures") == ["CLIPTextModel"]
+            and config.projection_dim == config.hidden_size)
+
+
 def build_clip(config: CLIPTextConfig, *, checkpoint=None, seed: int = 0) -> CLIPTextModelWithProjection:
     """CLIP text encoder with seeded synthetic weights, or a released ``text_encoder`` /
     ``text_encoder_2`` folder (its config.json sets the architecture)."""
@@ -240,8 +245,16 @@ def build_clip(config: CLIPTextConfig, *, checkpoint=None, seed: int = 0) -> CLI
     )
 
     if checkpoint is not None:
-        config = clip_config_from_json(read_config(checkpoint), str(checkpoint))
+        raw = read_config(checkpoint)
+        config = clip_config_from_json(raw, str(checkpoint))
         state = {k: v for k, v in read_state_dict(checkpoint).items() if k not in IGNORED_KEYS}
+        if not any(k.startswith("text_model.") for k in state):
+            # transformers 5 saves a CLIPTextModel's tower without the text_model. prefix
+            state = {k if k.startswith("text_projection.") else f"text_model.{k}": v for k, v in state.items()}
+        if _without_projection(raw, state, config):
+            # a plain CLIPTextModel (SSD-1B's ssd_1b_text_encoder): its pooled output is the
+            # final-normed end token itself, an identity projection here
+            state["text_projection.weight"] = torch.eye(config.hidden_size)
         with torch.device("meta"):
             model = CLIPTextModelWithProjection(config)
         load_state_dict_strict(model, state, str(checkpoint))

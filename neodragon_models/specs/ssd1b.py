@@ -43,6 +43,9 @@ CONFIGS = ("tiny", "neodragon")
 CALIBRATION_PROMPTS, CHECK_PROMPTS = 4, 2
 CALIBRATION_SEED = 1000
 UNET_FOLDER, VAE_FOLDER = "ssd_1b_unet", "ssd_1b_vae"
+# read when the released folder holds them; otherwise the samples' text conditioning comes
+# from synthetic encoders (the manifest's model description says which)
+TEXT_FOLDERS = ("ssd_1b_text_encoder", "ssd_1b_text_encoder_2")
 
 
 class FirstFrameModels:
@@ -70,13 +73,18 @@ class FirstFrameModels:
         return ssd1b.build_vae(ssd1b.get_vae_config(self.config), seed=self.options.seed + 1,
                                checkpoint=self._folder(VAE_FOLDER))
 
+    def _text_encoder(self, variant: str, folder: str, seed: int):
+        found = self._folder(folder)
+        found = found if found is not None and found.is_dir() else None
+        return build_clip(get_clip_config(variant, self.config), seed=self.options.seed + seed, checkpoint=found)
+
     @functools.cached_property
     def clip_l(self):
-        return build_clip(get_clip_config("clip-l", self.config), seed=self.options.seed + 2)
+        return self._text_encoder("clip-l", TEXT_FOLDERS[0], 2)
 
     @functools.cached_property
     def clip_g(self):
-        return build_clip(get_clip_config("clip-g", self.config), seed=self.options.seed + 3)
+        return self._text_encoder("clip-g", TEXT_FOLDERS[1], 3)
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -107,6 +115,11 @@ class FirstFrameModels:
         if self.vae is not None:
             return float(self.vae.config.scaling_factor)
         return float(ssd1b.get_vae_config(self.config)["scaling_factor"])
+
+
+def _text_source(o: LoadOptions) -> str:
+    found = [f for f in TEXT_FOLDERS if o.checkpoint is not None and (o.checkpoint / f).is_dir()]
+    return "released " + " and ".join(found) if found else "synthetic CLIP-L and CLIP-G (no released folder given)"
 
 
 def _load(with_vae: bool):
@@ -189,7 +202,8 @@ UNET_SPEC = ModelSpec(
     load=_load(with_vae=False), graphs=_unet_graphs, samples=_unet_samples,
     precision=lambda options: pipelines.W8A16(),
     describe=lambda model, o: load_description(o, params=ssd1b.count_parameters(model.unet),
-                                               samples="the float LCM loop's UNet inputs, synthetic token ids"),
+                                               samples="the float LCM loop's UNet inputs, synthetic token ids",
+                                               text_encoders=_text_source(o)),
     weight_bytes=lambda model: fp32_weight_bytes(model.unet),
     min_sqnr_db=38.0,
     checkpoint_help=f"the released folder holding {UNET_FOLDER}/ (config.json + safetensors)",
@@ -256,7 +270,8 @@ VAE_DECODER_SPEC = ModelSpec(
     precision=lambda options: pipelines.W8A16(),
     describe=lambda model, o: load_description(o, params=ssd1b.count_parameters(model.vae.decoder)
                                                + ssd1b.count_parameters(model.vae.post_quant_conv),
-                                               samples="the float LCM loop's final latents, synthetic token ids"),
+                                               samples="the float LCM loop's final latents, synthetic token ids",
+                                               text_encoders=_text_source(o)),
     weight_bytes=lambda model: fp32_weight_bytes(model.vae.decoder) + fp32_weight_bytes(model.vae.post_quant_conv),
     min_sqnr_db=35.0,
     checkpoint_help=f"the released folder holding {UNET_FOLDER}/ and {VAE_FOLDER}/",

@@ -116,3 +116,21 @@ def test_a_tiny_fp16_clip_build_holds_both_outputs_in_the_htp_simulator(tmp_path
     masks = [const_array(v) for n in graph if n.op_type == "Softmax"
              for v in n.inputs[0].producer().inputs if const_array(v) is not None]
     assert len(masks) == 3 and all(np.isfinite(m).all() and m.min() >= -1e4 and m.min() < -10 for m in masks)
+
+
+def test_a_plain_clip_text_model_folder_loads_with_its_pooled_output(tmp_path):
+    """SSD-1B's ssd_1b_text_encoder is transformers' CLIPTextModel: no projection. It loads,
+    and its pooled output and penultimate states are transformers' own."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = dataclasses.replace(get_clip_config("clip-l", "tiny"), projection_dim=32)
+    hf = CLIPTextModel(CLIPTextConfig(**dataclasses.asdict(cfg), attention_dropout=0.0)).eval()
+    hf.save_pretrained(tmp_path / "ssd_1b_text_encoder")
+    ours = build_clip(get_clip_config("clip-l", "neodragon"), checkpoint=tmp_path / "ssd_1b_text_encoder")
+    ids = torch.randint(0, 120, (1, cfg.max_position_embeddings), generator=torch.Generator().manual_seed(2))
+    ids[0, -1] = cfg.end_token
+    with torch.no_grad():
+        ref = hf(ids, output_hidden_states=True)
+        pooled, penultimate = ours(ids)
+    torch.testing.assert_close(pooled, ref.pooler_output, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(penultimate, ref.hidden_states[-2], atol=1e-5, rtol=1e-5)
