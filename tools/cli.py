@@ -201,6 +201,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         config = args.config if args.config != "neodragon-2block" else "tiny"
         print(format_rebuild(args.model, config, rebuild_benchmark(args.model, config, args.work_dir)))
         return 0
+    if args.benchmark == "htp-activation":
+        from neodragon_npu.tools.engine.bench_activation import activation_benchmark, format_activation
+
+        c, h, w = args.channels, args.height, args.width
+        result = activation_benchmark(c, h, w, target=args.target, run=not args.compile_only, work_dir=args.work_dir)
+        print(format_activation(c, h, w, args.target, result))
+        return 0
     results = fidelity_benchmark(
         args.config,
         variants=args.variant,
@@ -380,7 +387,8 @@ def _add_build(command) -> None:
     b.add_argument("--until", default="verify", choices=("export", "quantize", "compile", "verify"),
                    help="stop after this step (default verify)")
     b.add_argument("--exporter", choices=("legacy", "dynamo"),
-                   help="ONNX exporter (default: the model's; dynamo for vae-encoder, legacy for the others)")
+                   help="ONNX exporter (default: the model's; dynamo for vae-encoder, ssd1b-unet and "
+                        "ssd1b-vae-decoder, legacy for the others)")
     b.add_argument("--pipeline", default="optimized", help="named pass pipeline: optimized (default), or the "
                    "denoiser's baseline (static shapes only)")
     b.add_argument("--skip-pass", action="append", help="leave a pass out (ablation); repeatable")
@@ -512,9 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     im.set_defaults(func=_cmd_importance)
 
     be = command("bench", "neodragon-npu bench rebuild --config tiny",
-                 help="benchmarks that print figures (fidelity, rebuild)")
-    be.add_argument("benchmark", choices=("fidelity", "rebuild"),
-                    help="fidelity: SQNR with each fix left out; rebuild: an unchanged second build")
+                 help="benchmarks that print figures (fidelity, rebuild, htp-activation)")
+    be.add_argument("benchmark", choices=("fidelity", "rebuild", "htp-activation"),
+                    help="fidelity: SQNR with each fix left out; rebuild: an unchanged second build; "
+                         "htp-activation: whether one large 16-bit activation compiles and runs on the HTP")
     be.add_argument("--config", default="neodragon-2block", help="default neodragon-2block (fidelity), tiny (rebuild)")
     be.add_argument("--model", default="denoiser", help="rebuild: the model")
     be.add_argument(
@@ -526,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--calibration-samples", type=_at_least(1), default=8, help="calibration samples per graph")
     be.add_argument("--check-samples", type=_at_least(1), default=1, help="check samples per graph")
     be.add_argument("--work-dir", help="keep the builds here (default: a temporary directory)")
+    be.add_argument("--channels", type=_at_least(1), default=256,
+                    help="htp-activation: channels of the large activation (default 256, the SDXL VAE decoder's)")
+    be.add_argument("--height", type=_at_least(1), default=640, help="htp-activation: height (default 640)")
+    be.add_argument("--width", type=_at_least(1), default=1024, help="htp-activation: width (default 1024)")
+    be.add_argument("--compile-only", action="store_true", help="htp-activation: compile, do not run")
     be.set_defaults(func=_cmd_bench)
 
     v = command("verify", "neodragon-npu verify build/stages --prompts 2 --json verify.json",

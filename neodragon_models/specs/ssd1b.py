@@ -127,8 +127,12 @@ def _load(with_vae: bool):
 
 
 def _prompt_seeds(plan: SamplePlan, per_prompt: int) -> tuple[list[int], list[int]]:
-    n_calib = -(-(plan.calibration or CALIBRATION_PROMPTS * per_prompt) // per_prompt)
-    n_check = -(-(plan.check or CHECK_PROMPTS * per_prompt) // per_prompt)
+    # `verify` asks for no calibration (0) and for its check calls by prompt (check_groups)
+    n_calib = CALIBRATION_PROMPTS if plan.calibration is None else -(-plan.calibration // per_prompt)
+    if plan.check_groups is not None:
+        n_check = plan.check_groups
+    else:
+        n_check = CHECK_PROMPTS if plan.check is None else -(-plan.check // per_prompt)
     return (list(range(CALIBRATION_SEED, CALIBRATION_SEED + n_calib)),
             list(range(plan.first_check_seed, plan.first_check_seed + n_check)))
 

@@ -91,3 +91,17 @@ def test_released_folders_load_and_a_mismatched_one_is_named(tmp_path, unet):
     bad = save_checkpoint(vae, tmp_path / "bad_vae", raw)
     with pytest.raises(CheckpointError, match="mis-shaped keys: .*post_quant_conv"):
         ssd1b.build_vae({}, checkpoint=bad)
+
+
+def test_sample_plans_of_a_build_and_of_verify_ask_for_whole_prompts():
+    from neodragon_npu.neodragon_models.spec import SamplePlan
+    from neodragon_npu.neodragon_models.specs.ssd1b import CALIBRATION_PROMPTS, CHECK_PROMPTS, _prompt_seeds
+
+    calib, check = _prompt_seeds(SamplePlan(), 4)  # a build with the defaults
+    assert (len(calib), len(check)) == (CALIBRATION_PROMPTS, CHECK_PROMPTS)
+    assert not set(calib) & set(check)
+    calib, check = _prompt_seeds(SamplePlan(calibration=5, check=3), 4)  # partial prompts round up
+    assert (len(calib), len(check)) == (2, 1)
+    # `verify --prompts 2`: no calibration, two fresh prompts however many calls it allows
+    calib, check = _prompt_seeds(SamplePlan(calibration=0, check=2 << 16, check_groups=2, first_check_seed=3000), 4)
+    assert calib == [] and check == [3000, 3001]

@@ -38,3 +38,25 @@ def test_every_variant_is_named_in_the_cli_help_and_the_table_lines_up(capsys, m
                                  "w8a16_cpu": {str(s): value for s in range(3)}}
     rows = format_fidelity("neodragon-2block", results).splitlines()[-2:]
     assert rows[0].index("40.00") == rows[1].index("35.50")
+
+
+def test_htp_activation_benchmark_runs_the_large_activation_graph_in_the_simulator(capsys):
+    import numpy as np
+
+    from neodragon_npu.tools.cli import main
+    from neodragon_npu.tools.engine.bench_activation import activation_graph
+
+    model = activation_graph(6, 20, 24)
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert shapes == {"x": [1, 3, 20, 24]}
+    weights = {t.name: t for t in model.graph.initializer}
+    assert weights["w_in_q"].data_type == 3 and list(weights["w_in_q"].dims) == [6, 3, 3, 3]  # int8
+    assert weights["a_zero"].data_type == 4  # the large activation is uint16
+
+    assert main(["bench", "htp-activation", "--channels", "6", "--height", "20", "--width", "24"]) == 0
+    out = capsys.readouterr().out
+    sqnr = float(out.split("CPU QDQ graph")[1].split("dB")[0])
+    # 16-bit activations and the same int8 weights on both sides: only rounding differs
+    assert sqnr > 50, out
+    assert f"{6 * 20 * 24 * 2 / 1e6:.1f} MB" in out
+    assert np.isfinite(sqnr)
