@@ -387,8 +387,7 @@ def _add_build(command) -> None:
     b.add_argument("--until", default="verify", choices=("export", "quantize", "compile", "verify"),
                    help="stop after this step (default verify)")
     b.add_argument("--exporter", choices=("legacy", "dynamo"),
-                   help="ONNX exporter (default: the model's; dynamo for vae-encoder, ssd1b-unet and "
-                        "ssd1b-vae-decoder, legacy for the others)")
+                   help="ONNX exporter (default: the model's)")
     b.add_argument("--pipeline", default="optimized", help="named pass pipeline: optimized (default), or the "
                    "denoiser's baseline (static shapes only)")
     b.add_argument("--skip-pass", action="append", help="leave a pass out (ablation); repeatable")

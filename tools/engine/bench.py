@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +37,18 @@ VARIANTS = {
 }
 
 
+@contextmanager
+def work_root(work_dir: str | Path | None):
+    """``work_dir`` (kept), or a temporary directory removed afterwards."""
+    root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="neodragon-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        yield root
+    finally:
+        if work_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def fidelity_benchmark(
     config: str = "neodragon-2block",
     *,
@@ -49,21 +62,17 @@ def fidelity_benchmark(
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="neodragon-bench-"))
     base = BuildOptions(
         model="denoiser", config=config, family=True, targets=(target,), calibration_samples=calibration_samples,
         check_samples=check_samples, verify_htp=True, layer_report=False, min_sqnr_db=0.0,
     )
     results = {}
-    try:
+    with work_root(work_dir) as root:
         for name in names:
             out = root / name.replace(" ", "_").replace("/", "")
             results[name] = build(replace(base, **VARIANTS[name]), out)
             if work_dir is None:
                 shutil.rmtree(out, ignore_errors=True)
-    finally:
-        if work_dir is None:
-            shutil.rmtree(root, ignore_errors=True)
     return results
 
 
@@ -97,11 +106,11 @@ def rebuild_benchmark(model: str = "denoiser", config: str = "tiny", work_dir: s
     from neodragon_npu.graphs.verify import pooled_sqnr
     from neodragon_npu.tools.engine.single import split_references
 
-    root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="neodragon-bench-"))
-    out = root / "build"
-    command = [sys.executable, "-m", "neodragon_npu.tools.cli", "-q", "build", model, "--config", config, "-o", str(out)]
+    command = [sys.executable, "-m", "neodragon_npu.tools.cli", "-q", "build", model, "--config", config, "-o"]
     seconds = []
-    try:
+    with work_root(work_dir) as root:
+        out = root / "build"
+        command.append(str(out))
         for _ in range(2):
             start = time.perf_counter()
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -115,9 +124,6 @@ def rebuild_benchmark(model: str = "denoiser", config: str = "tiny", work_dir: s
         pairs = [pair for feed, ref in zip(feeds, refs) for pair in zip(ref, qnn.run(session, feed))]
         return {"first_s": seconds[0], "second_s": seconds[1], "reused": manifest["cache"]["reused"],
                 "htp_sqnr_db": pooled_sqnr(pairs)}
-    finally:
-        if work_dir is None:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def format_rebuild(model: str, config: str, r: dict) -> str:

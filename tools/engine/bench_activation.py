@@ -10,8 +10,6 @@ on the CPU. The compiler and simulator are what run here; a phone's memory limit
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -72,27 +70,25 @@ def activation_benchmark(
     from neodragon_npu.graphs.targets import get_target
     from neodragon_npu.graphs.verify import pooled_sqnr
 
-    root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="neodragon-bench-"))
-    root.mkdir(parents=True, exist_ok=True)
-    try:
+    from neodragon_npu.tools.engine.bench import work_root
+
+    device = get_target(target)
+    with work_root(work_dir) as root:
         qdq = root / "activation.onnx"
         onnx.save(activation_graph(channels, height, width), qdq)
         start = time.perf_counter()
-        ctx = qnn.compile_context_binary(qdq, root / "activation_ctx.onnx", get_target(target))
+        ctx = qnn.compile_context_binary(qdq, root / "activation_ctx.onnx", device)
         result = {"activation_bytes": channels * height * width * 2, "compile_s": time.perf_counter() - start,
                   "binary_bytes": ctx.binary.stat().st_size, "run_s": None, "sqnr_db": None}
         if run:
             x = np.random.default_rng(1).uniform(-1, 1, (1, 3, height, width)).astype(np.float32)
-            session = qnn.htp_session(ctx.epcontext_model, get_target(target))
+            session = qnn.htp_session(ctx.epcontext_model, device)
             start = time.perf_counter()
             (got,) = qnn.run(session, {"x": x})
             result["run_s"] = time.perf_counter() - start
             (want,) = qnn.run(qnn.cpu_session(qdq), {"x": x})
             result["sqnr_db"] = pooled_sqnr([(want, got)])
         return result
-    finally:
-        if work_dir is None:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def format_activation(channels: int, height: int, width: int, target: str, r: dict) -> str:
