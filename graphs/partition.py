@@ -3,9 +3,11 @@
 A partition is a contiguous run of nodes in one topological order, so the quotient graph
 is a chain (acyclic by construction) and every node lands in exactly one partition.
 Cuts are chosen by dynamic programming to minimise the activation bytes crossing them,
-subject to a budget on the weights each partition holds (which bounds its compile size,
-its context memory and the memory its quantization needs); the live-activation budget
-does not depend on where the cuts go, so it is checked up front.
+subject to a budget on the weights each partition holds (which bounds its compile size and
+its context memory) and, optionally, on the bytes its ops write per call (which bounds the
+memory of its calibration: the statistics passes expose every layer's input at once, see
+docs/first-frame.md). The live-activation budget does not depend on where the cuts go, so
+it is checked up front.
 
 Stage graphs of one model share their weights; :func:`align_parts` assigns the nodes of
 another graph so that partition k holds exactly the same weights as in the reference.
@@ -38,6 +40,7 @@ class Profile:
     weight_bytes: dict[str, int]
     crossing: np.ndarray  # [n+1] activation bytes produced before position p and read at/after p
     live: np.ndarray  # [n] bytes alive while node p runs
+    outputs: np.ndarray  # [n] bytes node p writes per call
 
 
 def _value_bytes(value: ir.Value, activation_bytes: int | None) -> int:
@@ -112,7 +115,9 @@ def profile(model: ir.Model, *, activation_bytes: int | None = 2) -> Profile:
     crossing = np.cumsum(delta)[: n + 1]
     tg = onnx_tensor_graph(model, activation_bytes=activation_bytes)
     live = _live_profile(tg)
-    return Profile(nodes, weights, weight_bytes, crossing, live)
+    outputs = np.array([sum(_value_bytes(v, activation_bytes) for v in node.outputs) for node in nodes],
+                       dtype=np.int64).reshape(n)
+    return Profile(nodes, weights, weight_bytes, crossing, live, outputs)
 
 
 def _live_profile(tg) -> np.ndarray:
@@ -159,8 +164,12 @@ def _inseparable(prof: Profile, owned: np.ndarray) -> np.ndarray:
     return blocked
 
 
-def plan_cuts(prof: Profile, *, max_weight_bytes: int, max_live_bytes: int | None = None) -> list[int]:
+def plan_cuts(prof: Profile, *, max_weight_bytes: int, max_live_bytes: int | None = None,
+              max_output_bytes: int | None = None) -> list[int]:
     """Start positions of partitions 1..K-1 minimising the crossing bytes (DP, O(n)).
+
+    Each partition holds at most ``max_weight_bytes`` of owned weights and, with
+    ``max_output_bytes``, its nodes write at most that many bytes per call.
 
     Every partition holds at least one owned weight (so a graph that follows the cuts has a
     node in each partition), and no cut separates a node from the bias that follows it (see
@@ -191,9 +200,22 @@ def plan_cuts(prof: Profile, *, max_weight_bytes: int, max_live_bytes: int | Non
             f"one node alone reads {heaviest} bytes of weights; the smallest weight budget that "
             f"works is {heaviest} bytes (asked for {max_weight_bytes})"
         )
+    out_unit = prof.outputs.copy()
+    for p in range(n - 1, 0, -1):
+        if blocked[p]:
+            out_unit[p - 1] += out_unit[p]
+            out_unit[p] = 0
+    widest = int(out_unit.max()) if n else 0
+    if max_output_bytes is not None and widest > max_output_bytes:
+        raise PartitionBudgetError(
+            f"one node alone writes {widest} bytes per call; the op-output budget must be at least "
+            f"{widest} bytes (asked for {max_output_bytes})"
+        )
     if not owned.any():  # no weight owns a partition: any cut is as good as another
         owned[:] = True
     prefix = np.concatenate([[0], np.cumsum(per_node)])
+    out_prefix = np.concatenate([[0], np.cumsum(prof.outputs)])
+    out_limit = max_output_bytes if max_output_bytes is not None else np.iinfo(np.int64).max
     # last_owned[p]: the last owned node before position p (-1: none); a segment [j, p)
     # holds an owned weight if j <= last_owned[p]
     last_owned = np.full(n + 1, -1, dtype=np.int64)
@@ -207,7 +229,7 @@ def plan_cuts(prof: Profile, *, max_weight_bytes: int, max_live_bytes: int | Non
     window: deque[int] = deque()  # candidate segment starts, increasing dp[j]
     lo, added = 0, 0  # starts below lo exceed the budget; starts below added were offered
     for p in range(1, n + 1):
-        while prefix[p] - prefix[lo] > max_weight_bytes:
+        while prefix[p] - prefix[lo] > max_weight_bytes or out_prefix[p] - out_prefix[lo] > out_limit:
             lo += 1
         hi = last_owned[p]  # starts after the last owned node leave a segment without one
         while added <= hi:
@@ -224,8 +246,9 @@ def plan_cuts(prof: Profile, *, max_weight_bytes: int, max_live_bytes: int | Non
             back[p] = j
     if dp[n] >= inf:
         raise PartitionBudgetError(
-            f"no cut of this graph keeps every partition under {max_weight_bytes} bytes of weights "
-            f"with at least one weight in each; give a larger budget"
+            f"no cut of this graph keeps every partition under {max_weight_bytes} bytes of weights"
+            + (f" and {max_output_bytes} bytes of op-output" if max_output_bytes is not None else "")
+            + " with at least one weight in each; give a larger budget"
         )
     cuts, p = [], n
     while p > 0:

@@ -152,6 +152,7 @@ def plan_chunks(
     bytes_per_element: int = 2,
     segments: list[tuple[int, int, int, int]] | None = None,
     min_rows: int = 64,
+    align_rows: int = 1,
 ) -> tuple[tuple[int, int, int, int], ...]:
     """Query chunks for :func:`attention_split` whose score tiles fit the budget.
 
@@ -159,7 +160,8 @@ def plan_chunks(
     keys each run of queries can see and whether its bias is one row. Consecutive runs
     shorter than ``min_rows`` become one chunk (which adds its bias instead of folding it),
     so a stage-0 history of 40-token frames does not turn into dozens of tiny matmuls; runs
-    whose tile is over budget are cut into equal row blocks.
+    whose tile is over budget are cut into equal row blocks; with ``align_rows`` every block
+    but a run's last holds a multiple of that many rows (where the budget allows one).
     """
     segments = list(segments) if segments else [(0, seq_len, key_len, -1)]
     merged: list[list[int]] = []  # runs of short segments become one chunk adding its bias
@@ -176,7 +178,14 @@ def plan_chunks(
     for q0, q1, key_end, row in merged:
         rows_fit = max(1, tile_budget_bytes // (key_end * bytes_per_element))
         pieces = -(-(q1 - q0) // rows_fit)
-        bounds = [q0 + (q1 - q0) * i // pieces for i in range(pieces + 1)]
+        if align_rows > 1 and rows_fit >= align_rows and pieces > 1:
+            size = -(-(q1 - q0) // pieces)
+            size = -(-size // align_rows) * align_rows
+            if size > rows_fit:
+                size = rows_fit // align_rows * align_rows
+            bounds = [*range(q0, q1, size), q1]
+        else:
+            bounds = [q0 + (q1 - q0) * i // pieces for i in range(pieces + 1)]
         chunks += [(a, b, key_end, row) for a, b in zip(bounds[:-1], bounds[1:])]
     return tuple(chunks)
 

@@ -96,6 +96,7 @@ def build_options(args: argparse.Namespace) -> "BuildOptions":
         extra_high_precision=extra,
         adaround_iterations=args.adaround_iterations,
         partition_budget=_parse_bytes(args.partition_budget) if args.partition_budget else None,
+        partition_activations=_parse_bytes(args.partition_activations) if args.partition_activations else None,
         gptq_samples=args.gptq_samples,
         gptq_target=args.gptq_target,
         verify_htp=args.verify_htp,
@@ -226,7 +227,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     _check_writable(args.json, "--json")
     build, manifest = read_build(args.build)
     result = verify_build(build, prompts=args.prompts, calls_per_prompt=args.calls_per_prompt,
-                          float_chain=args.float_chain, per_partition=args.per_partition, first_seed=args.first_seed)
+                          float_chain=args.float_chain, per_partition=args.per_partition, first_seed=args.first_seed,
+                          htp_partition=args.htp_partition)
     print(format_verify(build, manifest, result), end="")
     if args.json:
         import json
@@ -405,6 +407,8 @@ def _add_build(command) -> None:
                    "bring the int8 rest's predicted SQNR to DB (default: the model's; 0 turns it off)")
     f = b.add_argument_group("family builds (--all-graphs / --all-stages)")
     f.add_argument("--partition-budget", help="fp32 weight bytes per partition (default 768M)")
+    f.add_argument("--partition-activations",
+                   help="bytes the ops of one partition write per call, at 16 bit (default 3G)")
     f.add_argument("--gptq-samples", type=_at_least(1), help="calibration calls per graph feeding GPTQ (default 2)")
     f.add_argument("--gptq-target", choices=("quantized", "float"),
                    help="GPTQ aims at the float weights on the quantized chain's inputs (quantized, default) "
@@ -551,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--float-chain", action="store_true", help="also chain the float partitions (the build did)")
     v.add_argument("--per-partition", action="store_true",
                    help="also measure each partition alone and the chain up to it, against the float chain")
+    v.add_argument("--htp-partition", type=_at_least(0), metavar="K",
+                   help="also compile partition K (from 0) for the build's first target and run it in the HTP "
+                        "simulator beside its QDQ graph (implies --per-partition)")
     v.add_argument("--json", help="also write the figures to this JSON file")
     v.set_defaults(func=_cmd_verify)
 

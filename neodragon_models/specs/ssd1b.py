@@ -139,12 +139,18 @@ def _prompt_seeds(plan: SamplePlan, per_prompt: int) -> tuple[list[int], list[in
 
 # --- the UNet --------------------------------------------------------------------------------
 
+SCORE_TILE_ROW_ALIGN = 32
+
+
 def _fx(model, target, pipeline):
     return [
         *pipelines.cleanup_fx(),
         # self-attention over 2560 tokens (10 heads) and cross-attention over the 77 text
-        # tokens, per head and in query chunks whose score tiles fit on chip
-        SplitAttentionPass(tile_budget_bytes=target.score_tile_bytes),
+        # tokens, per head and in query chunks whose score tiles fit on chip. Chunks of
+        # 32-aligned rows: with 365/366-row tiles the QNN HTP compiler fails to finalize the
+        # 2560-token level (QNN_COMMON_ERROR_MEM_ALLOC), with 384/256 it compiles
+        # (docs/first-frame.md)
+        SplitAttentionPass(tile_budget_bytes=target.score_tile_bytes, align_rows=SCORE_TILE_ROW_ALIGN),
     ]
 
 

@@ -37,6 +37,7 @@ class SplitAttentionPass(Pass):
         "tile_budget_bytes": Option("int", "on-chip bytes one score tile may take", min=1024),
         "activation_bytes": Option("int", "bytes per activation value on the target", choices=(1, 2, 4)),
         "min_rows": Option("int", "fewest query rows per chunk", min=1),
+        "align_rows": Option("int", "query rows per chunk a multiple of this (but each run's last)", min=1),
     }
     ENGINE_OPTIONS = ("mask_segments",)
 
@@ -47,6 +48,7 @@ class SplitAttentionPass(Pass):
         activation_bytes: int = 2,
         mask_segments: Sequence[Sequence[int]] | None = None,
         min_rows: int = 64,
+        align_rows: int = 1,
     ) -> None:
         if tile_budget_bytes <= 0:
             raise ValueError("split_attention: tile_budget_bytes must be positive")
@@ -54,6 +56,7 @@ class SplitAttentionPass(Pass):
         self.activation_bytes = activation_bytes
         self.mask_segments = [tuple(int(x) for x in s) for s in mask_segments] if mask_segments else None
         self.min_rows = min_rows
+        self.align_rows = align_rows
 
     def _segments(self, seq: int, keys: int, has_bias: bool) -> list[tuple[int, int, int, int]] | None:
         if self.mask_segments is None:
@@ -83,6 +86,7 @@ class SplitAttentionPass(Pass):
                 bytes_per_element=self.activation_bytes,
                 segments=segments,
                 min_rows=self.min_rows,
+                align_rows=self.align_rows,
             )
             if heads == 1 and len(chunks) == 1 and chunks[0][2] == keys:
                 self.leave(match.output.name, "one head whose scores fit one tile: nothing to split")

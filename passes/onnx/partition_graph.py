@@ -11,7 +11,7 @@ from neodragon_npu.passes.base import Option, Pass, PassResult, PostconditionErr
 
 
 class PartitionGraphPass(Pass):
-    """Cut a graph into sequential partitions under weight and live-activation budgets.
+    """Cut a graph into sequential partitions under weight, op-output and live-activation budgets.
 
     Each node gets ``neodragon.partition = k`` in its metadata (``graphs.partition.split``
     then extracts one model per partition). Partitions are contiguous in a topological
@@ -31,6 +31,7 @@ class PartitionGraphPass(Pass):
     OPTIONS = {
         "max_weight_bytes": Option("int", "weight bytes one partition may hold", min=1),
         "max_live_bytes": Option("int", "live activation bytes any node may see", min=1, none_ok=True),
+        "max_output_bytes": Option("int", "bytes one partition's ops may write per call", min=1, none_ok=True),
         "activation_bytes": Option("int", "bytes per float activation value when pricing", choices=(1, 2, 4)),
     }
     ENGINE_OPTIONS = ("reference",)
@@ -40,6 +41,7 @@ class PartitionGraphPass(Pass):
         *,
         max_weight_bytes: int,
         max_live_bytes: int | None = None,
+        max_output_bytes: int | None = None,
         activation_bytes: int = 2,
         reference: Sequence[Sequence[str]] | None = None,
     ) -> None:
@@ -47,6 +49,7 @@ class PartitionGraphPass(Pass):
             raise ValueError("partition_graph: max_weight_bytes must be positive")
         self.max_weight_bytes = max_weight_bytes
         self.max_live_bytes = max_live_bytes
+        self.max_output_bytes = max_output_bytes
         self.activation_bytes = activation_bytes
         self.reference = [set(r) for r in reference] if reference is not None else None
 
@@ -56,7 +59,8 @@ class PartitionGraphPass(Pass):
             parts = partition.align_parts(prof, self.reference)
         else:
             cuts = partition.plan_cuts(
-                prof, max_weight_bytes=self.max_weight_bytes, max_live_bytes=self.max_live_bytes
+                prof, max_weight_bytes=self.max_weight_bytes, max_live_bytes=self.max_live_bytes,
+                max_output_bytes=self.max_output_bytes,
             )
             parts = partition.cuts_to_parts(prof, cuts)
         return PassResult(model, partition.annotate(model, prof, parts))

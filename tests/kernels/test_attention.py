@@ -44,6 +44,24 @@ def test_split_kernel_equals_sdpa_and_plans_fit_the_budget():
     assert torch.allclose(attention_split(q, k, v, bias, chunks=chunks), ref, atol=1e-5)
 
 
+def test_aligned_chunks_hold_a_multiple_of_the_alignment_and_still_fit():
+    from neodragon_npu.kernels.attention import attention_split, plan_chunks
+
+    # 2560 queries x 2560 keys under 2 MB: seven blocks of 365-366 rows unaligned
+    for seq, budget in ((2560, 2 << 20), (10240, 2 << 20), (77, 2 << 20), (1000, 300 * 1000 * 2)):
+        chunks = plan_chunks(seq, seq, tile_budget_bytes=budget, align_rows=32)
+        sizes = [q1 - q0 for q0, q1, _, _ in chunks]
+        assert chunks[0][0] == 0 and chunks[-1][1] == seq and sum(sizes) == seq
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert all(s % 32 == 0 for s in sizes[:-1]), sizes
+        assert all(s * seq * 2 <= budget for s in sizes)
+    assert [c[1] - c[0] for c in plan_chunks(2560, 2560, tile_budget_bytes=2 << 20, align_rows=32)] == [384] * 6 + [256]
+    q, k, v = _qkv(2, s=40)
+    chunks = plan_chunks(40, 40, tile_budget_bytes=20 * 40 * 2, align_rows=16)
+    assert [c[1] - c[0] for c in chunks] == [16, 16, 8]
+    assert torch.allclose(attention_split(q, k, v, None, chunks=chunks), attention_sdpa(q, k, v, None), atol=1e-5)
+
+
 def test_folded_bias_row_equals_adding_it():
     from neodragon_npu.kernels.attention import attention_split
 

@@ -90,13 +90,15 @@ class CutPlan:
     :meth:`decide`; the others follow with :meth:`follow`, so partition k holds the same
     weights in every graph."""
 
-    def __init__(self, max_weight_bytes: int) -> None:
+    def __init__(self, max_weight_bytes: int, max_output_bytes: int | None = None) -> None:
         self.max_weight_bytes = max_weight_bytes
+        self.max_output_bytes = max_output_bytes
         self.cuts: list[int] | None = None
         self.weights: list[set[str]] | None = None
 
     def decide(self, prof: partition.Profile) -> list[int]:
-        self.cuts = partition.plan_cuts(prof, max_weight_bytes=self.max_weight_bytes)
+        self.cuts = partition.plan_cuts(prof, max_weight_bytes=self.max_weight_bytes,
+                                        max_output_bytes=self.max_output_bytes)
         self.weights = partition.partition_weights(prof, self.cuts)
         return partition.cuts_to_parts(prof, self.cuts)
 
@@ -280,7 +282,7 @@ class _Family:
         share the model copy-on-write and check their float chains; past
         SHARED_EXPORT_LIMIT_BYTES one after the other, each on a freshly loaded model. The
         float partitions are hashed for the manifest as they come."""
-        plan, work, cuts = self.plan, self.work, CutPlan(self.plan.partition_budget)
+        plan, work, cuts = self.plan, self.work, CutPlan(self.plan.partition_budget, self.plan.partition_activations)
         lead = self.order[0]
         with self.steps.step(f"trace, optimize, export and partition the {len(self.graphs)} graphs"):
             if self.export_entry is not None:

@@ -24,6 +24,9 @@ GPTQ_TARGETS = ("quantized", "float")
 # fp32 weight bytes one partition may hold: bounds aimet's QuantSim memory (see
 # docs/all-stages-build.md) and, at int8, the compile size (< 2 GiB)
 DEFAULT_PARTITION_WEIGHT_BYTES = 768 << 20
+# bytes one partition's ops write per call at 16 bit: its calibration statistics hold every
+# layer's fp32 input at once, about twice this (docs/first-frame.md: the SDXL VAE decoder)
+DEFAULT_PARTITION_OUTPUT_BYTES = 3 << 30
 DEFAULT_GPTQ_SAMPLES = 2
 # No tensor above rank 4 reaches the NPU compiler (facts 4.1).
 MAX_RANK = 4
@@ -31,6 +34,7 @@ MAX_RANK = 4
 # Options only a family build takes (flag spelling, for errors).
 FAMILY_ONLY = {
     "partition_budget": "--partition-budget",
+    "partition_activations": "--partition-activations",
     "gptq_samples": "--gptq-samples",
     "gptq_target": "--gptq-target",
     "verify_htp": "--verify-htp",
@@ -71,6 +75,7 @@ class BuildOptions:
     extra_high_precision: tuple[str, ...] = ()  # added to them
     adaround_iterations: int | None = None
     partition_budget: int | None = None
+    partition_activations: int | None = None
     gptq_samples: int | None = None
     gptq_target: str | None = None
     verify_htp: bool | None = None  # family: None runs the HTP simulator for small models only
@@ -99,6 +104,7 @@ class BuildPlan:
     precision: Any
     load: LoadOptions
     partition_budget: int
+    partition_activations: int
     gptq_samples: int
     gptq_target: str
     min_sqnr_db: float
@@ -190,7 +196,8 @@ def plan_build(opts: BuildOptions) -> BuildPlan:
     unknown = [p for p in opts.skip_passes if p not in PASSES]
     if unknown:
         raise ValueError(f"--skip-pass {unknown[0]}: no such pass; `neodragon-npu passes` lists them")
-    for name in ("calibration_samples", "check_samples", "gptq_samples", "partition_budget"):
+    for name in ("calibration_samples", "check_samples", "gptq_samples", "partition_budget",
+                 "partition_activations"):
         _positive("--" + name.replace("_", "-"), getattr(opts, name))
     if opts.gptq_target is not None and opts.gptq_target not in GPTQ_TARGETS:
         raise ValueError(f"--gptq-target must be one of {', '.join(GPTQ_TARGETS)}, got {opts.gptq_target!r}")
@@ -229,6 +236,7 @@ def plan_build(opts: BuildOptions) -> BuildPlan:
         graphs=graphs, targets=targets, precision=precision,
         load=LoadOptions(config=config, checkpoint=opts.checkpoint, seed=opts.seed, options=model_options),
         partition_budget=opts.partition_budget or DEFAULT_PARTITION_WEIGHT_BYTES,
+        partition_activations=opts.partition_activations or DEFAULT_PARTITION_OUTPUT_BYTES,
         gptq_samples=opts.gptq_samples or DEFAULT_GPTQ_SAMPLES,
         gptq_target=opts.gptq_target or "quantized",
         min_sqnr_db=min_sqnr,

@@ -105,4 +105,5 @@ def export_options(plan: BuildPlan) -> dict:
     return {"target": plan.targets[0], "exporter": o.exporter, "fx_pipeline": o.fx_pipeline,
             "skip_passes": sorted(o.skip_passes), "verify_each_pass": o.verify_each_pass,
             "dump_dir": str(o.dump_dir) if o.dump_dir else None,
-            "partition_budget": plan.partition_budget if plan.family else None}
+            "partition_budget": plan.partition_budget if plan.family else None,
+            "partition_activations": plan.partition_activations if plan.family else None}

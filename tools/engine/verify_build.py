@@ -7,14 +7,18 @@ from the model's own pipeline (seeds from 3000; calibration used 1000+, the buil
 its float partitions, against the fp32 PyTorch outputs. With ``per_partition`` it also
 says where each graph loses: for every partition, the SQNR of the tensors it hands on when
 its QDQ graph runs on the float chain's inputs (the loss that partition adds by itself) and
-when the QDQ chain runs up to it (the loss so far), both against the float chain. The
-PyTorch model comes from the manifest: model, config, seed, checkpoint, removed blocks.
+when the QDQ chain runs up to it (the loss so far), both against the float chain. With
+``htp_partition`` one partition is also compiled for the build's first target and run in
+the HTP simulator on the float chain's inputs, beside its QDQ graph: where a whole graph is
+too large to simulate, this shows that aimet's simulation and the HTP agree on a part of it.
+The PyTorch model comes from the manifest: model, config, seed, checkpoint, removed blocks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from neodragon_npu.graphs import chain, qnn
+from neodragon_npu.graphs.targets import Target, get_target
 from neodragon_npu.tools.engine.artifacts import MANIFEST
 from neodragon_npu.tools.engine.progress import count, peak_rss_bytes, release_memory
 from neodragon_npu.graphs.verify import pooled_sqnr, sqnr_db
@@ -48,6 +53,19 @@ class PartitionLoss:
     worst_local_db: float
 
 
+@dataclass(frozen=True)
+class HtpPartitionCheck:
+    """One partition compiled and run in the HTP simulator on the float chain's inputs."""
+
+    partition: int
+    target: str
+    htp_vs_float_db: float  # the tensors it hands on, pooled over the calls
+    htp_vs_qdq_db: float  # against its QDQ graph on the same inputs (aimet's simulation)
+    qdq_vs_float_db: float
+    compile_seconds: float
+    run_seconds: float
+
+
 @dataclass
 class VerifyResult:
     prompts: list[int]
@@ -55,6 +73,7 @@ class VerifyResult:
     sqnr_db: dict[str, dict[int, float]] = field(default_factory=dict)  # kind -> stage -> pooled dB
     per_call_db: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     partitions: dict[int, list[PartitionLoss]] = field(default_factory=dict)  # with per_partition
+    htp: dict[str, HtpPartitionCheck] = field(default_factory=dict)  # with htp_partition
     seconds: float = 0.0
     peak_rss_bytes: int = 0
 
@@ -68,6 +87,8 @@ class VerifyResult:
             "partitions": {str(s): [{"local_db": round(x.local_db, 2), "chain_db": round(x.chain_db, 2),
                                       "worst_tensor": x.worst_tensor, "worst_local_db": round(x.worst_local_db, 2)}
                                      for x in losses] for s, losses in self.partitions.items()},
+            "htp_partition": {s: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in vars(c).items()}
+                              for s, c in self.htp.items()},
             "seconds": round(self.seconds, 1),
             "peak_rss_bytes": self.peak_rss_bytes,
         }
@@ -107,12 +128,13 @@ def _pooled_over(names: list[str], refs: list[dict], outs: list[dict]) -> float:
     return _pooled([r[n] for r in refs for n in names], [o[n] for o in outs for n in names])
 
 
-def _chains_by_partition(float_paths: list[Path], qdq_paths: list[Path], feeds: list[dict], outputs):
+def _chains_by_partition(float_paths: list[Path], qdq_paths: list[Path], feeds: list[dict], outputs,
+                         htp: tuple[int, Target] | None = None):
     """Run the float chain, the QDQ chain and each QDQ partition on the float chain's inputs
-    side by side. Returns the two chains' stage outputs and a :class:`PartitionLoss` per
-    partition."""
+    side by side. Returns the two chains' stage outputs, a :class:`PartitionLoss` per
+    partition and, with ``htp`` (partition, target), its :class:`HtpPartitionCheck`."""
     floats, quants = [dict(f) for f in feeds], [dict(f) for f in feeds]
-    losses = []
+    losses, htp_check = [], None
     for k, (fp, qp, keep) in enumerate(zip(float_paths, qdq_paths, chain.inputs_needed_after(float_paths))):
         f_session, q_session = qnn.cpu_session(fp), qnn.cpu_session(qp)
         inputs = [x.name for x in q_session.get_inputs()]
@@ -124,6 +146,9 @@ def _chains_by_partition(float_paths: list[Path], qdq_paths: list[Path], feeds: 
         chain.advance(q_session, quants)
         chain.advance(f_session, floats)
         del f_session, q_session
+        if htp is not None and htp[0] == k:
+            htp_check = _htp_partition(k, htp[1], qp, [{n: env[n] for n in inputs} for env in floats], names,
+                                       handed, floats, local)
         per_tensor = {n: _pooled_over([n], floats, local) for n in handed}
         worst = min(per_tensor, key=per_tensor.get)
         losses.append(PartitionLoss(_pooled_over(handed, floats, local), _pooled_over(handed, floats, quants),
@@ -133,19 +158,45 @@ def _chains_by_partition(float_paths: list[Path], qdq_paths: list[Path], feeds: 
         del local
         chain.drop_unneeded(floats, keep, outputs)
         chain.drop_unneeded(quants, keep, outputs)
-    return [[env[o] for o in outputs] for env in floats], [[env[o] for o in outputs] for env in quants], losses
+    return ([[env[o] for o in outputs] for env in floats], [[env[o] for o in outputs] for env in quants], losses,
+            htp_check)
+
+
+def _htp_partition(k: int, target: Target, qdq_path: Path, inputs: list[dict], names: list[str],
+                   handed: list[str], floats: list[dict], local: list[dict]) -> HtpPartitionCheck:
+    """Partition ``k`` compiled (non-shared, in a temporary folder) and run in the HTP
+    simulator on ``inputs``; ``floats`` hold the float chain's values after it, ``local``
+    its QDQ graph's outputs on the same inputs."""
+    logger.info("      partition %d: compiling for %s and running %d call(s) in the HTP simulator",
+                k + 1, target.name, len(inputs))
+    with tempfile.TemporaryDirectory(prefix="neodragon-htp-") as tmp:
+        start = time.perf_counter()
+        ctx = qnn.compile_context_binary(qdq_path, Path(tmp) / f"part{k}_ctx.onnx", target)
+        compiled = time.perf_counter()
+        session = qnn.htp_session(ctx.epcontext_model, target)
+        runs = [dict(zip(names, qnn.run(session, feed))) for feed in inputs]
+        ran = time.perf_counter()
+        del session
+    check = HtpPartitionCheck(k, target.name, _pooled_over(handed, floats, runs), _pooled_over(handed, local, runs),
+                              _pooled_over(handed, floats, local), compiled - start, ran - compiled)
+    logger.info("      partition %d in the HTP simulator: %.2f dB against the float chain, %.2f dB against "
+                "its QDQ graph (QDQ against float: %.2f dB)", k + 1, check.htp_vs_float_db, check.htp_vs_qdq_db,
+                check.qdq_vs_float_db)
+    return check
 
 
 def verify_build(
     build: str | Path, *, prompts: int = 2, calls_per_prompt: int | None = None, float_chain: bool = False,
-    per_partition: bool = False, first_seed: int | None = None,
+    per_partition: bool = False, first_seed: int | None = None, htp_partition: int | None = None,
 ) -> VerifyResult:
     """SQNR of the build's chained QDQ partitions (and with ``float_chain`` its float ones,
     which the build checked already) on ``prompts`` fresh prompts, ``calls_per_prompt``
     units each (None: every unit), pooled per stage and per call. ``per_partition`` runs
     the float chain too and measures each partition (:class:`PartitionLoss`). The prompts'
     seeds start at ``first_seed`` (default :data:`FIRST_SEED`; below it lie the build's
-    calibration prompts, 1000+, and check prompts, 2000+)."""
+    calibration prompts, 1000+, and check prompts, 2000+). ``htp_partition`` (0-based) runs
+    that partition in the HTP simulator too (:class:`HtpPartitionCheck`; implies
+    ``per_partition``)."""
     if prompts < 1:
         raise ValueError("verify needs at least one prompt")
     if calls_per_prompt is not None and calls_per_prompt < 1:
@@ -155,6 +206,12 @@ def verify_build(
     spec = get_model(manifest["pipeline"])
     load = load_options(spec, manifest)
     parts = sorted(manifest["partitions"], key=lambda p: p["index"])
+    htp = None
+    if htp_partition is not None:
+        if not 0 <= htp_partition < len(parts):
+            raise ValueError(f"--htp-partition {htp_partition}: the build has partitions 0-{len(parts) - 1}")
+        htp = (htp_partition, get_target(manifest["targets"][0]["name"]))
+        per_partition = True
     keys = list(parts[0]["graphs"])
     graphs = [g for g in spec.graphs(load.config) if g.manifest_key in keys]
     paths = {
@@ -191,8 +248,10 @@ def verify_build(
         s = g.manifest_key
         if per_partition:
             logger.info("      graph %s, partition by partition", s)
-            floats, quants, result.partitions[s] = _chains_by_partition(paths["float"][s], paths["qdq"][s], feeds[s],
-                                                                        g.output_names)
+            floats, quants, result.partitions[s], htp_check = _chains_by_partition(
+                paths["float"][s], paths["qdq"][s], feeds[s], g.output_names, htp)
+            if htp_check is not None:
+                result.htp[s] = htp_check
             record(s, "w8a16_cpu", quants)
             record(s, "float_chain", floats)
             del floats, quants
@@ -225,5 +284,11 @@ def format_verify(build: Path, manifest: dict, result: VerifyResult) -> str:
                   "  partition   by itself   chained   worst tensor by itself"]
         for k, x in enumerate(losses):
             lines.append(f"  {k:9d}   {x.local_db:6.2f} dB  {x.chain_db:6.2f} dB  {x.worst_local_db:6.2f} dB {x.worst_tensor}")
+    for s, c in result.htp.items():
+        lines += ["", f"{s}, partition {c.partition} in the {c.target} HTP simulator (compile {c.compile_seconds:.0f} s, "
+                      f"run {c.run_seconds:.0f} s), on the float chain's inputs:",
+                  f"  HTP against the float chain   {c.htp_vs_float_db:6.2f} dB",
+                  f"  QDQ against the float chain   {c.qdq_vs_float_db:6.2f} dB",
+                  f"  HTP against QDQ               {c.htp_vs_qdq_db:6.2f} dB"]
     lines += ["", f"{result.seconds:.0f} s, peak RSS {result.peak_rss_bytes / 1e9:.2f} GB"]
     return "\n".join(lines) + "\n"

@@ -124,3 +124,34 @@ def test_at_the_smallest_budget_every_graph_has_every_partition_and_no_bias_leav
     weights2 = partition.partition_weights(prof2, cuts)
     prof1 = partition.profile(partition.prepare(stage_models[1]))
     assert set(partition.align_parts(prof1, weights2)) == set(range(len(cuts) + 1))
+
+
+def test_an_op_output_budget_cuts_where_weights_alone_would_not(stage_models, tiny_stage_inputs):
+    """The SDXL VAE decoder's weights fit one partition while its ops write 11 GB per call;
+    the op-output budget alone must cut it, every partition under it, and the chain stays
+    exact."""
+    import re
+
+    model = stage_models[2]
+    feeds = {k: v.numpy() for k, v in tiny_stage_inputs[2].items()}
+    ref = run_onnx(model, feeds, optimize=False)[0]
+    prof = partition.profile(partition.prepare(model))
+    total = int(prof.outputs.sum())
+    assert total == sum(_written(n) for n in model.graph) > 0
+    assert partition.plan_cuts(prof, max_weight_bytes=10**9) == []
+    budget = total // 3
+    PartitionGraphPass(max_weight_bytes=10**9, max_output_bytes=budget)(model)
+    parts = partition.split(model)
+    assert len(parts) >= 3
+    for part in parts:
+        assert sum(_written(n) for n in part.graph) <= budget
+    assert np.array_equal(_chain(parts, feeds)["out"], ref)
+    with pytest.raises(partition.PartitionBudgetError, match=r"op-output budget must be at least \d+") as info:
+        partition.plan_cuts(prof, max_weight_bytes=10**9, max_output_bytes=1000)
+    assert int(re.search(r"at least (\d+)", str(info.value)).group(1)) >= max(_written(n) for n in model.graph)
+
+
+def _written(node) -> int:
+    """Bytes a node writes per call, floats at 16 bit, from its output shapes."""
+    return sum(int(np.prod([int(d) for d in v.shape])) * (2 if v.dtype.is_floating_point() else v.dtype.itemsize)
+               for v in node.outputs)

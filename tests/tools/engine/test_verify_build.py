@@ -123,3 +123,30 @@ def test_per_partition_names_the_partition_that_loses(build, tmp_path, capsys):
     saved = json.loads((tmp_path / "v.json").read_text())
     assert saved["partitions"]["0"][j]["local_db"] == round(worse[j].local_db, 2)
     assert list(saved["sqnr_db"]) == ["w8a16_cpu", "float_chain"]
+
+
+def test_one_partition_runs_in_the_htp_simulator_beside_its_qdq_graph(build, tmp_path, capsys):
+    """The HTP simulator and aimet's simulation of one partition, on the same float-chain
+    inputs, agree to the precision of a W8A16 graph (a partition wired or read wrong gives
+    near 0 dB)."""
+    from neodragon_npu.tools.engine import verify_build as vb
+    from neodragon_npu.tools.cli import main
+
+    out, _ = build
+    n = len(json.loads((out / MANIFEST).read_text())["partitions"])
+    plain = vb.verify_build(out, prompts=1, calls_per_prompt=1, per_partition=True)
+    checked = vb.verify_build(out, prompts=1, calls_per_prompt=1, htp_partition=1)
+    assert checked.partitions == plain.partitions  # the rest of the run is unchanged
+    for s in "012":
+        c = checked.htp[s]
+        assert c.partition == 1 and c.target == "sm8750"
+        assert c.qdq_vs_float_db == pytest.approx(plain.partitions[s][1].local_db, abs=1e-6)
+        assert c.htp_vs_float_db > 35 and c.htp_vs_qdq_db > 35
+    assert main(["verify", str(out), "--prompts", "1", "--calls-per-prompt", "1", "--htp-partition", str(n),
+                 ]) == 2
+    assert f"--htp-partition {n}: the build has partitions 0-{n - 1}" in capsys.readouterr().err
+    assert main(["verify", str(out), "--prompts", "1", "--calls-per-prompt", "1", "--htp-partition", "1",
+                 "--json", str(tmp_path / "h.json")]) == 0
+    assert "partition 1 in the sm8750 HTP simulator" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "h.json").read_text())["htp_partition"]["0"]
+    assert saved["partition"] == 1 and saved["htp_vs_qdq_db"] == round(checked.htp["0"].htp_vs_qdq_db, 2)
