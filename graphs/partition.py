@@ -4,9 +4,9 @@ A partition is a contiguous run of nodes in one topological order, so the quotie
 is a chain (acyclic by construction) and every node lands in exactly one partition.
 Cuts are chosen by dynamic programming to minimise the activation bytes crossing them,
 subject to a budget on the weights each partition holds (which bounds its compile size and
-its context memory) and, optionally, on the bytes its ops write per call (which bounds the
-memory of its calibration: the statistics passes expose every layer's input at once, see
-docs/first-frame.md). The live-activation budget does not depend on where the cuts go, so
+its context memory) and, optionally, on the bytes its ops write per call (GPTQ's statistics
+expose every layer's input of a partition at once; this budget alone does not bound a
+partition's quantization memory: docs/first-frame.md). The live-activation budget does not depend on where the cuts go, so
 it is checked up front.
 
 Stage graphs of one model share their weights; :func:`align_parts` assigns the nodes of
@@ -164,6 +164,17 @@ def _inseparable(prof: Profile, owned: np.ndarray) -> np.ndarray:
     return blocked
 
 
+def _largest_piece(per_node: np.ndarray, blocked: np.ndarray) -> int:
+    """The largest sum over the smallest pieces a cut can leave: a node with the nodes no cut
+    may separate from it."""
+    unit = per_node.copy()
+    for p in range(len(unit) - 1, 0, -1):
+        if blocked[p]:
+            unit[p - 1] += unit[p]
+            unit[p] = 0
+    return int(unit.max()) if len(unit) else 0
+
+
 def plan_cuts(prof: Profile, *, max_weight_bytes: int, max_live_bytes: int | None = None,
               max_output_bytes: int | None = None) -> list[int]:
     """Start positions of partitions 1..K-1 minimising the crossing bytes (DP, O(n)).
@@ -188,24 +199,13 @@ def plan_cuts(prof: Profile, *, max_weight_bytes: int, max_live_bytes: int | Non
                          for names in prof.weights], dtype=np.int64).reshape(n)
     owned = _owned(prof)
     blocked = _inseparable(prof, owned)
-    # the smallest piece a cut can leave: a node with the nodes no cut may separate from it
-    unit = per_node.copy()
-    for p in range(n - 1, 0, -1):
-        if blocked[p]:
-            unit[p - 1] += unit[p]
-            unit[p] = 0
-    heaviest = int(unit.max()) if n else 0
+    heaviest = _largest_piece(per_node, blocked)
     if heaviest > max_weight_bytes:
         raise PartitionBudgetError(
             f"one node alone reads {heaviest} bytes of weights; the smallest weight budget that "
             f"works is {heaviest} bytes (asked for {max_weight_bytes})"
         )
-    out_unit = prof.outputs.copy()
-    for p in range(n - 1, 0, -1):
-        if blocked[p]:
-            out_unit[p - 1] += out_unit[p]
-            out_unit[p] = 0
-    widest = int(out_unit.max()) if n else 0
+    widest = _largest_piece(prof.outputs, blocked)
     if max_output_bytes is not None and widest > max_output_bytes:
         raise PartitionBudgetError(
             f"one node alone writes {widest} bytes per call; the op-output budget must be at least "
