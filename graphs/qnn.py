@@ -115,6 +115,11 @@ def session_threads(threads: int | None = None) -> int | None:
 def _session_options(threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.log_severity_level = 3  # warnings from the EP about Windows-only features are noise here
+    # No CPU memory arena: an output array that session.run returns keeps the arena region it
+    # lives in, and the engine keeps outputs (hand-offs between partitions) long after the
+    # session is gone. A 640x1024 partition's arena is gigabytes, so each partition left one
+    # behind; without the arena an output holds only its own bytes (docs/first-frame.md).
+    so.enable_cpu_mem_arena = False
     threads = session_threads(threads)
     if threads:
         so.intra_op_num_threads = threads

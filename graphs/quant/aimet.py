@@ -35,11 +35,13 @@ def config_file(htp_arch: int) -> str:
 
 
 def session_kwargs() -> dict:
-    """aimet's session takes the thread limit of :func:`neodragon_npu.graphs.qnn.thread_limit`."""
+    """aimet's session takes the thread limit of :func:`neodragon_npu.graphs.qnn.thread_limit`,
+    and no CPU memory arena, like ours (:func:`neodragon_npu.graphs.qnn.cpu_session_options`:
+    the calibration outputs handed on would keep the arena alive)."""
     from neodragon_npu.graphs.qnn import session_threads
 
     threads = session_threads()
-    return {"intra_op_num_threads": threads} if threads else {}
+    return {"enable_cpu_mem_arena": False, **({"intra_op_num_threads": threads} if threads else {})}
 
 
 @contextlib.contextmanager

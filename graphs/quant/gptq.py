@@ -29,6 +29,7 @@ import torch
 
 from neodragon_npu.graphs import qnn
 from neodragon_npu.graphs.onnx_edit import const_array, matches_any
+from neodragon_npu.graphs.quant.layerwise import MAX_EXPOSED_BYTES, expose, exposure_batches
 
 QMIN, QMAX = -128, 127  # aimet's symmetric int8 grid: scale * {-128 .. 127}, zero point 0
 # Rows (tokens, or conv output positions) taken from each calibration feed: every token of
@@ -236,6 +237,7 @@ class HessianSet:
     rows_per_feed: int = DEFAULT_ROWS_PER_FEED
     min_rows_ratio: float = 0.5
     total_feeds: int | None = None  # if known: inputs that cannot reach the ratio are not tracked
+    max_exposed_bytes: int = MAX_EXPOSED_BYTES  # per run: see accumulate
     # X^T X (fp32) per input, keyed by the first name (sorted) of the weights reading that
     # input: tensor names differ between separately exported graphs, weight names do not
     hessians: dict[str, np.ndarray] = field(default_factory=dict)
@@ -261,7 +263,13 @@ class HessianSet:
     def accumulate(self, model_path: str | Path, feeds: Sequence[Mapping[str, np.ndarray]],
                    skip: Iterable[str] = (), float_feeds: Sequence[dict[str, np.ndarray]] | None = None) -> int:
         """Run the float model at ``model_path`` on ``feeds`` and add every weight-bearing
-        MatMul/Gemm input's X^T X. Returns the number of inputs tracked.
+        MatMul/Gemm/Conv input's X^T X. Returns the number of inputs tracked.
+
+        The inputs are read as extra graph outputs, at most ``max_exposed_bytes`` of them
+        (fp32) per run: a partition at 640x1024 reads gigabytes of conv inputs, and exposed
+        all at once they cannot share memory. Each group of inputs gets its own session
+        and runs over all feeds, so a partition with more inputs than the budget is run
+        more than once (its earlier groups stop where their last input is made).
 
         ``float_feeds`` are the same samples as the float chain (unquantized partitions)
         delivers them: the model runs on them too, adds X~^T (X - X~) per input (the
@@ -280,63 +288,72 @@ class HessianSet:
         groups = sorted(readers, key=lambda g: (g[0], g[1] is not None, str(g[1])))
         key_of = {g: min(readers[g]) for g in groups}
         self.inputs_of.update({w: key_of[g] for g in groups for w in readers[g]})
-        tensors = sorted({g[0] for g in groups})
+        batches = exposure_batches(proto, {g[0] for g in groups}, self.max_exposed_bytes)
         outputs = [o.name for o in proto.graph.output]
-        del proto.graph.output[:]
-        for name in tensors + ([o for o in outputs if o not in tensors] if float_feeds is not None else []):
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         probe = path.with_name(f".{path.stem}.probe.onnx")  # next to it: same external data
         try:
-            onnx.save(proto, str(probe))
-            session = qnn.cpu_session(probe)
-            wanted = [i.name for i in session.get_inputs()]
-            for i, feed in enumerate(feeds):
-                values = session.run(tensors, {n: feed[n] for n in wanted})
-                targets = None
-                if float_feeds is not None:
-                    env = float_feeds[i]
-                    names = [o.name for o in session.get_outputs()]
-                    run = dict(zip(names, session.run(names, {n: env[n] for n in wanted})))
-                    env.update({o: run[o] for o in outputs})
-                    targets = [run[t] for t in tensors]
-                value_of = dict(zip(tensors, values))
-                target_of = dict(zip(tensors, targets)) if targets is not None else None
-                for group in groups:
-                    tensor, conv = group
-                    name, x = key_of[group], value_of[tensor]
-                    if conv is not None:
-                        x2 = conv.rows(x, self.rows_per_feed)
-                        k = x2.shape[1]
-                        t2 = conv.rows(target_of[tensor], self.rows_per_feed) if target_of is not None else None
-                        if self.total_feeds and x2.shape[0] * self.total_feeds < self.min_rows_ratio * k:
-                            continue
-                    else:
-                        rows, k = int(np.prod(x.shape[:-1])), x.shape[-1]
-                        if self.total_feeds and min(rows, self.rows_per_feed) * self.total_feeds < self.min_rows_ratio * k:
-                            continue  # too few rows for its width: it will be rounded to nearest
-                        pick = None
-                        if rows > self.rows_per_feed:
-                            pick = np.linspace(0, rows - 1, self.rows_per_feed).round().astype(int)
-                        x2 = np.asarray(x, dtype=np.float32).reshape(-1, k)
-                        x2 = x2 if pick is None else x2[pick]
-                        t2 = None
-                        if target_of is not None:
-                            t2 = np.asarray(target_of[tensor], dtype=np.float32).reshape(-1, k)
-                            t2 = t2 if pick is None else t2[pick]
-                    if name not in self.hessians:
-                        self.hessians[name] = np.zeros((k, k), dtype=np.float32)
-                        self.rows[name] = 0
-                    self.hessians[name] += x2.T @ x2
-                    self.rows[name] += x2.shape[0]
-                    if t2 is not None:
-                        if name not in self.cross:
-                            self.cross[name] = np.zeros((k, k), dtype=np.float32)
-                        self.cross[name] += x2.T @ (t2 - x2)
-                del values, targets
-            del session
+            for b, batch in enumerate(batches):
+                last = b == len(batches) - 1
+                # the float run of the last group also brings the graph outputs
+                fetch_float = batch + ([o for o in outputs if o not in batch] if last else [])
+                exposed = batch + [o for o in fetch_float if o not in batch]
+                if not exposed:
+                    continue
+                probe.write_bytes(expose(proto, exposed))
+                session = qnn.cpu_session(probe)
+                wanted = [i.name for i in session.get_inputs()]
+                in_batch = [g for g in groups if g[0] in batch]
+                for i, feed in enumerate(feeds):
+                    value_of = dict(zip(batch, session.run(batch, {n: feed[n] for n in wanted}))) if batch else {}
+                    target_of = None
+                    if float_feeds is not None:
+                        env = float_feeds[i]
+                        run = dict(zip(fetch_float, session.run(fetch_float, {n: env[n] for n in wanted})))
+                        if last:
+                            env.update({o: run[o] for o in outputs})
+                        target_of = {t: run[t] for t in batch}
+                        del run
+                    for group in in_batch:
+                        self._add(key_of[group], group, value_of[group[0]],
+                                  None if target_of is None else target_of[group[0]])
+                    del value_of, target_of
+                del session
         finally:
             probe.unlink(missing_ok=True)
         return len(groups)
+
+    def _add(self, name: str, group: tuple[str, ConvGeometry | None], x: np.ndarray, target: np.ndarray | None) -> None:
+        """One feed's rows of one input into its Hessian (and cross term, given the float
+        chain's ``target`` for the same input)."""
+        conv = group[1]
+        if conv is not None:
+            x2 = conv.rows(x, self.rows_per_feed)
+            k = x2.shape[1]
+            if self.total_feeds and x2.shape[0] * self.total_feeds < self.min_rows_ratio * k:
+                return
+            t2 = conv.rows(target, self.rows_per_feed) if target is not None else None
+        else:
+            rows, k = int(np.prod(x.shape[:-1])), x.shape[-1]
+            if self.total_feeds and min(rows, self.rows_per_feed) * self.total_feeds < self.min_rows_ratio * k:
+                return  # too few rows for its width: it will be rounded to nearest
+            pick = None
+            if rows > self.rows_per_feed:
+                pick = np.linspace(0, rows - 1, self.rows_per_feed).round().astype(int)
+            x2 = np.asarray(x, dtype=np.float32).reshape(-1, k)
+            x2 = x2 if pick is None else x2[pick]
+            t2 = None
+            if target is not None:
+                t2 = np.asarray(target, dtype=np.float32).reshape(-1, k)
+                t2 = t2 if pick is None else t2[pick]
+        if name not in self.hessians:
+            self.hessians[name] = np.zeros((k, k), dtype=np.float32)
+            self.rows[name] = 0
+        self.hessians[name] += x2.T @ x2
+        self.rows[name] += x2.shape[0]
+        if t2 is not None:
+            if name not in self.cross:
+                self.cross[name] = np.zeros((k, k), dtype=np.float32)
+            self.cross[name] += x2.T @ (t2 - x2)
 
 
 def weight_sites(model: ir.Model, skip: Iterable[str] = ()) -> list[_Site]:

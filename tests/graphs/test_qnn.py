@@ -142,10 +142,10 @@ def test_thread_limit_holds_torch_the_blas_and_new_sessions_and_is_undone(qdq_mo
         assert blas_threads() == {1}
         assert qnn.cpu_session(str(model)).get_session_options().intra_op_num_threads == 1
         assert qnn.cpu_session(str(model), threads=2).get_session_options().intra_op_num_threads == 2
-        assert _session_kwargs() == {"intra_op_num_threads": 1}  # aimet's QuantSim session
+        assert _session_kwargs() == {"enable_cpu_mem_arena": False, "intra_op_num_threads": 1}  # aimet's session
     assert torch.get_num_threads() == torch_before and blas_threads() == blas_before
     assert qnn.cpu_session(str(model)).get_session_options().intra_op_num_threads == 0  # onnxruntime's default
-    assert _session_kwargs() == {}
+    assert _session_kwargs() == {"enable_cpu_mem_arena": False}
     with qnn.thread_limit(None):  # no limit: nothing changes
         assert torch.get_num_threads() == torch_before and qnn.session_threads() is None
 
@@ -234,3 +234,38 @@ def test_a_worker_started_after_its_pool_died_exits_at_once():
             f"exit_with_parent({dead.pid}, interval=0.05); time.sleep(600)")
     worker = subprocess.Popen([sys.executable, "-c", code])
     assert worker.wait(timeout=60) == 1
+
+
+def test_an_output_kept_after_its_session_holds_only_its_own_bytes(tmp_path):
+    """The engine keeps partition outputs long after their session is gone: they must not
+    keep the session's working memory (with onnxruntime's CPU arena, an output pins the
+    arena region it was allocated in)."""
+    import ctypes
+    import gc
+
+    import psutil
+    from onnx import TensorProto, helper
+
+    from tests.helpers import onnx_model
+
+    n = 16 << 20  # 64 MB of fp32 per tensor
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Mul", ["c", "a"], ["d"]),
+             helper.make_node("Sub", ["d", "b"], ["y"])]
+    model = onnx_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])], [])
+    onnx_io.save(model, tmp_path / "m.onnx")
+    x = np.ones(n, dtype=np.float32)
+    session = qnn.cpu_session(tmp_path / "m.onnx")
+    assert session.get_session_options().enable_cpu_mem_arena is False
+    process = psutil.Process()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = process.memory_info().rss
+    (kept,) = session.run(None, {"x": x})
+    del session
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    held = process.memory_info().rss - before
+    np.testing.assert_array_equal(kept[:4], [1.0, 1.0, 1.0, 1.0])  # (1 - 1) * 1 - (-1)
+    assert held < 1.5 * kept.nbytes, held / kept.nbytes

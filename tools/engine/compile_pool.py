@@ -121,8 +121,8 @@ class PartTimer(Stopwatch):
     each on one thread if a compile is running or waiting as it starts (see
     :func:`graphs.qnn.thread_limit`); ``limited`` is the seconds spent so."""
 
-    def __init__(self, compiler: Compiler) -> None:
-        super().__init__()
+    def __init__(self, compiler: Compiler, tree=None) -> None:
+        super().__init__(tree)
         self.compiler, self.limited = compiler, 0.0
 
     @contextlib.contextmanager

@@ -415,7 +415,7 @@ class _Family:
                 if self.gptq and plan.gptq_target == "float":
                     float_envs = {g.name: [dict(envs[g.name][i]) for i in picks] for g in graphs}
             for k in range(start, self.n_parts):
-                watch, memory = PartTimer(self.compiler), self.tree.open_window()
+                watch, memory = PartTimer(self.compiler, self.tree), self.tree.open_window()
                 hessians = None
                 if self.gptq:  # one rounding for the weights every graph shares
                     with watch("GPTQ statistics"):
@@ -479,7 +479,8 @@ class _Family:
                             "RSS %.2f GB, this process %.2f GB)", k + 1, self.n_parts, rounded, watch.summary(),
                             watch.limited, memory.tree / 1e9, memory.main / 1e9)
                 self.quantize_seconds.append({part: round(sec, 1) for part, sec in watch.seconds.items()})
-                self.quantize_peaks.append({"all_processes": memory.tree, "main_process": memory.main})
+                self.quantize_peaks.append({"all_processes": memory.tree, "main_process": memory.main,
+                                            "main_process_per_part": dict(watch.peaks)})
                 del hessians
                 last = k == self.n_parts - 1
                 self._store_partition(k, files, {"envs": None if last else envs, "check_envs": self.check_envs,

@@ -269,18 +269,28 @@ def count(label: str, i: int, n: int) -> None:
 
 class Stopwatch:
     """Seconds spent in named parts of a repeated step: ``with watch("gptq"): ...``; the
-    parts keep their first-use order, and time adds up over repeated uses."""
+    parts keep their first-use order, and time adds up over repeated uses. Given a
+    :class:`TreePeak`, it also keeps each part's peak resident bytes of this process (the
+    part that holds the memory of a step is what a user trims first)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tree: "TreePeak | None" = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.peaks: dict[str, int] = {}
+        self._tree = tree
 
     @contextlib.contextmanager
     def __call__(self, part: str) -> Iterator[None]:
         start = time.perf_counter()
+        window = self._tree.open_window() if self._tree is not None else None
         try:
             yield
         finally:
             self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+            if window is not None:
+                self._tree.close_window(window)
+                self.peaks[part] = max(self.peaks.get(part, 0), window.main)
 
     def summary(self) -> str:
-        return ", ".join(f"{part} {s:.0f} s" for part, s in self.seconds.items())
+        return ", ".join(
+            f"{part} {s:.0f} s" + (f" at {self.peaks[part] / 1e9:.2f} GB" if part in self.peaks else "")
+            for part, s in self.seconds.items())

@@ -158,6 +158,55 @@ def test_hessians_follow_weights_not_tensor_names_across_graphs(tmp_path):
     assert hessians.rows[hessians.inputs_of["w_a"]] == 32
 
 
+def test_inputs_read_in_groups_under_the_byte_budget_give_the_same_statistics(tmp_path):
+    """A chain of four Linears whose inputs are read at most 2 per run (by size) gives the
+    Hessians, cross terms and float outputs of reading them all at once."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.helpers import onnx_model
+
+    rng = np.random.default_rng(3)
+    ws = [rng.standard_normal((8, 8)).astype(np.float32) / 3 for _ in range(4)]
+    nodes, x = [], "h"
+    for i in range(4):
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"mm{i}"))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"t{i}"], name=f"tanh{i}"))
+        x = f"t{i}"
+    model = onnx_model(nodes, [helper.make_tensor_value_info("h", TensorProto.FLOAT, [16, 8])],
+                       [helper.make_tensor_value_info("t3", TensorProto.FLOAT, [16, 8])],
+                       [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)])
+    onnx_io.save(model, tmp_path / "chain.onnx")
+    proto = onnx.load(str(tmp_path / "chain.onnx"), load_external_data=False)
+    one_input = 16 * 8 * 4
+    batches = gptq.exposure_batches(proto, ["h", "t0", "t1", "t2"], 2 * one_input)
+    assert batches == [["h", "t0"], ["t1", "t2"]]  # graph order, two per run
+    assert gptq.exposure_batches(proto, [], one_input) == [[]]
+
+    feeds = [{"h": rng.standard_normal((16, 8)).astype(np.float32)} for _ in range(2)]
+    distorted = [{"h": f["h"] + 0.05 * rng.standard_normal((16, 8)).astype(np.float32)} for f in feeds]
+    results = []
+    for budget in (2 * one_input, 1 << 30):
+        hessians = gptq.HessianSet(max_exposed_bytes=budget)
+        float_feeds = [dict(f) for f in feeds]
+        assert hessians.accumulate(tmp_path / "chain.onnx", distorted, float_feeds=float_feeds) == 4
+        results.append((hessians, float_feeds))
+    (grouped, grouped_out), (whole, whole_out) = results
+    assert set(grouped.hessians) == set(whole.hessians) == {"w0", "w1", "w2", "w3"}
+    for key in whole.hessians:
+        np.testing.assert_allclose(grouped.hessians[key], whole.hessians[key], rtol=1e-6)
+        np.testing.assert_allclose(grouped.cross[key], whole.cross[key], rtol=1e-6, atol=1e-7)
+        assert grouped.rows[key] == whole.rows[key] == 32
+    # the float feeds come back holding the float model's output
+    for f, out in zip(feeds, grouped_out):
+        ref = f["h"]
+        for w in ws:
+            ref = np.tanh(ref @ w)
+        np.testing.assert_allclose(out["t3"], ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grouped.hessians["w2"], sum(
+        np.tanh(np.tanh(d["h"] @ ws[0]) @ ws[1]).T @ np.tanh(np.tanh(d["h"] @ ws[0]) @ ws[1]) for d in distorted),
+        rtol=1e-4)
+
+
 def test_a_graph_with_every_weight_skipped_still_advances_the_float_feeds(tmp_path):
     """A partition whose Linears all stay at 16 bit gives no Hessian, but the float chain
     must still pass through it: the next partition reads its outputs."""

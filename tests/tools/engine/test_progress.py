@@ -51,6 +51,27 @@ def test_stopwatch_adds_up_repeated_parts_in_first_use_order():
     assert watch.summary().startswith("first 0 s, second 0 s")
 
 
+def test_stopwatch_keeps_the_peak_memory_of_each_part():
+    """The part that allocates holds the peak; the part after it, once that memory is
+    freed, does not."""
+    tree = TreePeak(interval=0.02)
+    watch = Stopwatch(tree)
+    try:
+        before = tree_rss_bytes()
+        with watch("allocate"):
+            block = bytearray(300 << 20)
+            block[::4096] = b"1" * len(block[::4096])  # touch every page: resident
+            time.sleep(0.2)
+        del block
+        with watch("after"):
+            time.sleep(0.2)
+    finally:
+        tree.stop()
+    assert watch.peaks["allocate"] - before > 250 << 20
+    assert watch.peaks["after"] < watch.peaks["allocate"] - (200 << 20)
+    assert " at " in watch.summary() and "GB" in watch.summary()
+
+
 def test_overlapping_peak_windows_close_in_any_order():
     """A step's window and a partition's inside it may hold equal values: closing the inner
     one must not end the outer one."""
