@@ -4,10 +4,10 @@ A partition is a contiguous run of nodes in one topological order, so the quotie
 is a chain (acyclic by construction) and every node lands in exactly one partition.
 Cuts are chosen by dynamic programming to minimise the activation bytes crossing them,
 subject to a budget on the weights each partition holds (which bounds its compile size and
-its context memory) and, optionally, on the bytes its ops write per call (GPTQ's statistics
-expose every layer's input of a partition at once; this budget alone does not bound a
-partition's quantization memory: docs/first-frame.md). The live-activation budget does not depend on where the cuts go, so
-it is checked up front.
+its context memory) and, optionally, on the bytes its ops write per call (what its
+calibration and check forwards work through; this budget alone did not bound a partition's
+quantization memory: docs/first-frame.md). The live-activation budget does not depend on
+where the cuts go, so it is checked up front.
 
 Stage graphs of one model share their weights; :func:`align_parts` assigns the nodes of
 another graph so that partition k holds exactly the same weights as in the reference.

@@ -295,11 +295,11 @@ class HessianSet:
             for b, batch in enumerate(batches):
                 last = b == len(batches) - 1
                 # the float run of the last group also brings the graph outputs
-                fetch_float = batch + ([o for o in outputs if o not in batch] if last else [])
-                exposed = batch + [o for o in fetch_float if o not in batch]
-                if not exposed:
+                carried = float_feeds is not None and last
+                fetch_float = batch + ([o for o in outputs if o not in batch] if carried else [])
+                if not fetch_float:
                     continue
-                probe.write_bytes(expose(proto, exposed))
+                probe.write_bytes(expose(proto, fetch_float))
                 session = qnn.cpu_session(probe)
                 wanted = [i.name for i in session.get_inputs()]
                 in_batch = [g for g in groups if g[0] in batch]
@@ -309,7 +309,7 @@ class HessianSet:
                     if float_feeds is not None:
                         env = float_feeds[i]
                         run = dict(zip(fetch_float, session.run(fetch_float, {n: env[n] for n in wanted})))
-                        if last:
+                        if carried:
                             env.update({o: run[o] for o in outputs})
                         target_of = {t: run[t] for t in batch}
                         del run

@@ -66,16 +66,20 @@ def exposure_batches(proto: onnx.ModelProto, tensors: Iterable[str], max_bytes: 
 
 def _static_sizes(proto: onnx.ModelProto) -> dict[str, int]:
     """fp32 bytes of every tensor whose shape inference finds static. Large initializers
-    (weights) go in without their data: inference needs their shapes, and a model with its
-    weights may be too large to serialize."""
-    light = onnx.ModelProto()
-    light.CopyFrom(proto)
-    for init in light.graph.initializer:
-        if init.ByteSize() > (1 << 20):
-            init.ClearField("raw_data")
-            init.data_location = onnx.TensorProto.EXTERNAL
-            del init.external_data[:]
-            init.external_data.add(key="location", value="stripped")
+    (weights) go in as external references without data: inference needs their shapes only,
+    and a model with its weights may be too large to serialize (or to copy cheaply)."""
+    light = onnx.ModelProto(ir_version=proto.ir_version)
+    light.opset_import.extend(proto.opset_import)
+    light.functions.extend(proto.functions)
+    for field in ("node", "input", "output", "value_info"):
+        getattr(light.graph, field).extend(getattr(proto.graph, field))
+    for init in proto.graph.initializer:
+        if init.ByteSize() <= (1 << 20):
+            light.graph.initializer.append(init)
+            continue
+        shell = light.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+        shell.data_location = onnx.TensorProto.EXTERNAL
+        shell.external_data.add(key="location", value="stripped")
     inferred = onnx.shape_inference.infer_shapes(light, data_prop=False)
     size = {}
     for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:

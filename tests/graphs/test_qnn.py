@@ -240,12 +240,10 @@ def test_an_output_kept_after_its_session_holds_only_its_own_bytes(tmp_path):
     """The engine keeps partition outputs long after their session is gone: they must not
     keep the session's working memory (with onnxruntime's CPU arena, an output pins the
     arena region it was allocated in)."""
-    import ctypes
-    import gc
-
     import psutil
     from onnx import TensorProto, helper
 
+    from neodragon_npu.tools.engine.progress import release_memory
     from tests.helpers import onnx_model
 
     n = 16 << 20  # 64 MB of fp32 per tensor
@@ -259,13 +257,11 @@ def test_an_output_kept_after_its_session_holds_only_its_own_bytes(tmp_path):
     session = qnn.cpu_session(tmp_path / "m.onnx")
     assert session.get_session_options().enable_cpu_mem_arena is False
     process = psutil.Process()
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_memory()
     before = process.memory_info().rss
     (kept,) = session.run(None, {"x": x})
     del session
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_memory()
     held = process.memory_info().rss - before
     np.testing.assert_array_equal(kept[:4], [1.0, 1.0, 1.0, 1.0])  # (1 - 1) * 1 - (-1)
     assert held < 1.5 * kept.nbytes, held / kept.nbytes

@@ -24,9 +24,9 @@ GPTQ_TARGETS = ("quantized", "float")
 # fp32 weight bytes one partition may hold: bounds aimet's QuantSim memory (see
 # docs/all-stages-build.md) and, at int8, the compile size (< 2 GiB)
 DEFAULT_PARTITION_WEIGHT_BYTES = 768 << 20
-# bytes one partition's ops write per call at 16 bit: GPTQ's statistics hold every layer's
-# fp32 input of a partition at once (it does not bound all of the quantization's memory:
-# docs/first-frame.md, the SDXL VAE decoder)
+# bytes one partition's ops write per call at 16 bit: what its calibration and check forwards
+# work through (it does not bound all of the quantization's memory: docs/first-frame.md,
+# the SDXL VAE decoder)
 DEFAULT_PARTITION_OUTPUT_BYTES = 3 << 30
 DEFAULT_GPTQ_SAMPLES = 2
 # No tensor above rank 4 reaches the NPU compiler (facts 4.1).
