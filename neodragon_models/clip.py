@@ -237,6 +237,34 @@ def _without_projection(raw: dict, state: dict, config: CLIPTextConfig) -> bool:
             and config.projection_dim == config.hidden_size)
 
 
+def _released_names(raw: dict, entries: dict, config: CLIPTextConfig, identity) -> dict:
+    """A released folder's entries (tensors or shapes) under this module's names. transformers
+    5 saves a CLIPTextModel's tower without the ``text_model.`` prefix; a plain CLIPTextModel
+    (SSD-1B's ssd_1b_text_encoder) has no projection: its pooled output is the final-normed
+    end token itself, and ``identity`` (an identity matrix, or its shape) stands in for it."""
+    if not any(k.startswith("text_model.") for k in entries):
+        entries = {k if k.startswith("text_projection.") else f"text_model.{k}": v for k, v in entries.items()}
+    entries = {k: v for k, v in entries.items() if k not in IGNORED_KEYS}
+    if _without_projection(raw, entries, config):
+        entries["text_projection.weight"] = identity
+    return entries
+
+
+def released_shapes(folder) -> dict[str, tuple[int, ...]]:
+    """The module's weight shapes for a released folder, checked against the folder's
+    safetensors headers (no tensor is read): a mismatch is one :class:`CheckpointError`."""
+    from neodragon_npu.neodragon_models.spec import meta_shapes
+    from neodragon_npu.neodragon_models.weights import check_shapes, checkpoint_shapes, read_config
+
+    raw = read_config(folder)
+    config = clip_config_from_json(raw, str(folder))
+    with torch.device("meta"):
+        shapes = meta_shapes(CLIPTextModelWithProjection(config))
+    found = _released_names(raw, checkpoint_shapes(folder), config, (config.hidden_size, config.hidden_size))
+    check_shapes(shapes, found, str(folder))
+    return shapes
+
+
 def build_clip(config: CLIPTextConfig, *, checkpoint=None, seed: int = 0) -> CLIPTextModelWithProjection:
     """CLIP text encoder with seeded synthetic weights, or a released ``text_encoder`` /
     ``text_encoder_2`` folder (its config.json sets the architecture)."""
@@ -247,14 +275,7 @@ def build_clip(config: CLIPTextConfig, *, checkpoint=None, seed: int = 0) -> CLI
     if checkpoint is not None:
         raw = read_config(checkpoint)
         config = clip_config_from_json(raw, str(checkpoint))
-        state = {k: v for k, v in read_state_dict(checkpoint).items() if k not in IGNORED_KEYS}
-        if not any(k.startswith("text_model.") for k in state):
-            # transformers 5 saves a CLIPTextModel's tower without the text_model. prefix
-            state = {k if k.startswith("text_projection.") else f"text_model.{k}": v for k, v in state.items()}
-        if _without_projection(raw, state, config):
-            # a plain CLIPTextModel (SSD-1B's ssd_1b_text_encoder): its pooled output is the
-            # final-normed end token itself, an identity projection here
-            state["text_projection.weight"] = torch.eye(config.hidden_size)
+        state = _released_names(raw, read_state_dict(checkpoint), config, torch.eye(config.hidden_size))
         with torch.device("meta"):
             model = CLIPTextModelWithProjection(config)
         load_state_dict_strict(model, state, str(checkpoint))

@@ -22,11 +22,11 @@ import torch
 
 from neodragon_npu.neodragon_models.clip import (
     CLIP_CONFIGS, CLIPTextModelWithProjection, build_clip, count_parameters, end_onehot, get_clip_config,
+    released_shapes,
 )
 from neodragon_npu.neodragon_models.spec import (
     GraphSpec, LoadOptions, ModelSpec, SamplePlan, Samples, Tracing, fp32_weight_bytes, load_description, meta_shapes,
 )
-from neodragon_npu.neodragon_models.weights import check_shapes, checkpoint_shapes
 from neodragon_npu.passes import pipelines
 from neodragon_npu.passes.onnx.hoist_token_position import HoistTokenPositionPass
 
@@ -94,18 +94,9 @@ def _samples(model, graphs, plan: SamplePlan) -> Samples:
 def _spec(variant: str, summary: str, folder: str) -> ModelSpec:
     def weight_shapes(opts: LoadOptions) -> dict[str, tuple[int, ...]]:
         if opts.checkpoint is not None:  # the folder's config and headers, matched to the modules
-            from neodragon_npu.neodragon_models.clip import IGNORED_KEYS, clip_config_from_json
-            from neodragon_npu.neodragon_models.weights import read_config
-
-            config = clip_config_from_json(read_config(opts.checkpoint), str(opts.checkpoint))
-        else:
-            config = get_clip_config(variant, opts.config)
+            return released_shapes(opts.checkpoint)
         with torch.device("meta"):
-            shapes = meta_shapes(CLIPTextModelWithProjection(config))
-        if opts.checkpoint is not None:
-            found = {k: v for k, v in checkpoint_shapes(opts.checkpoint).items() if k not in IGNORED_KEYS}
-            check_shapes(shapes, found, str(opts.checkpoint))
-        return shapes
+            return meta_shapes(CLIPTextModelWithProjection(get_clip_config(variant, opts.config)))
 
     return ModelSpec(
         name=variant,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from neodragon_npu.neodragon_models import ssd1b
-from neodragon_npu.neodragon_models.clip import build_clip, get_clip_config
+from neodragon_npu.neodragon_models.clip import build_clip, get_clip_config, released_shapes
 from neodragon_npu.neodragon_models.first_frame import (
     UNET_INPUTS, Conditioning, run_first_frame, text_conditioning, torch_decoder, torch_unet,
 )
@@ -202,6 +202,10 @@ def _unet_shapes(o: LoadOptions) -> dict[str, tuple[int, ...]]:
         shapes = meta_shapes(UNet2DConditionModel.from_config(config))
     if o.checkpoint is not None:
         check_shapes(shapes, checkpoint_shapes(o.checkpoint / UNET_FOLDER), str(o.checkpoint / UNET_FOLDER))
+        # the text encoders the samples' loop reads when the folder holds them
+        for name in TEXT_FOLDERS:
+            if (o.checkpoint / name).is_dir():
+                released_shapes(o.checkpoint / name)
     return shapes
 
 

@@ -134,3 +134,9 @@ def test_a_plain_clip_text_model_folder_loads_with_its_pooled_output(tmp_path):
         pooled, penultimate = ours(ids)
     torch.testing.assert_close(pooled, ref.pooler_output, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(penultimate, ref.hidden_states[-2], atol=1e-5, rtol=1e-5)
+    # the preflight reads the same folder as the load does: the projection is the identity
+    from neodragon_npu.neodragon_models.spec import LoadOptions
+    from neodragon_npu.neodragon_models.specs import get_model
+
+    shapes = get_model("clip-l").preflight(LoadOptions("tiny", tmp_path / "ssd_1b_text_encoder", 0, {}))
+    assert shapes == {k: tuple(v.shape) for k, v in ours.state_dict().items()}

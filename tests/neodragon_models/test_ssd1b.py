@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +93,32 @@ def test_released_folders_load_and_a_mismatched_one_is_named(tmp_path, unet):
     bad = save_checkpoint(vae, tmp_path / "bad_vae", raw)
     with pytest.raises(CheckpointError, match="mis-shaped keys: .*post_quant_conv"):
         ssd1b.build_vae({}, checkpoint=bad)
+
+
+def test_the_preflight_checks_the_text_encoder_folders_it_finds(tmp_path, unet):
+    """A released SSD-1B folder's text encoders are read by the samples' loop, after the
+    UNet is built: a mismatched one fails the preflight, before any work."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from neodragon_npu.neodragon_models.clip import get_clip_config
+    from neodragon_npu.neodragon_models.spec import LoadOptions
+    from neodragon_npu.neodragon_models.specs import get_model
+    from neodragon_npu.neodragon_models.weights import CheckpointError, save_checkpoint
+
+    save_checkpoint(unet, tmp_path / "ssd_1b_unet", {"_class_name": "UNet2DConditionModel",
+                                                    **ssd1b.get_unet_config("tiny")})
+    # SSD-1B's ssd_1b_text_encoder is a plain CLIPTextModel: no projection
+    cfg = get_clip_config("clip-l", "tiny")
+    cfg = dataclasses.asdict(dataclasses.replace(cfg, projection_dim=cfg.hidden_size))
+    CLIPTextModel(CLIPTextConfig(**cfg)).save_pretrained(tmp_path / "ssd_1b_text_encoder")
+    spec, load = get_model("ssd1b-unet"), LoadOptions("tiny", tmp_path, 0, {})
+    assert spec.preflight(load) == spec.preflight(LoadOptions("tiny", None, 0, {}))
+    config = tmp_path / "ssd_1b_text_encoder" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"hidden_size": 2 * cfg["hidden_size"]}))
+    with pytest.raises(CheckpointError, match=r"ssd_1b_text_encoder does not match the model: .*mis-shaped"):
+        spec.preflight(load)
 
 
 def test_sample_plans_of_a_build_and_of_verify_ask_for_whole_prompts():
