@@ -175,3 +175,55 @@ def expand_split_attention(model: ir.Model) -> int:
             expanded += 1
     model.graph.opset_imports.pop(SPLIT_ATTENTION_DOMAIN, None)
     return expanded
+
+
+_SCORE_ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
+
+
+def split_attention_score_groups(model: ir.Model) -> list[list[str]]:
+    """The score tensors of each split attention in ``model``, one group per attention and
+    kind: the Softmax inputs, and apart from them the QK^T outputs that a bias is added to
+    before the Softmax. Groups of one tensor are left out.
+
+    A split attention is recognised by its structure, whoever wrote it: Softmax -> MatMul
+    (with V) -> Concat, the Concats of one attention chained (over chunks, then heads); the
+    Softmaxes under one final Concat form one attention. Going up from a Softmax input, the
+    elementwise ops a score passes through (the bias Add, a scale) lead to its QK^T MatMul.
+    """
+    groups: dict[tuple[int, str], list[str]] = {}
+    for node in model.graph:
+        if node.op_type != "Softmax" or node.inputs[0] is None:
+            continue
+        top = _final_concat(node)
+        if top is None:
+            continue
+        scores = node.inputs[0]
+        groups.setdefault((id(top), "softmax input"), []).append(scores.name)
+        up = scores.producer()
+        while up is not None and up.op_type in _SCORE_ELEMENTWISE:
+            # the score side of the op: the bias is a constant, a graph input or a slice of one
+            on_path = [v for v in up.inputs if v is not None and v.producer() is not None
+                       and v.producer().op_type in (*_SCORE_ELEMENTWISE, "MatMul")]
+            if len(on_path) != 1:
+                break
+            scores, up = on_path[0], on_path[0].producer()
+            if up.op_type == "MatMul":
+                groups.setdefault((id(top), "before bias"), []).append(scores.name)
+                break
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _final_concat(softmax: ir.Node) -> ir.Node | None:
+    """The last Concat of the chain Softmax -> MatMul -> Concat -> Concat ..., or None."""
+    uses = softmax.outputs[0].uses()
+    if len(uses) != 1 or uses[0][0].op_type != "MatMul":
+        return None
+    out = uses[0][0].outputs[0].uses()
+    if len(out) != 1 or out[0][0].op_type != "Concat":
+        return None
+    concat = out[0][0]
+    while True:
+        after = concat.outputs[0].uses()
+        if len(after) != 1 or after[0][0].op_type != "Concat":
+            return concat
+        concat = after[0][0]

@@ -9,6 +9,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from neodragon_npu.graphs.onnx_attention import split_attention_score_groups
 from neodragon_npu.graphs.onnx_edit import is_quantized
 from neodragon_npu.graphs.quant import aimet
 from neodragon_npu.passes.base import Option, Pass, PassResult, PreconditionError, calibration_feeds
@@ -45,6 +46,13 @@ class QuantizeW8A16Pass(Pass):
     graphs) are quantized as one merged model (:mod:`graphs.shared_weights`), so each weight
     gets one encoding.
 
+    ``shared_attention_ranges``: the score tensors of one split attention (every head and
+    query chunk, :func:`graphs.onnx_attention.split_attention_score_groups`) get one range,
+    the union of their calibrated ranges, as the unsplit score tensor would. Calibrated
+    piece by piece, a chunk's range comes from its own few rows and heads; a cross-attention
+    chunk whose scores were all positive on the calibration prompts clipped a held-out
+    prompt's negative scores to nearly zero (docs/first-frame.md).
+
     ``encodings_dir`` also receives the AIMET ``.encodings`` JSON (the format AI Hub and
     QAIRT tools read). A model that already holds Q/DQ nodes is left unchanged.
 
@@ -71,6 +79,7 @@ class QuantizeW8A16Pass(Pass):
         "encodings_prefix": Option("str", "the encodings file's name"),
         "range_margin": Option("float", "activation ranges widened by this factor", min=1.0, max=16.0),
         "high_precision": Option("str list", "weight name patterns kept at 16 bit"),
+        "shared_attention_ranges": Option("bool", "one score range per split attention"),
     }
     ENGINE_OPTIONS = ("on_output", "quantized_weight_feeds")
 
@@ -84,6 +93,7 @@ class QuantizeW8A16Pass(Pass):
         encodings_prefix: str = "model",
         range_margin: float = 2.0,
         high_precision: Sequence[str] = (),
+        shared_attention_ranges: bool = True,
         on_output: Callable[[int, dict[str, np.ndarray]], None] | None = None,
         quantized_weight_feeds: Sequence[int] = (),
     ) -> None:
@@ -92,6 +102,7 @@ class QuantizeW8A16Pass(Pass):
         self.calibration = calibration
         self.range_margin = range_margin
         self.high_precision = list(high_precision)
+        self.shared_attention_ranges = shared_attention_ranges
         self.htp_arch = htp_arch
         self.quant_scheme = quant_scheme
         self.encodings_dir = encodings_dir
@@ -133,6 +144,8 @@ class QuantizeW8A16Pass(Pass):
                     self.on_output(i, {rename[n]: v for n, v in out.items()})
 
             sim.compute_encodings(lambda session: _calibrate(sim, session, feeds, handler, self.quantized_weight_feeds))
+            if self.shared_attention_ranges:
+                share_activation_ranges(sim, split_attention_score_groups(model))
             if self.range_margin != 1.0:
                 widen_activation_ranges(sim, self.range_margin)
             if self.encodings_dir is not None:
@@ -186,12 +199,43 @@ def _calibrate(sim, session, feeds: list[dict[str, np.ndarray] | None], on_outpu
                 forward(i)
 
 
+def share_activation_ranges(sim, groups: Sequence[Sequence[str]]) -> int:
+    """Give the quantizers of each group of activations one range, the union of theirs;
+    returns how many quantizers changed."""
+    changed = 0
+    for names in groups:
+        quantizers = {id(q): q for q in (sim.qc_quantize_op_dict.get(n) for n in names)
+                      if q is not None and q.enabled and q.get_encodings()}
+        if len(quantizers) < 2:
+            continue
+        encodings = [q.get_encodings() for q in quantizers.values()]
+        if any(len(e) != 1 for e in encodings):  # per-channel activations are not ours to merge
+            continue
+        lo, hi = min(e[0].min for e in encodings), max(e[0].max for e in encodings)
+        for q, own in zip(quantizers.values(), encodings):
+            q.load_encodings([_encoding(lo, hi, own[0].bw)])
+            changed += 1
+    return changed
+
+
+def _encoding(lo: float, hi: float, bw: int):
+    """aimet's asymmetric encoding of [lo, hi] at ``bw`` bits, zero on the grid."""
+    from aimet_onnx.common import libpymo
+
+    levels = 2**bw - 1
+    out = libpymo.TfEncoding()
+    out.bw = bw
+    out.delta = (hi - lo) / levels
+    out.offset = round(lo / out.delta)
+    out.min = out.offset * out.delta
+    out.max = out.min + out.delta * levels
+    return out
+
+
 def widen_activation_ranges(sim, margin: float) -> int:
     """Scale every calibrated activation range [lo, hi] to [lo*m, hi*m] (signs kept, zero
     stays exact), once per quantizer; quantizers with fixed ranges (softmax, sigmoid) are
     left alone."""
-    from aimet_onnx.common import libpymo
-
     widened = 0
     done: set[int] = set()
     for name in sim.activation_names:
@@ -208,14 +252,7 @@ def widen_activation_ranges(sim, margin: float) -> int:
         for enc in encodings:
             lo = enc.min * margin if enc.min < 0 else enc.min
             hi = enc.max * margin if enc.max > 0 else enc.max
-            levels = 2**enc.bw - 1
-            out = libpymo.TfEncoding()
-            out.bw = enc.bw
-            out.delta = (hi - lo) / levels
-            out.offset = round(lo / out.delta)
-            out.min = out.offset * out.delta
-            out.max = out.min + out.delta * levels
-            new.append(out)
+            new.append(_encoding(lo, hi, enc.bw))
         quantizer.load_encodings(new)
         widened += 1
     return widened

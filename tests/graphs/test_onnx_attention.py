@@ -106,3 +106,35 @@ def test_chunks_that_miss_queries_are_refused():
     graph.outputs.append(node.outputs[0])
     with pytest.raises(ValueError, match="do not cover the 6 queries"):
         expand_split_attention(ir.Model(graph, ir_version=10))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_score_tensors_of_a_split_attention_are_found_as_one_group(tmp_path, with_bias):
+    """Heads x chunks Softmax inputs in one group; with a bias added to the scores, the QK^T
+    outputs before it in a second."""
+    from neodragon_npu.graphs import onnx_io
+    from neodragon_npu.graphs.onnx_attention import split_attention_score_groups
+
+    class Split(torch.nn.Module):
+        def forward(self, q, k, v, bias):
+            return attention_split(q, k, v, bias if with_bias else None, chunks=((0, 3, 6, -1), (3, 6, 6, -1)))
+
+    q = torch.zeros(1, 2, 6, 4)
+    path = tmp_path / "split.onnx"
+    export_onnx(Split().eval(), [q, q, q, torch.zeros(1, 1, 6, 6)], path, input_names=["q", "k", "v", "bias"],
+                output_names=["y"])
+    model = onnx_io.load(path)
+    groups = split_attention_score_groups(model)
+    softmax_inputs = {n.inputs[0].name for n in model.graph if n.op_type == "Softmax"}
+    assert len(softmax_inputs) == 4
+    assert [set(g) for g in groups if set(g) == softmax_inputs] == [softmax_inputs]
+    before_bias = [g for g in groups if set(g) != softmax_inputs]
+    if with_bias:
+        assert len(before_bias) == 1 and len(before_bias[0]) == 4
+        assert all(_producer_op(model, n) == "MatMul" for n in before_bias[0])
+    else:
+        assert before_bias == []
+
+
+def _producer_op(model, name):
+    return next(n.op_type for n in model.graph for o in n.outputs if o.name == name)

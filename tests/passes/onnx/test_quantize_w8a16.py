@@ -230,3 +230,69 @@ def test_calibration_forwards_asked_for_keep_the_weights_quantized(float_model):
         np.testing.assert_allclose(outs[i], run_onnx(on_grid, feeds[i])[0], rtol=1e-5, atol=1e-5)
         assert not np.allclose(outs[i], run_onnx(model, feeds[i])[0], rtol=0, atol=1e-6)
     np.testing.assert_allclose(outs[1], run_onnx(model, feeds[1])[0], rtol=1e-5, atol=1e-5)
+
+
+class SplitCrossAttention(torch.nn.Module):
+    """One cross-attention in its split form: 2 heads, 3 query chunks, 8 text tokens."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.out = (torch.nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x, text):
+        from neodragon_npu.kernels.attention import attention_split
+
+        def heads(t):
+            return t.view(1, -1, 2, 8).transpose(1, 2)
+
+        out = attention_split(heads(self.q(x)), heads(self.k(text)), heads(self.v(text)), None,
+                              chunks=((0, 4, 8, -1), (4, 8, 8, -1), (8, 12, 8, -1)))
+        return self.out(out.transpose(1, 2).reshape(1, 12, 16))
+
+
+def _attention_feeds(n, seed):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, 12, 16)).astype(np.float32),
+             "text": rng.standard_normal((1, 8, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def _activation_ranges(folder, prefix):
+    enc = json.loads((folder / f"{prefix}.encodings").read_text())
+    return {e["name"]: (e["offset"][0] * e["scale"][0], (e["offset"][0] + 2 ** e["bw"] - 1) * e["scale"][0])
+            for e in enc["activation_encodings"]}
+
+
+def test_the_pieces_of_a_split_attention_share_one_score_range(tmp_path):
+    """Each head and query chunk of a split attention calibrates its scores on its own rows;
+    the unsplit score tensor has one range, the union of theirs, and so do the pieces."""
+    from neodragon_npu.graphs.onnx_attention import split_attention_score_groups
+    from neodragon_npu.graphs.quant.layerwise import expose
+
+    path = tmp_path / "attn.onnx"
+    export_onnx(SplitCrossAttention().eval(), [torch.zeros(1, 12, 16), torch.zeros(1, 8, 16)], path,
+                input_names=["x", "text"], output_names=["y"])
+    groups = split_attention_score_groups(onnx_io.load(path))
+    assert len(groups) == 1 and len(groups[0]) == 6  # every head x chunk, the Softmax inputs
+    scores = groups[0]
+    proto = ir.serde.serialize_model(onnx_io.load(path))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(expose(proto, scores), providers=["CPUExecutionProvider"])
+    calibration = _attention_feeds(4, 0)
+    values = [session.run(None, feed) for feed in calibration]
+    own = {n: (min(float(v[i].min()) for v in values), max(float(v[i].max()) for v in values))
+           for i, n in enumerate(scores)}
+    union = (min(lo for lo, _ in own.values()), max(hi for _, hi in own.values()))
+    assert max(abs(lo - union[0]) + abs(hi - union[1]) for lo, hi in own.values()) > 0.1 * (union[1] - union[0])
+
+    for shared, prefix in ((True, "shared"), (False, "own")):
+        QuantizeW8A16Pass(calibration=calibration, range_margin=1.0, encodings_dir=tmp_path, encodings_prefix=prefix,
+                          shared_attention_ranges=shared)(onnx_io.load(path))
+        ranges = _activation_ranges(tmp_path, prefix)
+        for name in scores:
+            want = union if shared else own[name]
+            # aimet's first calibration forward runs on the int8 weights: its ranges are not
+            # exactly the float model's
+            assert ranges[name] == pytest.approx(want, abs=0.01 * (union[1] - union[0])), (prefix, name)
+        assert (len({ranges[n] for n in scores}) == 1) == shared
