@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -276,8 +277,6 @@ def test_the_pieces_of_a_split_attention_share_one_score_range(tmp_path):
     assert len(groups) == 1 and len(groups[0]) == 6  # every head x chunk, the Softmax inputs
     scores = groups[0]
     proto = ir.serde.serialize_model(onnx_io.load(path))
-    import onnxruntime as ort
-
     session = ort.InferenceSession(expose(proto, scores), providers=["CPUExecutionProvider"])
     calibration = _attention_feeds(4, 0)
     values = [session.run(None, feed) for feed in calibration]
