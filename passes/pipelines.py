@@ -130,6 +130,20 @@ def denoiser_high_precision(first_blocks: int = FIRST_BLOCKS_AT_16_BIT) -> tuple
 
 DENOISER_HIGH_PRECISION = denoiser_high_precision()
 
+# Weights a diffusers UNet2DConditionModel build keeps at 16 bit: those its feature stream
+# passes through rather than beside. A resnet's or transformer's residual branch adds its
+# int8 noise scaled by the branch's small share of the stream; the stem and head, the
+# resamplers, and the 1x1 shortcuts of resnets that change width (every up-path resnet,
+# whose input is concatenated with a skip) carry the whole stream, so each adds its full
+# int8 noise, one after another (figures: docs/first-frame.md).
+UNET_STREAM_WEIGHTS = (
+    "unet.conv_in.*",
+    "unet.*downsamplers*",
+    "unet.*conv_shortcut*",
+    "unet.*upsamplers*",
+    "unet.conv_out.*",
+)
+
 
 def denoiser_onnx_baseline() -> list[Pass]:
     """The ONNX clean-up of "Start here", without the stage-graph fusions."""
@@ -199,7 +213,10 @@ class W8A16:
 
     def describe(self) -> dict:
         out = {"weights": "int8 per-channel symmetric", "activations": "uint16", "kv_bits": self.kv_bits,
-               "high_precision": list(self.high_precision), "weight_rounding": self.rounding}
+               "high_precision": list(self.high_precision), "weight_rounding": self.rounding,
+               "activation_range_margin": self.range_margin,
+               # QuantizeW8A16Pass's default, which w8a16() keeps
+               "attention_score_ranges": "one per split attention"}
         if self.auto_16bit_db is not None:
             out["auto_16bit_db"] = self.auto_16bit_db
         if self.rounding == "adaround":

@@ -98,6 +98,16 @@ def test_tiny_w8a16_builds_of_both_graphs_pass_in_the_htp_simulator(builds):
         # GroupNorm stays one op; no sinusoid (Sin, Cos, Exp) is left in the graph
         assert "GroupNormalization" in ops and not {"Sin", "Cos", "Exp", "InstanceNormalization"} & set(ops)
         assert [o["name"] for o in manifest["graphs"][0]["outputs"]] == outputs
+    # the UNet's stream weights (stem, head, resamplers, resnet shortcuts) are stored at 16
+    # bit, the resnets' branch convolutions at 8
+    manifest = json.loads((builds / "unet" / "manifest.json").read_text())
+    bits = {v.name: str(v.const_value.dtype) for v in onnx_io.load(builds / "unet" / manifest["qdq_model"]).graph
+            .initializers.values() if v.name.endswith(".weight") and v.const_value is not None}
+    stream = [w for w in bits if any(k in w for k in ("conv_in.", "conv_out.", "conv_shortcut.", "samplers."))]
+    branch = [w for w in bits if w.endswith((".conv1.weight", ".conv2.weight"))]
+    assert {"unet.conv_in.weight", "unet.conv_out.weight"} <= set(stream) and branch
+    assert any("conv_shortcut" in w for w in stream) and any("upsamplers" in w for w in stream)
+    assert all(bits[w].endswith("INT16") for w in stream) and all(bits[w].endswith("INT8") for w in branch)
 
 
 def test_first_frame_through_the_binaries_stays_close_to_the_float_loop(builds, tmp_path, capsys):
