@@ -199,6 +199,8 @@ class W8A16:
     adaround_iterations: int = 10000
     adaround_crop: tuple[int, int] | None = None  # fully convolutional models: AdaRound on crops
     range_margin: float = 2.0
+    # one score range per split attention (QuantizeW8A16Pass.shared_attention_ranges)
+    shared_attention_ranges: bool = True
     name: ClassVar[str] = "w8a16"
 
     def __post_init__(self) -> None:
@@ -215,8 +217,7 @@ class W8A16:
         out = {"weights": "int8 per-channel symmetric", "activations": "uint16", "kv_bits": self.kv_bits,
                "high_precision": list(self.high_precision), "weight_rounding": self.rounding,
                "activation_range_margin": self.range_margin,
-               # QuantizeW8A16Pass's default, which w8a16() keeps
-               "attention_score_ranges": "one per split attention"}
+               "attention_score_ranges": "one per split attention" if self.shared_attention_ranges else "per piece"}
         if self.auto_16bit_db is not None:
             out["auto_16bit_db"] = self.auto_16bit_db
         if self.rounding == "adaround":
@@ -278,6 +279,7 @@ def w8a16(
             encodings_prefix=encodings_prefix,
             range_margin=precision.range_margin,
             high_precision=precision.high_precision,
+            shared_attention_ranges=precision.shared_attention_ranges,
             on_output=on_output,
             quantized_weight_feeds=quantized_weight_feeds,
         )

@@ -30,6 +30,15 @@ def test_w8a16_is_its_four_passes_in_order_and_each_can_be_left_out():
     assert [p.pass_name() for p in pipelines.fp16(pipelines.FP16(), calibration=[{}])] == ["rescale_residual_stream", "convert_to_fp16"]
 
 
+def test_the_manifest_precision_says_how_score_ranges_were_set():
+    for shared, said in ((True, "one per split attention"), (False, "per piece")):
+        precision = pipelines.W8A16(shared_attention_ranges=shared)
+        quantize = [p for p in pipelines.w8a16(precision, calibration=[{}], htp_arch=79)
+                    if p.pass_name() == "quantize_w8a16"]
+        assert quantize[0].shared_attention_ranges is shared
+        assert precision.describe()["attention_score_ranges"] == said
+
+
 def test_bad_precision_options_are_refused():
     import pytest
 
