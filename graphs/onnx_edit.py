@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import fnmatch
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -73,14 +75,39 @@ def require_opset(model: ir.Model, version: int) -> bool:
     return True
 
 
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def module_path(node: ir.Node) -> str | None:
+    """The path of the torch module the node was exported from (``unet.mid_block.attentions.0
+    .transformer_blocks.0.attn2.to_k``), read from the dynamo exporter's name-scope metadata;
+    None without it. Needed because that exporter stores some weights (a Linear's, folded
+    to its transpose) as constants named ``val_N``, so the weight name says nothing."""
+    scopes = node.metadata_props.get(NAME_SCOPES)
+    if not scopes:
+        return None
+    try:
+        names = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return None
+    # the last scope is the op's own name, the one before it the innermost module
+    if not isinstance(names, list) or len(names) < 2 or not names[-2]:
+        return None
+    return str(names[-2])
+
+
 def matches_any(node: ir.Node, patterns, weight_names=None) -> bool:
-    """True if an fnmatch pattern matches the node's name, the name of a weight it reads
-    (initializers, or the names in ``weight_names``), or a graph input it reads directly
-    (``latent_tokens`` picks the patch embedding, whatever the exporter named it). In a
-    merged model (:mod:`graphs.shared_weights`) names are matched without their graph tag."""
+    """True if an fnmatch pattern matches the node's name, the module it was exported from
+    (:func:`module_path`), the name of a weight it reads (initializers, or the names in
+    ``weight_names``), or a graph input it reads directly (``latent_tokens`` picks the patch
+    embedding, whatever the exporter named it). In a merged model
+    (:mod:`graphs.shared_weights`) names are matched without their graph tag."""
     if not patterns:
         return False
     names = [node.name or ""]
+    module = module_path(node)
+    if module:
+        names.append(module)
     for value in node.inputs:
         if value is None:
             continue
@@ -88,6 +115,31 @@ def matches_any(node: ir.Node, patterns, weight_names=None) -> bool:
             names.append(value.name)
     names = [untag(n) for n in names]
     return any(fnmatch.fnmatch(n, p) for n in names for p in patterns)
+
+
+def reads_weight(node: ir.Node) -> bool:
+    """True if the node reads a constant tensor of rank 2 or more (a weight)."""
+    for value in node.inputs:
+        if value is not None and value.is_initializer() and value.const_value is not None \
+                and len(value.const_value.shape) >= 2:
+            return True
+    return False
+
+
+def unmatched_patterns(models: Iterable[ir.Model], patterns: Sequence[str]) -> list[str]:
+    """The patterns of ``patterns`` that pick no weight-reading node (:func:`matches_any`,
+    :func:`reads_weight`) in any of ``models``: a partitioned graph is checked whole, since
+    a pattern may fairly miss some partitions."""
+    left = list(dict.fromkeys(patterns))
+    for model in models:
+        if not left:
+            break
+        for node in model.graph:
+            if reads_weight(node):
+                left = [p for p in left if not matches_any(node, (p,))]
+                if not left:
+                    break
+    return left
 
 
 def along_axis(per_slice: np.ndarray, ndim: int, axis: int) -> np.ndarray:

@@ -400,8 +400,10 @@ def _add_build(command) -> None:
                    help="int8 weight rounding (default: the model's; denoiser gptq, quicksrnet adaround)")
     q.add_argument("--adaround-iterations", type=_at_least(1), help="AdaRound optimizer steps per layer (default 10000)")
     q.add_argument("--high-precision", action="append", metavar="PATTERN",
-                   help="node or weight name pattern whose weights stay 16-bit, added to the model's "
-                   "(passes/pipelines.py); 'none' keeps no weight at 16 bit")
+                   help="fnmatch pattern of a node's name, a weight's name or the module path the node was "
+                   "exported from (e.g. 'unet.*attn2.to_*'), whose weights stay 16-bit, added to the model's "
+                   "(passes/pipelines.py); a pattern that picks no weight is refused; 'none' keeps no weight "
+                   "at 16 bit")
     q.add_argument("--auto-16bit", dest="auto_16bit_db", type=float, metavar="DB",
                    help="also keep at 16 bit the fewest weights, chosen by their measured int8 noise, that "
                    "bring the int8 rest's predicted SQNR to DB (default: the model's; 0 turns it off)")

@@ -10,6 +10,7 @@ import torch
 
 from neodragon_npu.graphs import onnx_io
 from neodragon_npu.graphs.chain import run_chain
+from neodragon_npu.graphs.onnx_edit import matches_any, module_path, reads_weight, unmatched_patterns
 from neodragon_npu.graphs.fx import trace
 from neodragon_npu.graphs.fx_attention import find_attention
 from neodragon_npu.neodragon_models import ssd1b
@@ -18,7 +19,7 @@ from neodragon_npu.neodragon_models.spec import LoadOptions
 from neodragon_npu.neodragon_models.specs.ssd1b import _load
 from neodragon_npu.passes.fx.split_attention import SplitAttentionPass
 from neodragon_npu.tools.engine.build import build
-from neodragon_npu.tools.engine.options import BuildOptions
+from neodragon_npu.tools.engine.options import BuildOptions, check_high_precision, plan_build
 
 
 @pytest.fixture(scope="module")
@@ -58,22 +59,65 @@ def test_the_split_attention_equals_diffusers_attention_processors(models):
     torch.testing.assert_close(out, image, atol=1e-4, rtol=1e-4)
 
 
-def test_unet_partitions_hold_the_budget_and_chain_to_the_whole_graph(tmp_path):
-    out = tmp_path / "parts"
-    budget = 4 * 1024 * 1024
-    build(BuildOptions(model="ssd1b-unet", config="tiny", family=True, partition_budget=budget, until="export",
+BUDGET = 4 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def unet_parts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("unet-parts")
+    build(BuildOptions(model="ssd1b-unet", config="tiny", family=True, partition_budget=BUDGET, until="export",
                        cache=False, check_samples=1, calibration_samples=4), out)
     manifest = json.loads((out / "manifest.json").read_text())
-    parts = manifest["partitions"]
-    assert len(parts) >= 2 and all(p["weight_bytes_float"] <= budget for p in parts)
+    return manifest["partitions"], [out / p["graphs"]["unet"]["float_model"] for p in manifest["partitions"]]
+
+
+def test_unet_partitions_hold_the_budget_and_chain_to_the_whole_graph(unet_parts):
+    parts, paths = unet_parts
+    assert len(parts) >= 2 and all(p["weight_bytes_float"] <= BUDGET for p in parts)
     models = _load(with_vae=False)(LoadOptions("tiny", None, 0, {}))
     assert sum(p["weight_bytes_float"] for p in parts) >= 4 * ssd1b.count_parameters(models.unet) * 0.99
     feed = models.run(11, decode=False).unet_inputs[0]
     with torch.no_grad():
         ref = ssd1b.UNetGraph(models.unet)(*[torch.from_numpy(feed[n]) for n in UNET_INPUTS]).numpy()
-    paths = [out / p["graphs"]["unet"]["float_model"] for p in parts]
     (chained,), = run_chain(paths, [feed], ["noise_pred"])
     np.testing.assert_allclose(chained, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_16_bit_patterns_pick_linear_weights_by_module_path_across_partitions(unet_parts, caplog):
+    """The dynamo exporter names a Linear's folded weight ``val_N``; a pattern on the module
+    path still picks it, in every partition, and nothing else. A pattern that picks nothing
+    is refused when the user gave it and warned about when the model did."""
+    _, paths = unet_parts
+    graphs = [onnx_io.load(p) for p in paths]
+    models = _load(with_vae=False)(LoadOptions("tiny", None, 0, {}))
+    projections = {f"unet.{name}" for name, m in models.unet.named_modules()
+                   if isinstance(m, torch.nn.Linear) and ".attn2.to_" in name}
+    picked = [module_path(n) for g in graphs for n in g.graph if reads_weight(n)
+              and matches_any(n, ["unet.*attn2.to_*"])]
+    assert len(projections) >= 8 and sorted(picked) == sorted(projections)
+    # conv_out lives in the last partition only: checked over the whole family, it matches
+    assert unmatched_patterns(graphs, ["unet.*attn2.to_*", "unet.conv_out.*", "unet.nosuch.*"]) == ["unet.nosuch.*"]
+
+    plan = plan_build(BuildOptions(model="ssd1b-unet", config="tiny", family=True,
+                                   extra_high_precision=("unet.nosuch.*",)))
+    with pytest.raises(ValueError, match="--high-precision 'unet.nosuch.\\*' matches no weight"):
+        check_high_precision(plan, graphs)
+    # the model's own stream patterns, checked on the first partition alone (no conv_out)
+    plan = plan_build(BuildOptions(model="ssd1b-unet", config="tiny", family=True))
+    with caplog.at_level("WARNING", logger="neodragon_npu"):
+        check_high_precision(plan, graphs[:1])
+        check_high_precision(plan, graphs)
+    assert [r for r in caplog.records if "'unet.conv_out.*' matches no weight" in r.getMessage()]
+    assert len([r for r in caplog.records if "matches no weight" in r.getMessage()]) == len(
+        unmatched_patterns(graphs[:1], plan.precision.high_precision))
+
+
+def test_a_build_refuses_a_16_bit_pattern_that_picks_nothing_before_quantizing(tmp_path):
+    with pytest.raises(ValueError, match="'unet.attn9.\\*' matches no weight of ssd1b-unet"):
+        build(BuildOptions(model="ssd1b-unet", config="tiny", until="quantize", cache=False, check_samples=1,
+                           calibration_samples=4, extra_high_precision=("unet.conv_in.*", "unet.attn9.*")),
+              tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 @pytest.fixture(scope="module")

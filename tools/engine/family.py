@@ -46,7 +46,7 @@ from neodragon_npu.tools.engine.cache import StepCache, cache_root, kill_point, 
 from neodragon_npu.tools.engine.compile_pool import PartTimer, compile_workers, log_compiled, worker_result
 from neodragon_npu.tools.engine.forked import Forked
 from neodragon_npu.tools.engine.host import describe_host, host_line
-from neodragon_npu.tools.engine.options import BuildPlan
+from neodragon_npu.tools.engine.options import BuildPlan, check_high_precision
 from neodragon_npu.tools.engine.preflight import staged_build_dir
 from neodragon_npu.tools.engine.progress import Steps, TreePeak, release_memory
 from neodragon_npu.tools.engine.report import model_lines
@@ -372,6 +372,7 @@ class _Family:
         partition it was quantizing."""
         plan, work, graphs, cache = self.plan, self.work, self.graphs, self.cache
         precision, targets = plan.precision, plan.targets
+        check_high_precision(plan, (onnx_io.load(p) for g in graphs for p in self.part_paths[g.name]))
         self.part_keys = self._partition_keys()
         done, handoff = self._resume_point()
         start = len(done)

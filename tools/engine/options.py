@@ -9,6 +9,7 @@ target). Options that only one kind of build uses are refused for the other, by 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from neodragon_npu.graphs.targets import DEFAULT_TARGET, Target, get_target
 from neodragon_npu.neodragon_models.spec import GraphSpec, LoadOptions, ModelSpec
 from neodragon_npu.neodragon_models.specs import get_model
 from neodragon_npu.passes import pipelines
+
+logger = logging.getLogger("neodragon_npu")
 
 UNTIL = ("export", "quantize", "compile", "verify")  # steps a build can stop after
 EXPORTERS = ("legacy", "dynamo")
@@ -242,3 +245,26 @@ def plan_build(opts: BuildOptions) -> BuildPlan:
         gptq_target=opts.gptq_target or "quantized",
         min_sqnr_db=min_sqnr,
     )
+
+
+def check_high_precision(plan: BuildPlan, models) -> None:
+    """Every 16-bit weight pattern must pick a weight somewhere in the float graph(s)
+    ``models`` (all partitions of every graph of a family: a pattern may fairly miss some).
+    A pattern the user gave that picks nothing is refused before the long quantization,
+    since its build would silently be the build without it; one of the model's own (a
+    pruned model may have lost the blocks it names) is only warned about."""
+    from neodragon_npu.graphs.onnx_edit import unmatched_patterns
+
+    patterns = getattr(plan.precision, "high_precision", ())
+    if not patterns:
+        return
+    missing = unmatched_patterns(models, patterns)
+    given = set(plan.options.extra_high_precision) | set(plan.options.high_precision or ())
+    ours = [p for p in missing if p in given]
+    if ours:
+        raise ValueError(f"--high-precision {ours[0]!r} matches no weight of {plan.spec.name}: patterns match "
+                         "a node's name, its weights' names, or the module path it was exported from "
+                         "(e.g. 'unet.*attn2.to_*')")
+    for pattern in missing:
+        logger.warning(
+            "      %s's 16-bit weight pattern %r matches no weight of this graph", plan.spec.name, pattern)

@@ -28,7 +28,7 @@ from neodragon_npu.passes.base import PassManager
 from neodragon_npu.tools.engine import artifacts, steps as build_steps
 from neodragon_npu.tools.engine.cache import StepCache, cache_root, step_key
 from neodragon_npu.tools.engine.host import describe_host
-from neodragon_npu.tools.engine.options import BuildPlan
+from neodragon_npu.tools.engine.options import BuildPlan, check_high_precision
 from neodragon_npu.tools.engine.preflight import staged_build_dir
 from neodragon_npu.tools.engine.progress import Steps, count, release_memory
 from neodragon_npu.tools.engine.report import write_report
@@ -215,6 +215,7 @@ class _Single:
                                  htp_arch=first.htp_arch)
             if precision.name == "w8a16":
                 deployed_path = work / f"{name}_w8a16.onnx"
+                check_high_precision(plan, [onnx_io.load(float_path)])
                 calib = load_samples(work / "calibration_inputs.npz")
                 with steps.step(f"quantize W8A16 with aimet-onnx ({len(calib)} calibration samples)"):
                     report["qdq"], auto = cache.run("precision", k_precise, work, lambda: self._quantize(
