@@ -219,9 +219,13 @@ def share_activation_ranges(sim, groups: Sequence[Sequence[str]]) -> int:
 
 
 def _encoding(lo: float, hi: float, bw: int):
-    """aimet's asymmetric encoding of [lo, hi] at ``bw`` bits, zero on the grid."""
+    """aimet's asymmetric encoding of [lo, hi] at ``bw`` bits, zero on the grid. Like
+    aimet's own, the range holds zero and is at least 0.01 wide: a tensor that was zero on
+    every calibration sample would otherwise get a zero step."""
     from aimet_onnx.common import libpymo
 
+    lo = min(0.0, lo)
+    hi = max(0.0, hi, lo + 0.01)
     levels = 2**bw - 1
     out = libpymo.TfEncoding()
     out.bw = bw

@@ -295,3 +295,14 @@ def test_the_pieces_of_a_split_attention_share_one_score_range(tmp_path):
             # exactly the float model's
             assert ranges[name] == pytest.approx(want, abs=0.01 * (union[1] - union[0])), (prefix, name)
         assert (len({ranges[n] for n in scores}) == 1) == shared
+
+
+def test_an_encoding_of_an_all_zero_range_has_a_step_and_holds_zero():
+    from neodragon_npu.passes.onnx.quantize_w8a16 import _encoding
+
+    for lo, hi in ((0.0, 0.0), (3.0, 3.0), (-2.0, -2.0)):
+        enc = _encoding(lo, hi, 16)
+        assert enc.delta > 0 and enc.min <= 0.0 <= enc.max and enc.min <= lo and enc.max >= hi - enc.delta
+        assert enc.offset == round(enc.min / enc.delta) and abs(enc.min / enc.delta - enc.offset) < 1e-6
+    enc = _encoding(-1.0, 3.0, 16)  # an ordinary range is kept
+    assert abs(enc.delta - 4.0 / 65535) < 1e-9 and abs(enc.max - enc.min - 4.0) < 1e-6
