@@ -187,7 +187,8 @@ class _Family:
         self.cache = cache
         self.graphs = list(plan.graphs)  # natural order
         self.order = self.graphs[::-1]  # build order: the lead graph first
-        n_steps = {"export": 3, "quantize": 4, "compile": 5, "verify": 7}[plan.until]
+        # samples, export, [quantize, [compile], check, [HTP check]], write
+        n_steps = {"export": 3, "quantize": 5, "compile": 6, "verify": 7}[plan.until]
         self.steps = Steps(n_steps, tree=tree)
         precision = plan.precision
         self.gptq = precision.rounding == "gptq"

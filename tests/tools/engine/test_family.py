@@ -135,7 +135,7 @@ def test_cpu_check_matches_the_chained_qdq_files_and_stage_graphs_are_dropped(bu
     assert all(step["peak_rss_bytes"] > 0 for step in manifest["steps"])
 
 
-def test_float_target_gptq_moves_later_partitions_only(tmp_path):
+def test_float_target_gptq_moves_later_partitions_only(tmp_path, caplog):
     """--gptq-target float: the first partition's inputs are exact (nothing to absorb), so
     its weights equal plain GPTQ's; later partitions' weights move, stay on the grid and
     stay shared by the three stages."""
@@ -147,7 +147,13 @@ def test_float_target_gptq_moves_later_partitions_only(tmp_path):
         opts = FAMILY.replace(targets=("sm8750",), gptq_target=target, verify_htp=False, layer_report=False,
                               min_sqnr_db=0.0, until="quantize")
         out = tmp_path / target
-        run_build(opts, out)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="neodragon_npu"):
+            run_build(opts, out)
+        # the steps are numbered out of the count that runs: the last is n/n
+        numbers = [tuple(map(int, m.groups())) for r in caplog.records
+                   for m in [re.match(r"\[(\d+)/(\d+)\] .* \.\.\.$", r.getMessage())] if m]
+        assert numbers[-1][0] == numbers[-1][1] == len(numbers) and {n for _, n in numbers} == {len(numbers)}
         manifest = json.loads((out / MANIFEST).read_text())
         assert manifest["quantization"]["gptq_target"] == target
         weights[target] = {
