@@ -143,6 +143,14 @@ UNET_STREAM_WEIGHTS = (
     "unet.*upsamplers*",
     "unet.conv_out.*",
 )
+# The UNet's attention projections (self and cross): their int8 noise reaches the score
+# tensors through both Q and K, and the softmax passes it on to every token; with the stream
+# weights alone at 16 bit they were what was left (figures: docs/first-frame.md). Matched by
+# the module path the dynamo exporter records, since it names a Linear's weight val_N.
+UNET_ATTENTION_WEIGHTS = (
+    "unet.*.attn1.to_*",
+    "unet.*.attn2.to_*",
+)
 
 
 def denoiser_onnx_baseline() -> list[Pass]:
@@ -214,7 +222,8 @@ class W8A16:
             raise ValueError(f"AdaRound iterations must be at least 1, got {self.adaround_iterations}")
 
     def describe(self) -> dict:
-        out = {"weights": "int8 per-channel symmetric", "activations": "uint16", "kv_bits": self.kv_bits,
+        weights = "int16 per-channel symmetric" if "*" in self.high_precision else "int8 per-channel symmetric"
+        out = {"weights": weights, "activations": "uint16", "kv_bits": self.kv_bits,
                "high_precision": list(self.high_precision), "weight_rounding": self.rounding,
                "activation_range_margin": self.range_margin,
                "attention_score_ranges": "one per split attention" if self.shared_attention_ranges else "per piece"}

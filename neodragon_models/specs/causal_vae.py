@@ -34,11 +34,13 @@ from neodragon_npu.passes.fx.decompose_group_norm import DecomposeGroupNormPass
 from neodragon_npu.passes.fx.split_attention import SplitAttentionPass
 
 CALIBRATION, CHECK = 16, 4  # images
-# The encoder's int8 weights: the SQNR their predicted noise must reach, the weights with the
-# most noise kept at 16 bit until it does. Its per-channel int8 noise is spread over every
-# convolution, so no pattern chosen by hand reaches the 40 dB target (docs/causal-vae.md);
-# the 2 dB above it are for the 16-bit activations' own noise.
-ENCODER_INT8_WEIGHTS_DB = 42.0
+# The encoder keeps every weight at 16 bit (16-bit activations as in any W8A16 graph). Its
+# int8 noise is spread over every convolution, so no pattern chosen by hand closes it; and
+# with the noisiest weights at 16 bit (``--high-precision none --auto-16bit 42``), the HTP
+# simulator stayed under the 40 dB target, because the HTP computes each 16-bit op a little
+# less exactly than aimet simulates it and that comes on top of the int8 rest's noise
+# (docs/causal-vae.md). The encoder runs once per video and its weights are small.
+ENCODER_16_BIT_WEIGHTS = ("*",)
 
 
 class FirstFrameEncoder(nn.Module):
@@ -124,7 +126,8 @@ _VAE = dict(
 
 VAE_ENCODER_SPEC = ModelSpec(
     name="vae-encoder",
-    summary="causal video VAE encoder on the first frame (T=1, collapsed to 2-D): one W8A16 graph",
+    summary="causal video VAE encoder on the first frame (T=1, collapsed to 2-D): one graph, 16-bit weights "
+            "and activations",
     graphs=_graphs, samples=_samples,
     describe=_describe("image-like synthetic frames in [-1, 1]"),
     weight_bytes=lambda model: fp32_weight_bytes(model.encoder) + fp32_weight_bytes(model.quant_conv),
@@ -132,7 +135,7 @@ VAE_ENCODER_SPEC = ModelSpec(
     reference_note="fp32 PyTorch causal 3-D encoder run on one frame",
     pipelines=("optimized", "decomposed-norms"),
     exporter="dynamo",
-    **(_VAE | {"precision": lambda options: pipelines.W8A16(auto_16bit_db=ENCODER_INT8_WEIGHTS_DB)}),
+    **(_VAE | {"precision": lambda options: pipelines.W8A16(high_precision=ENCODER_16_BIT_WEIGHTS)}),
 )
 
 

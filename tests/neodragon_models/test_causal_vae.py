@@ -87,14 +87,15 @@ def test_a_released_style_folder_loads_and_a_mismatched_one_is_named(tmp_path):
 
 # the decomposed norms are checked as the legacy exporter writes them: exported by dynamo
 # they reach 1.4 dB in the HTP simulator, not isolated yet (docs/causal-vae.md)
-@pytest.mark.parametrize("pipeline, exporter, norm, auto_16bit", [("optimized", "dynamo", "GroupNormalization", None),
-                                                                  ("decomposed-norms", "legacy", None, 0.0)])
+@pytest.mark.parametrize("pipeline, exporter, norm, weights", [("optimized", "dynamo", "GroupNormalization", "default"),
+                                                               ("optimized", "dynamo", "GroupNormalization", "auto"),
+                                                               ("decomposed-norms", "legacy", None, "int8")])
 def test_a_tiny_w8a16_first_frame_encoder_build_agrees_with_aimet_in_the_htp_simulator(tmp_path, pipeline, exporter,
-                                                                                       norm, auto_16bit):
+                                                                                       norm, weights):
     """2-D only (no Conv3d, no 5-D tensor, no InstanceNormalization), GroupNorm as one op
     or decomposed, and the HTP simulator close to aimet's QDQ simulation on the CPU.
-    With every weight at int8 the tiny encoder stays near 31 dB; by default the weights
-    with the most int8 noise stay at 16 bit, and the build reaches the 40 dB target."""
+    With every weight at int8 the tiny encoder stays near 31 dB; with the weights of most
+    int8 noise at 16 bit (--auto-16bit) it passes 40 dB; by default every weight is 16 bit."""
     from neodragon_npu.graphs import onnx_io, qnn
     from neodragon_npu.graphs.feeds import load_samples
     from neodragon_npu.graphs.verify import pooled_sqnr
@@ -102,8 +103,10 @@ def test_a_tiny_w8a16_first_frame_encoder_build_agrees_with_aimet_in_the_htp_sim
     from neodragon_npu.tools.engine.options import BuildOptions
 
     out = tmp_path / "enc"
+    choice = {"default": {}, "auto": {"high_precision": (), "auto_16bit_db": 42.0},
+              "int8": {"high_precision": (), "auto_16bit_db": 0.0, "min_sqnr_db": 25.0}}[weights]
     build(BuildOptions(model="vae-encoder", config="tiny", cache=False, fx_pipeline=pipeline, exporter=exporter,
-                       auto_16bit_db=auto_16bit, min_sqnr_db=25.0 if auto_16bit == 0 else None), out)
+                       **choice), out)
     manifest = json.loads((out / "manifest.json").read_text())
     graph = onnx_io.load(out / manifest["float_model"]).graph
     ops = [n.op_type for n in graph]
@@ -115,17 +118,28 @@ def test_a_tiny_w8a16_first_frame_encoder_build_agrees_with_aimet_in_the_htp_sim
              for f in load_samples(out / "check_samples.npz")]
     aimet = pooled_sqnr(pairs)
     htp = manifest["verification"]["sqnr_db"]
-    # near 43 dB the HTP's own arithmetic shows (1.5 dB under aimet's CPU simulation; within
-    # 0.5 dB near 31 dB)
-    assert abs(htp - aimet) < (1.0 if auto_16bit == 0 else 2.0)
+    # within 0.5 dB near 31 dB; near 43 dB the HTP's own arithmetic shows (1.5 dB under
+    # aimet's CPU simulation), and with every weight at 16 bit it is most of the error
+    # (46.9 dB against aimet's 56.8 dB on this graph, docs/causal-vae.md)
+    if weights == "default":
+        assert aimet > htp
+    else:
+        assert abs(htp - aimet) < (1.0 if weights == "int8" else 2.0)
     chosen = manifest["quantization"].get("auto_16bit")
-    if auto_16bit == 0:
+    qdq = onnx_io.load(out / manifest["qdq_model"]).graph
+    bits = {v.name: str(v.const_value.dtype) for v in qdq.initializers.values()
+            if v.const_value is not None and len(v.const_value.shape) >= 2}
+    if weights == "int8":
         assert chosen is None and 25.0 < aimet < 36.0
+        return
+    assert htp >= 40.0 and manifest["verification"]["passed"]
+    if weights == "default":
+        # every weight stored at 16 bit, and the manifest says so
+        assert chosen is None and manifest["quantization"]["weights"].startswith("int16")
+        assert len(bits) >= 20 and all(b.endswith("INT16") for b in bits.values())
     else:
         kept = chosen["kept"]
         assert 0 < len(kept) < chosen["weights"] and chosen["all_int8_db"] < 36.0 <= chosen["predicted_db"]
-        assert htp >= 40.0 and manifest["verification"]["passed"]
         # the kept weights are stored at 16 bit in the deployed graph, the others at 8
-        qdq = onnx_io.load(out / manifest["qdq_model"]).graph
-        bits = {v.name: v.const_value.dtype for v in qdq.initializers.values()}
-        assert all(str(bits[w]).endswith("INT16") for w in kept if w in bits) and any(w in bits for w in kept)
+        assert all(bits[w].endswith("INT16") for w in kept if w in bits) and any(w in bits for w in kept)
+        assert any(b.endswith("INT8") for b in bits.values())
