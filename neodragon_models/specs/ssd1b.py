@@ -214,7 +214,8 @@ UNET_SPEC = ModelSpec(
     summary="SSD-1B UNet (diffusers), one LCM step at 640x1024: one W8A16 graph for all 4 steps",
     configs=lambda: CONFIGS, default_config="tiny",
     load=_load(with_vae=False), graphs=_unet_graphs, samples=_unet_samples,
-    precision=lambda options: pipelines.W8A16(high_precision=pipelines.UNET_STREAM_WEIGHTS),
+    precision=lambda options: pipelines.W8A16(
+        high_precision=pipelines.UNET_STREAM_WEIGHTS + pipelines.UNET_ATTENTION_WEIGHTS),
     describe=lambda model, o: load_description(o, params=ssd1b.count_parameters(model.unet),
                                                samples="the float LCM loop's UNet inputs, synthetic token ids",
                                                text_encoders=_text_source(o)),

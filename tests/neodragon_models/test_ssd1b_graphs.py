@@ -10,7 +10,7 @@ import torch
 
 from neodragon_npu.graphs import onnx_io
 from neodragon_npu.graphs.chain import run_chain
-from neodragon_npu.graphs.onnx_edit import matches_any, module_path, reads_weight, unmatched_patterns
+from neodragon_npu.graphs.onnx_edit import const_array, matches_any, module_path, reads_weight, unmatched_patterns
 from neodragon_npu.graphs.fx import trace
 from neodragon_npu.graphs.fx_attention import find_attention
 from neodragon_npu.neodragon_models import ssd1b
@@ -152,6 +152,18 @@ def test_tiny_w8a16_builds_of_both_graphs_pass_in_the_htp_simulator(builds):
     assert {"unet.conv_in.weight", "unet.conv_out.weight"} <= set(stream) and branch
     assert any("conv_shortcut" in w for w in stream) and any("upsamplers" in w for w in stream)
     assert all(bits[w].endswith("INT16") for w in stream) and all(bits[w].endswith("INT8") for w in branch)
+    # the attention projections (weights named val_N, found by the module path) at 16 bit,
+    # the feed-forward Linears at 8
+    qdq = onnx_io.load(builds / "unet" / manifest["qdq_model"]).graph
+    linear = {}
+    for node in qdq:
+        dq = node.inputs[1].producer() if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and const_array(dq.inputs[0]) is not None:
+            linear[module_path(node)] = const_array(dq.inputs[0]).dtype
+    attention = [m for m in linear if m and (".attn1.to_" in m or ".attn2.to_" in m)]
+    feed_forward = [m for m in linear if m and ".ff.net." in m]
+    assert len(attention) == 4 * len(feed_forward) > 0
+    assert all(linear[m] == np.int16 for m in attention) and all(linear[m] == np.int8 for m in feed_forward)
 
 
 def test_first_frame_through_the_binaries_stays_close_to_the_float_loop(builds, tmp_path, capsys):
