@@ -97,13 +97,18 @@ def module_path(node: ir.Node) -> str | None:
 
 
 def matches_any(node: ir.Node, patterns, weight_names=None) -> bool:
-    """True if an fnmatch pattern matches the node's name, the module it was exported from
-    (:func:`module_path`), the name of a weight it reads (initializers, or the names in
-    ``weight_names``), or a graph input it reads directly (``latent_tokens`` picks the patch
-    embedding, whatever the exporter named it). In a merged model
-    (:mod:`graphs.shared_weights`) names are matched without their graph tag."""
+    """True if an fnmatch pattern matches one of the node's :func:`match_names`."""
     if not patterns:
         return False
+    return any(fnmatch.fnmatch(n, p) for n in match_names(node, weight_names) for p in patterns)
+
+
+def match_names(node: ir.Node, weight_names=None) -> list[str]:
+    """What a 16-bit weight pattern is matched against: the node's name, the module it was
+    exported from (:func:`module_path`), the name of a weight it reads (initializers, or the
+    names in ``weight_names``), or a graph input it reads directly (``latent_tokens`` picks
+    the patch embedding, whatever the exporter named it). In a merged model
+    (:mod:`graphs.shared_weights`) names are matched without their graph tag."""
     names = [node.name or ""]
     module = module_path(node)
     if module:
@@ -113,8 +118,7 @@ def matches_any(node: ir.Node, patterns, weight_names=None) -> bool:
             continue
         if value.is_initializer() or value.is_graph_input() or (weight_names is not None and value.name in weight_names):
             names.append(value.name)
-    names = [untag(n) for n in names]
-    return any(fnmatch.fnmatch(n, p) for n in names for p in patterns)
+    return [untag(n) for n in names]
 
 
 def reads_weight(node: ir.Node) -> bool:
@@ -136,7 +140,8 @@ def unmatched_patterns(models: Iterable[ir.Model], patterns: Sequence[str]) -> l
             break
         for node in model.graph:
             if reads_weight(node):
-                left = [p for p in left if not matches_any(node, (p,))]
+                names = match_names(node)
+                left = [p for p in left if not any(fnmatch.fnmatch(n, p) for n in names)]
                 if not left:
                     break
     return left

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neodragon_npu.graphs.onnx_edit import unmatched_patterns
 from neodragon_npu.graphs.targets import DEFAULT_TARGET, Target, get_target
 from neodragon_npu.neodragon_models.spec import GraphSpec, LoadOptions, ModelSpec
 from neodragon_npu.neodragon_models.specs import get_model
@@ -253,8 +254,6 @@ def check_high_precision(plan: BuildPlan, models) -> None:
     A pattern the user gave that picks nothing is refused before the long quantization,
     since its build would silently be the build without it; one of the model's own (a
     pruned model may have lost the blocks it names) is only warned about."""
-    from neodragon_npu.graphs.onnx_edit import unmatched_patterns
-
     patterns = getattr(plan.precision, "high_precision", ())
     if not patterns:
         return
