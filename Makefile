@@ -1,4 +1,4 @@
-# Two entry points (README): `make demo` and `make test`. Both create or reuse .venv.
+# Two entry points (README): `make demo` (the tiny system's bundle, then a video from it) and `make test`. Both create or reuse .venv.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -36,7 +36,9 @@ jemalloc: $(STAMP)
 	rm -rf $$tmp
 
 demo: setup
-	$(VENV)/bin/neodragon-npu build denoiser --config tiny --stage 2 --target sm8750 --out $(DEMO_OUT)
+	$(VENV)/bin/neodragon-npu build neodragon --config tiny --target sm8750 -o $(DEMO_OUT)/bundle
+	$(VENV)/bin/neodragon-npu generate "a red fox trotting through fresh snow" --bundle $(DEMO_OUT)/bundle \
+	  -o $(DEMO_OUT)/fox.mp4 --compare-float
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -47,6 +47,8 @@ setup(
         "threadpoolctl",
         "transformers>=5",
         "diffusers>=0.40",
+        "jsonschema>=4",  # the bundle manifest's schema (tools/runtime/schema.py)
+        "imageio-ffmpeg",  # an ffmpeg binary, for generate's MP4
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["neodragon-npu=neodragon_npu.tools.cli:main"]},

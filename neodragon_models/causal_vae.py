@@ -84,6 +84,10 @@ CAUSAL_VAE_CONFIGS = {
     "tiny": CausalVAEConfig(encoder_layers_per_block=(1, 1, 1, 1), encoder_block_out_channels=(8, 16, 16, 16),
                             encoder_norm_num_groups=4, decoder_num_features=(16, 8, 8, 8), height=32, width=48),
 }
+# the tiny system's (neodragon_models/system.py): 64x128 frames, 8x16 latents, 4 latent frames
+# (25 video frames), what the tiny-system denoiser generates
+CAUSAL_VAE_CONFIGS["tiny-system"] = dataclasses.replace(CAUSAL_VAE_CONFIGS["tiny"], height=64, width=128,
+                                                        latent_frames=4)
 
 
 def get_causal_vae_config(name: str) -> CausalVAEConfig:

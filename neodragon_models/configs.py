@@ -137,6 +137,16 @@ _TINY = DenoiserConfig(
     geometry=PyramidGeometry(latent_height=8, latent_width=16, num_latent_frames=4, text_len=8),
 )
 
+# The tiny denoiser of the tiny *system* (``neodragon_models/system.py``): the same blocks,
+# sized to read the tiny DT5 (64 wide, 16 tokens) and CLIP-L + CLIP-G pooled (24 + 40) and
+# the tiny-system VAE's 16-channel 8x16 latents, so one bundle can chain every graph.
+_TINY_SYSTEM = _TINY.replace(
+    name="tiny-system",
+    mmdit=dataclasses.replace(_TINY.mmdit, in_channels=16, pooled_projection_dim=64, joint_attention_dim=64),
+    context_adapter=dataclasses.replace(_TINY.context_adapter, input_dims=64),
+    geometry=dataclasses.replace(_TINY.geometry, text_len=16),
+)
+
 _NEODRAGON = DenoiserConfig(name="neodragon")
 
 _BASELINE = DenoiserConfig(name="baseline", mmdit=MMDiTConfig(num_layers=24))
@@ -146,7 +156,7 @@ _BASELINE = DenoiserConfig(name="baseline", mmdit=MMDiTConfig(num_layers=24))
 _TWO_BLOCK = DenoiserConfig(name="neodragon-2block", mmdit=MMDiTConfig(num_layers=2))
 
 DENOISER_CONFIGS: dict[str, DenoiserConfig] = {
-    c.name: c for c in (_TINY, _NEODRAGON, _BASELINE, _TWO_BLOCK)
+    c.name: c for c in (_TINY, _TINY_SYSTEM, _NEODRAGON, _BASELINE, _TWO_BLOCK)
 }
 
 

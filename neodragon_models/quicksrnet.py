@@ -46,6 +46,8 @@ QUICKSRNET_CONFIGS = {
         # narrow and on small frames, for tests: the two layouts (with and without the anchor)
         QuickSRNetConfig("tiny", 16, 1, False, height=48, width=64),
         QuickSRNetConfig("tiny-anchor", 16, 2, True, height=48, width=64),
+        # the tiny system's frames (neodragon_models/system.py)
+        QuickSRNetConfig("tiny-system", 16, 1, False, height=64, width=128),
     )
 }
 

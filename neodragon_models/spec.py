@@ -165,6 +165,10 @@ class ModelSpec:
     weight_shapes: Callable[[LoadOptions], Mapping[str, tuple[int, ...]]] | None = None
     # the ONNX exporter a build uses unless --exporter says otherwise
     exporter: str = "legacy"
+    # Set by a caller that hands the spec samples recorded elsewhere (a bundle build's float
+    # pipeline run end to end, through ``samples``): their digest, which the samples step's
+    # cache key then holds, since the code alone no longer decides them.
+    samples_key: str = ""
 
     def preflight(self, load: LoadOptions) -> dict[str, tuple[int, ...]]:
         """:attr:`weight_shapes` (empty if the spec has none)."""

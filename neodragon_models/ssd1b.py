@@ -19,7 +19,6 @@ steps_offset=1)`` at timesteps 999, 749, 499, 249, with no classifier-free guida
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
+# the host's arithmetic lives with the rest of the host loop, in numpy (an app runs it)
+from neodragon_npu.neodragon_models.host.numerics import (  # noqa: F401 (re-exported)
+    LCM_TIMESTEPS, TRAIN_TIMESTEPS, alphas_cumprod, lcm_step, sinusoid, time_ids,
+)
+
 # The released first-frame size and its latent (8x smaller).
 IMAGE_SIZE = (640, 1024)
-LCM_TIMESTEPS = (999, 749, 499, 249)
-TRAIN_TIMESTEPS = 1000
-BETA_START, BETA_END = 0.00085, 0.012  # scaled_linear
-LCM_TIMESTEP_SCALING, LCM_SIGMA_DATA = 10.0, 0.5
 
 # SSD-1B's UNet: SDXL's with fewer transformer blocks (34 against 70) and a mid block of
 # one resnet (../shared/neodragon-submodules.md section 5).
@@ -165,25 +165,6 @@ def count_parameters(module: nn.Module) -> int:
 
 # --- host arithmetic (numpy: the app runs it without torch) ------------------------------
 
-def sinusoid(values: np.ndarray, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
-             max_period: float = 10000.0) -> np.ndarray:
-    """diffusers' ``get_timestep_embedding`` in numpy: [N] -> [N, dim] float32."""
-    half = dim // 2
-    exponent = -math.log(max_period) * np.arange(half, dtype=np.float32) / (half - freq_shift)
-    args = np.asarray(values, dtype=np.float32)[:, None] * np.exp(exponent)[None, :]
-    emb = np.concatenate([np.sin(args), np.cos(args)], axis=-1)
-    if flip_sin_to_cos:
-        emb = np.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
-    if dim % 2:
-        emb = np.pad(emb, ((0, 0), (0, 1)))
-    return emb.astype(np.float32)
-
-
-def time_ids(height: int, width: int) -> np.ndarray:
-    """SDXL's size conditions: original size, crop corner, target size."""
-    return np.array([[height, width, 0, 0, height, width]], dtype=np.float32)
-
-
 def host_embedding_features(unet_config, timestep: float, ids: np.ndarray) -> dict[str, np.ndarray]:
     """The UNet graph's two small host inputs for one step: the timestep's sinusoid
     ([1, C0]) and the size conditions' sinusoids side by side ([1, 6 * addition_dim])."""
@@ -192,33 +173,6 @@ def host_embedding_features(unet_config, timestep: float, ids: np.ndarray) -> di
                  freq_shift=cfg.freq_shift)
     ids_features = sinusoid(ids.reshape(-1), cfg.addition_time_embed_dim, flip_sin_to_cos=True, freq_shift=0)
     return {"timestep_features": t, "time_ids_features": ids_features.reshape(1, -1)}
-
-
-def alphas_cumprod() -> np.ndarray:
-    betas = np.linspace(BETA_START ** 0.5, BETA_END ** 0.5, TRAIN_TIMESTEPS, dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas)
-
-
-def lcm_step(eps: np.ndarray, step: int, latents: np.ndarray, noise: np.ndarray | None,
-             timesteps: tuple[int, ...] = LCM_TIMESTEPS) -> np.ndarray:
-    """One LCM step (diffusers' LCMScheduler, epsilon prediction): the boundary-condition
-    denoised latent, re-noised to the next timestep with ``noise`` (fresh Gaussian noise;
-    the last step returns the denoised latent and takes none)."""
-    a = alphas_cumprod()
-    t = timesteps[step]
-    a_t = a[t]
-    last = step == len(timesteps) - 1
-    a_prev = a[timesteps[step + 1]] if not last else a[0]
-    scaled = t * LCM_TIMESTEP_SCALING
-    c_skip = LCM_SIGMA_DATA ** 2 / (scaled ** 2 + LCM_SIGMA_DATA ** 2)
-    c_out = scaled / (scaled ** 2 + LCM_SIGMA_DATA ** 2) ** 0.5
-    x0 = (latents - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-    denoised = c_out * x0 + c_skip * latents
-    if last:
-        return denoised.astype(np.float32)
-    if noise is None:
-        raise ValueError("an LCM step before the last needs fresh noise")
-    return (math.sqrt(a_prev) * denoised + math.sqrt(1 - a_prev) * noise).astype(np.float32)
 
 
 # --- the graphs -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,3 +40,33 @@ def _logging_as_pytest_sees_it():
     ours.handlers[:] = []
     ours.propagate = True
     ours.setLevel(logging.NOTSET)
+
+
+def _cli(*args: str, kill_at: str | None = None, log: Path) -> subprocess.CompletedProcess:
+    from neodragon_npu.tools.engine.cache import KILL_AT_ENV
+
+    env = dict(os.environ)
+    env.pop(KILL_AT_ENV, None)
+    if kill_at:
+        env[KILL_AT_ENV] = kill_at
+    # the log goes to a file: a killed build's compile worker may still hold a pipe open
+    with open(log, "w") as f:
+        run = subprocess.run([sys.executable, "-m", "neodragon_npu.tools.cli", *args], env=env,
+                             stdout=f, stderr=subprocess.STDOUT)
+    return subprocess.CompletedProcess(run.args, run.returncode, log.read_text(), "")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """The tiny system's bundle (``build neodragon --config tiny``), built by a run killed
+    (SIGKILL) once clip-l was built, then run again to the end: (bundle, killed log,
+    resumed log). Tests of single models may read its builds (``graphs/<model>``)."""
+    root = tmp_path_factory.mktemp("bundle")
+    out = root / "tiny"
+    args = ("build", "neodragon", "--config", "tiny", "-o", str(out))
+    killed = _cli(*args, kill_at="bundle:built:clip-l", log=root / "killed.log")
+    assert killed.returncode == -9, killed.stdout[-3000:]
+    assert not out.exists()
+    resumed = _cli(*args, log=root / "resumed.log")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    return out, killed.stdout, resumed.stdout

@@ -136,10 +136,40 @@ def _targets(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+# what `build neodragon` takes; any other build flag given is refused by name
+_BUNDLE_FLAGS = {"model", "out", "force", "config", "target", "seed", "prompts", "no_cache", "cache_dir", "verbose",
+                 "quiet", "debug"}
+
+
+def _cmd_build_bundle(args: argparse.Namespace, parser_defaults: dict) -> int:
+    from neodragon_npu.tools.engine.bundle import build_bundle
+    from neodragon_npu.tools.engine.steps import BuildCheckError
+
+    given = [k for k, v in vars(args).items() if k in parser_defaults and k not in _BUNDLE_FLAGS
+             and v != parser_defaults[k]]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} does not apply to `build neodragon` (it builds every graph "
+                         f"with each model's own options)")
+    try:
+        result = build_bundle(args.config or "neodragon", tuple(_targets(args.target)), args.out, seed=args.seed,
+                              calibration_prompts=args.prompts, cache=not args.no_cache, cache_dir=args.cache_dir,
+                              force=args.force)
+    except BuildCheckError as exc:
+        print(f"neodragon-npu: check failed: {exc}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    print((Path(args.out) / "report.txt").read_text(), end="")
+    print(f"bundle written to {args.out} ({result.seconds:.0f} s, peak RSS {result.peak_rss_bytes / 1e9:.2f} GB)")
+    return 0
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from neodragon_npu.tools.engine.build import build
     from neodragon_npu.tools.engine.steps import BuildCheckError
 
+    if args.model == "neodragon":
+        return _cmd_build_bundle(args, args.build_defaults)
+    if args.prompts is not None:
+        raise ValueError("--prompts applies to `build neodragon` (the bundle), not to one model's build")
     opts = build_options(args)
     out = Path(args.out).absolute()
     try:
@@ -263,6 +293,30 @@ def _cmd_first_frame(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from neodragon_npu.tools.engine.generate import format_generate, generate, write_json
+
+    _check_writable(args.json, "--json")
+    _check_writable(args.out, "-o")
+    result = generate(args.prompt, args.bundle, args.out, runtime=args.runtime, target=args.target, seed=args.seed,
+                      compare_float=args.compare_float)
+    print(format_generate(result), end="")
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
+def _cmd_validate_bundle(args: argparse.Namespace) -> int:
+    from neodragon_npu.tools.runtime.bundle import open_bundle
+
+    bundle = open_bundle(args.bundle, target=args.target, runtime=args.runtime)
+    graphs = bundle.manifest["graphs"]
+    print(f"{args.bundle}: a valid {bundle.manifest['format']} bundle ({bundle.manifest['system']['name']} system, "
+          f"{len(graphs)} graphs, targets {', '.join(t['name'] for t in bundle.manifest['targets'])}); every file "
+          f"the {args.runtime} runtime loads is present")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from neodragon_npu.tools.engine.stage_report import format_stage_report, report_json, stage_report
 
@@ -362,13 +416,20 @@ def _cmd_targets(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime_flag(p: argparse.ArgumentParser, lead: str = "") -> None:
+    p.add_argument("--runtime", choices=("htp", "cpu-qdq"), default="htp",
+                   help=f"{lead}the HTP through the QNN EP (here its x86 simulator, from the context binaries), or the "
+                        f"deployed QDQ / FP16 graphs on the CPU")
+
+
 def _add_build(command) -> None:
     from neodragon_npu.neodragon_models.specs import MODELS
 
     models = "; ".join(f"{name}: {spec.summary}" for name, spec in MODELS.items())
     b = command("build", "neodragon-npu build quicksrnet --config small -o build/sr",
                 help="build a model's graphs into verified context binaries", description=f"Models: {models}.")
-    b.add_argument("model", help=f"model ({', '.join(MODELS)})")
+    b.add_argument("model", help=f"model ({', '.join(MODELS)}), or neodragon: every graph of the system in one "
+                                 f"bundle (--config neodragon or tiny)")
     b.add_argument("-o", "--out", required=True, help="output directory (new, empty, or a previous build)")
     b.add_argument("--force", action="store_true", help="write into a directory that holds no build of this tool "
                    "(files it did not write are kept)")
@@ -434,7 +495,11 @@ def _add_build(command) -> None:
     k = b.add_argument_group("step cache (each step's outputs, reused when nothing they depend on changed)")
     k.add_argument("--cache-dir", help="where (default: OUT.cache beside the output directory)")
     k.add_argument("--no-cache", action="store_true", help="run every step and keep nothing for later builds")
+    n = b.add_argument_group("the whole system (build neodragon)")
+    n.add_argument("--prompts", type=_at_least(1), help="calibration prompts the float pipeline runs (default: the "
+                   "system's)")
     b.set_defaults(func=_cmd_build)
+    b.set_defaults(build_defaults={a.dest: a.default for a in b._actions if a.dest not in ("help",)})
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -569,8 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     vs.add_argument("next", help="a vae-decoder build of the next graph (--graph next), same model and target")
     vs.add_argument("--videos", type=_at_least(1), default=1, help="synthetic latent videos (seeds 3000+)")
     vs.add_argument("--first-seed", type=_at_least(0), default=3000, help="the first video's seed")
-    vs.add_argument("--runtime", choices=("htp", "cpu-qdq"), default="htp",
-                    help="the HTP simulator (context binaries) or aimet's QDQ graphs on the CPU")
+    _runtime_flag(vs)
     vs.add_argument("--json", help="also write the figures to this JSON file")
     vs.set_defaults(func=_cmd_verify_stream)
 
@@ -580,11 +644,31 @@ def build_parser() -> argparse.ArgumentParser:
     ff.add_argument("--unet", required=True, help="an ssd1b-unet build")
     ff.add_argument("--decoder", required=True, help="an ssd1b-vae-decoder build of the same model and target")
     ff.add_argument("-o", "--out", required=True, help="the PNG to write (the float loop's goes beside it, -float)")
-    ff.add_argument("--runtime", choices=("htp", "cpu-qdq"), default="htp",
-                    help="the HTP simulator (context binaries) or aimet's QDQ graphs on the CPU")
+    _runtime_flag(ff)
     ff.add_argument("--seed", type=_at_least(0), help="the noise seed (default: from the prompt)")
     ff.add_argument("--json", help="also write the figures to this JSON file")
     ff.set_defaults(func=_cmd_first_frame)
+
+    gen = command("generate", 'neodragon-npu generate "a red fox in the snow" --bundle build/bundle -o fox.mp4',
+                  help="a prompt to a video through a bundle's graphs (onnxruntime and numpy)")
+    gen.add_argument("prompt", help="the prompt (the released modifier is appended)")
+    gen.add_argument("--bundle", required=True, help="a bundle (build neodragon)")
+    gen.add_argument("-o", "--out", required=True, help="the video to write (.mp4; a .gif where there is no ffmpeg); "
+                     "the contact sheet and first frame go beside it")
+    _runtime_flag(gen)
+    gen.add_argument("--target", help="which of the bundle's targets (default: its first)")
+    gen.add_argument("--seed", type=_at_least(0), help="the noise seed (default: from the prompt)")
+    gen.add_argument("--compare-float", action="store_true",
+                     help="also run the float pipeline; write its video and the PSNR of every frame")
+    gen.add_argument("--json", help="also write the figures to this JSON file")
+    gen.set_defaults(func=_cmd_generate)
+
+    vb = command("validate-bundle", "neodragon-npu validate-bundle build/bundle",
+                 help="check a bundle's manifest against its schema and its files")
+    vb.add_argument("bundle", help="a bundle directory")
+    vb.add_argument("--target", help="the target to check for (default: the bundle's first)")
+    _runtime_flag(vb, "the runtime whose files to check: ")
+    vb.set_defaults(func=_cmd_validate_bundle)
 
     r = command("report", "neodragon-npu report denoiser --config tiny --stages 0 2",
                 help="stage graphs before and after the stage-graph passes")

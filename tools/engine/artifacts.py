@@ -29,7 +29,7 @@ logger = logging.getLogger("neodragon_npu")
 MANIFEST = "manifest.json"
 TOOL = "neodragon-npu"
 KEPT_SUFFIX = ".kept"  # a file a user added whose name a new output now takes
-KINDS = {"build": "a build", "importance": "an importance run"}  # outputs, as messages name them
+KINDS = {"build": "a build", "importance": "an importance run", "bundle": "a bundle"}  # outputs, as messages name them
 
 
 class OutputDirError(ValueError):

@@ -24,6 +24,8 @@ use first, until the cache is at most twice the size of the entries the build us
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import fcntl
 import hashlib
@@ -38,7 +40,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from neodragon_npu.graphs.onnx_io import is_external_data, sha256
 
@@ -60,6 +62,24 @@ KEEP_AT_LEAST = 2 << 30
 
 class CacheError(RuntimeError):
     pass
+
+
+# the entries used so far by the builds of one command that makes several (a bundle)
+_SHARED_RUN: contextvars.ContextVar[set | None] = contextvars.ContextVar("cache_shared_run", default=None)
+
+
+@contextlib.contextmanager
+def shared_run() -> Iterator[set]:
+    """Builds run inside share the cache as one: none evicts the entries of another (the
+    next build of a bundle would otherwise evict the one before, and a rerun would redo
+    it). Yields the set of entries they used, which the caller evicts around once at the
+    end (:meth:`StepCache.finish` with ``used``)."""
+    used: set = set()
+    token = _SHARED_RUN.set(used)
+    try:
+        yield used
+    finally:
+        _SHARED_RUN.reset(token)
 
 
 def kill_point(name: str) -> None:
@@ -345,12 +365,18 @@ class StepCache:
             reused[kind] = reused.get(kind, 0) + 1
         return {"dir": str(self.root), "reused": reused} if self.enabled else {"dir": None}
 
-    def finish(self) -> str:
-        """After a successful build: evict (see :meth:`evict_unused`) and say where the cache
-        stands, in one line."""
+    def finish(self, used: set | None = None) -> str:
+        """After a successful build: evict (see :meth:`evict_unused`; ``used``: entries
+        other builds of the same command used too) and say where the cache stands, in one
+        line. Inside :func:`shared_run`, only note what this build used."""
         if not self.enabled:
             return "no step cache (--no-cache)"
         self.wait()
+        shared = _SHARED_RUN.get()
+        if shared is not None:
+            shared |= self.used
+            return f"step cache {self.root}: {len(self.hits)} step(s) reused"
+        self.used |= used or set()
         total, removed = self.evict_unused()
         line = (f"step cache {self.root}: {_size(total)}, {len(self.hits)} step(s) reused"
                 + (f"; removed {_size(removed)} of entries this build did not use" if removed else ""))

@@ -239,7 +239,8 @@ class _Family:
         """The cache keys of the steps before the partitions are known (see :mod:`.cache`)."""
         plan, o = self.plan, self.opts
         common = {"model": self.spec.name, "load": build_steps.load_key(plan), "family": [g.name for g in self.graphs]}
-        self.k_samples = step_key("samples", **common, calibration=o.calibration_samples, check=o.check_samples)
+        self.k_samples = step_key("samples", **common, calibration=o.calibration_samples, check=o.check_samples,
+                                  source=self.spec.samples_key)
         self.k_export = step_key("export", **common, **build_steps.export_options(plan))
         self.k_float = step_key("float-chains", export=self.k_export, samples=self.k_samples)
 

@@ -22,6 +22,7 @@ from neodragon_npu.graphs import qnn
 from neodragon_npu.graphs.verify import pooled_sqnr
 from neodragon_npu.neodragon_models.first_frame import UNET_INPUTS, run_first_frame, to_png_array, torch_decoder, \
     torch_unet
+from neodragon_npu.tools.runtime.media import psnr_8bit
 from neodragon_npu.tools.engine.graph_runtime import graph_session, read_graph_build, same_model_and_target
 
 TOKENIZER_NOTE = "no tokenizer files here: the prompt picks seeded synthetic token ids"
@@ -54,11 +55,6 @@ class FirstFrameResult:
 
 def prompt_seed(prompt: str) -> int:
     return zlib.crc32(prompt.encode("utf-8")) % (2 ** 31)
-
-
-def psnr_8bit(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:

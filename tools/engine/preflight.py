@@ -89,18 +89,28 @@ def check_disk_space(plan: BuildPlan, out_dir: str | Path, weight_bytes: int) ->
     (estimate, free bytes). A previous build in ``out_dir`` is replaced only at the end, so
     its files do not count as free; what the step cache holds already is reused by hard
     link and not written again."""
-    need = estimate_bytes(plan, weight_bytes)
+    return check_free_space(estimate_bytes(plan, weight_bytes), out_dir,
+                            cache_root(out_dir, plan.options.cache_dir, plan.options.cache), "this build")
+
+
+def check_free_space(need: int, out_dir: str | Path, root: Path | None, what: str) -> tuple[int, int]:
+    """Refuse ``need`` bytes written under ``out_dir`` (and the cache ``root``) where they do
+    not fit; the cache's own bytes count as written already."""
     free = shutil.disk_usage(_existing(Path(out_dir))).free
-    root = cache_root(out_dir, plan.options.cache_dir, plan.options.cache)
     if root is not None:
         free = min(free, shutil.disk_usage(_existing(root)).free)
         if is_cache(root):
             need = max(FIXED_BYTES, need - cache_bytes(root))
     if need > free:
         raise DiskSpaceError(
-            f"this build writes about {format_bytes(need)} and {_existing(Path(out_dir))} has "
+            f"{what} writes about {format_bytes(need)} and {_existing(Path(out_dir))} has "
             f"{format_bytes(free)} free; free some space or choose another -o (and --cache-dir)")
     return need, free
+
+
+def plan_weight_bytes(plan: BuildPlan) -> int:
+    """fp32 bytes of the weights the plan's model will hold (read cheaply: meta shapes)."""
+    return sum(4 * math.prod(s) for s in plan.spec.preflight(plan.load).values())
 
 
 def check_partition_budget(plan: BuildPlan, shapes: dict[str, tuple[int, ...]]) -> int:

@@ -120,7 +120,7 @@ class _Single:
         self.name = f"{self.spec.name}_{self.graph.name}"
         common = {"model": self.spec.name, "load": build_steps.load_key(plan), "graph": self.graph.name}
         self.k_samples = step_key("samples", **common, calibration=self.opts.calibration_samples,
-                                  check=self.opts.check_samples)
+                                  check=self.opts.check_samples, source=self.spec.samples_key)
         self.k_export = step_key("export", **common, **build_steps.export_options(plan))
         self._model = None
 
