@@ -106,8 +106,8 @@ def tokenize(host: dict, prompt: str) -> tuple[dict[str, np.ndarray], list[str]]
     warnings = []
     if cut:
         n = len(Tokenizer.from_json(host["tokenizers"]["dt5"]).words(text))
-        warnings.append(f"the prompt with its modifier ({host['prompt_modifier'].strip()!r}) is {n} words and "
-                        f"tokens; {', '.join(cut)}: the rest is cut off, as the real tokenizers truncate")
+        warnings.append(f"the prompt with its modifier ({host['prompt_modifier'].strip()!r}) is {n} words, digits "
+                        f"and marks; {', '.join(cut)}: the rest is cut off, as the real tokenizers truncate")
     return feeds, warnings
 
 
