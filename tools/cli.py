@@ -299,7 +299,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _check_writable(args.json, "--json")
     _check_writable(args.out, "-o")
     result = generate(args.prompt, args.bundle, args.out, runtime=args.runtime, target=args.target, seed=args.seed,
-                      compare_float=args.compare_float)
+                      compare_float=args.compare_float, arch=args.htp_arch)
     print(format_generate(result), end="")
     if args.json:
         write_json(result, args.json)
@@ -657,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "the contact sheet and first frame go beside it")
     _runtime_flag(gen)
     gen.add_argument("--target", help="which of the bundle's targets (default: its first)")
+    gen.add_argument("--htp-arch", type=_at_least(1), help="the device's HTP arch (e.g. 79): a bundle built for "
+                     "another is refused")
     gen.add_argument("--seed", type=_at_least(0), help="the noise seed (default: from the prompt)")
     gen.add_argument("--compare-float", action="store_true",
                      help="also run the float pipeline; write its video and the PSNR of every frame")

@@ -35,6 +35,14 @@ def test_passes_and_targets_are_listed(capsys):
         (["build", "denoiser", "--high-precision", "none", "--first-blocks-16bit", "2", "--out", "x"],
          "leave out --first-blocks-16bit"),
         (["build", "denoiser", "--first-blocks-16bit", "-1", "--out", "x"], "--first-blocks-16bit -1 is negative"),
+        (["build", "neodragon", "--config", "tiny", "--stage", "2", "-o", "x"],
+         "--stage does not apply to `build neodragon`"),
+        (["build", "neodragon", "--config", "tiny", "--until", "export", "-o", "x"],
+         "--until does not apply to `build neodragon`"),
+        (["build", "neodragon", "--config", "small", "-o", "x"], "unknown system config 'small'; known: tiny, neodragon"),
+        (["build", "neodragon", "--config", "tiny", "--target", "sm1", "-o", "x"], "unknown target 'sm1'"),
+        (["build", "dt5", "--prompts", "4", "-o", "x"], "--prompts applies to `build neodragon`"),
+        (["generate", "a fox", "--bundle", "nowhere", "-o", "v.mp4"], "nowhere holds no manifest.json: not a bundle"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(argv, message, capsys, tmp_path, monkeypatch):

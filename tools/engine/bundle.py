@@ -41,7 +41,7 @@ from neodragon_npu.tools.engine.host import describe_host, host_line
 from neodragon_npu.tools.engine.options import BuildOptions, plan_build
 from neodragon_npu.tools.engine.preflight import check_free_space, estimate_bytes, plan_weight_bytes
 from neodragon_npu.tools.engine.progress import TreePeak, labelled, release_memory
-from neodragon_npu.tools.runtime.bundle import FORMAT, MANIFEST, TABLES, graph_place
+from neodragon_npu.tools.runtime.bundle import FORMAT, TABLES, graph_place
 
 logger = logging.getLogger("neodragon_npu")
 
@@ -364,7 +364,7 @@ def _io(model_path: Path) -> tuple[list[dict], list[dict]]:
     return describe(proto.graph.input), describe(proto.graph.output)
 
 
-def _graph_entry(unit: Unit, graph_name: str, gid: str, sub: dict, root: Path, targets) -> dict:
+def _graph_entry(unit: Unit, graph_name: str, gid: str, sub: dict, root: Path) -> dict:
     rel = f"graphs/{unit.name}"
     entry: dict = {"model": unit.model, "config": sub["model"].get("config"), "build": rel,
                    "phase": next(p for p, ids in PHASE_GRAPHS.items() if gid in ids), "place": graph_place(gid)}
@@ -423,7 +423,7 @@ def _manifest(system: System, seed: int, targets, plan_units: list[Unit], work: 
     for unit in plan_units:
         sub = json.loads((work / "graphs" / unit.name / "manifest.json").read_text())
         for graph_name, gid in unit.graphs.items():
-            graphs[gid] = _graph_entry(unit, graph_name, gid, sub, work, targets)
+            graphs[gid] = _graph_entry(unit, graph_name, gid, sub, work)
     return {
         "format": FORMAT,
         "system": {"name": system.name, "summary": system.summary, "configs": dict(system.configs), "seed": seed,

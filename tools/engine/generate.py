@@ -75,11 +75,11 @@ def _progress(label: str):
 
 
 def generate(prompt: str, bundle_dir: str | Path, out: str | Path, *, runtime: str = "htp", target: str | None = None,
-             seed: int | None = None, compare_float: bool = False) -> GenerateResult:
+             seed: int | None = None, compare_float: bool = False, arch: int | None = None) -> GenerateResult:
     """Run the bundle's loop on ``prompt``; write ``out`` (MP4, or GIF), ``<stem>-sheet.png``,
     ``<stem>-first-frame.png``; with ``compare_float`` also ``<stem>-float.mp4`` and
     ``<stem>-psnr.png``."""
-    bundle = open_bundle(bundle_dir, target=target, runtime=runtime)  # every check before any work
+    bundle = open_bundle(bundle_dir, target=target, runtime=runtime, arch=arch)  # every check before any work
     target = target or bundle.manifest["targets"][0]["name"]
     seed = prompt_seed(prompt) if seed is None else seed
     out = Path(out)
