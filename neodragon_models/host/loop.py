@@ -189,6 +189,7 @@ class Loop:
             eps = np.asarray(unet(feed)["noise_pred"], dtype=np.float32)
             noise = rng.standard_normal(latents.shape).astype(np.float32) if coefficients["renoise"] else None
             latents = nm.lcm_step_with(coefficients, eps, latents, noise)
+            self.progress("LCM step", k + 1, len(ff["lcm_steps"]))
         image = self.graphs["sdxl_decoder"]({"latent": latents / ff["vae_scaling_factor"]})["image"]
         run.first_frame_image = np.asarray(image, dtype=np.float32)
         run.first_frame_pixels = nm.to_pixels(run.first_frame_image[0])

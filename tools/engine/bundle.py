@@ -247,13 +247,14 @@ def build_bundle(config: str, targets: tuple[str, ...], out_dir: str | Path, *, 
                 _build_unit(unit, system, targets, seed, root, cache, samples_dir, samples_key, work)
             kill_point(f"bundle:built:{unit.name}")
             times[unit.name] = time.perf_counter() - t0
+            # kept as each model finishes: a rerun after a kill estimates from them too
+            _save_times(root, system.name, {**estimates, **times})
             logger.info("      %s built in %.0f s (%.0f s so far)", unit.name, times[unit.name], done + times[unit.name])
         # the samples stay in the cache; an app needs none of them
         shutil.rmtree(samples_dir)
         manifest = _manifest(system, seed, resolved, plan_units, work, host, n_calib, times, peak.peak)
         artifacts.write_manifest(work, manifest, kind="bundle")
         (work / "report.txt").write_text(format_bundle(manifest))
-        _save_times(root, system.name, times)
     with StepCache(root) as step_cache:  # evicts around what every build of the bundle used
         logger.info(step_cache.finish(used))
     peak.stop()
@@ -285,6 +286,8 @@ def _record(system: System, seed: int, n_calib: int, work: Path, step_cache: Ste
                 if what in PHASES:
                     recorder.flush()
                     logger.info("      %s prompts, %s: %d/%d", label, what, i, n)
+                elif i == n or i % max(1, n // 4) == 0:  # inside a prompt: a full-size call takes a while
+                    logger.info("        %s %d/%d", what, i, n)
 
             Loop(host, tables, recorder, progress).run(prompts)
             files += recorder.files
