@@ -403,7 +403,8 @@ def _graph_entry(unit: Unit, graph_name: str, gid: str, sub: dict, root: Path) -
         ver = sub["verification"]
         entry["fidelity"] = {"reference": "fp32 PyTorch, the float pipeline's own calls on the check prompts",
                              "device": ver["device"], "sqnr_db": ver["sqnr_db"],
-                             "min_call_sqnr_db": ver["min_sample_sqnr_db"], "calls": ver["samples"],
+                             # a sample is one output of one call
+                             "min_sample_sqnr_db": ver["min_sample_sqnr_db"], "samples": ver["samples"],
                              "threshold_db": ver["threshold_db"], "passed": ver["passed"]}
     entry["inputs"], entry["outputs"] = inputs, outputs
     return entry
