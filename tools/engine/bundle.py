@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from neodragon_npu.graphs.feeds import load_samples, save_samples
+from neodragon_npu.graphs.onnx_io import file_interface
 from neodragon_npu.graphs.stats import format_bytes
 from neodragon_npu.graphs.targets import get_target
 from neodragon_npu.neodragon_models.host.loop import PHASE_GRAPHS, Graphs, Loop, PHASES
@@ -354,17 +355,8 @@ def _save_times(root, system: str, times: dict[str, float]) -> None:
 # --- the manifest --------------------------------------------------------------------------
 
 def _io(model_path: Path) -> tuple[list[dict], list[dict]]:
-    import onnx
-
-    proto = onnx.load(str(model_path), load_external_data=False)
-    inits = {i.name for i in proto.graph.initializer}
-
-    def describe(values):
-        return [{"name": v.name, "shape": [d.dim_value for d in v.type.tensor_type.shape.dim],
-                 "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name}
-                for v in values if v.name not in inits]
-
-    return describe(proto.graph.input), describe(proto.graph.output)
+    signature = file_interface(model_path)[0]
+    return signature["inputs"], signature["outputs"]
 
 
 def _graph_entry(unit: Unit, graph_name: str, gid: str, sub: dict, root: Path) -> dict:
