@@ -80,7 +80,13 @@ SYSTEMS = {
         "neodragon", {m: "neodragon" for m in MODELS} | {"quicksrnet": "small"},
         calibration_prompts=4, check_prompts=1,
         summary="the released sizes: 320x512, 49 frames (6 units x 3 stages), 2x to 640x1024",
-        family_models=("denoiser", "ssd1b-unet", "ssd1b-vae-decoder")),
+        family_models=("denoiser", "ssd1b-unet", "ssd1b-vae-decoder"),
+        # At these sizes the x86 HTP simulator runs the convolution decoders and the encoder
+        # for tens of minutes per call (docs/causal-vae.md, docs/first-frame.md): inside the
+        # bundle they are checked from their deployed graphs on the CPU, as the large
+        # families are; their single builds still check in the simulator.
+        build_options={"vae-encoder": {"verify_htp": False}, "vae-decoder": {"verify_htp": False},
+                       "ssd1b-vae-decoder": {"verify_htp": False, "layer_report": False}}),
 }
 
 

@@ -181,7 +181,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"build written to {args.out}")
     sqnr = getattr(result, "sqnr_db", None)
     if isinstance(sqnr, float):
-        print(f"HTP simulator vs fp32: {sqnr:.2f} dB SQNR")
+        device = "HTP simulator" if opts.verify_htp is not False else "the deployed graph on the CPU"
+        print(f"{device} vs fp32: {sqnr:.2f} dB SQNR")
     return 0
 
 
@@ -468,6 +469,9 @@ def _add_build(command) -> None:
     q.add_argument("--auto-16bit", dest="auto_16bit_db", type=float, metavar="DB",
                    help="also keep at 16 bit the fewest weights, chosen by their measured int8 noise, that "
                    "bring the int8 rest's predicted SQNR to DB (default: the model's; 0 turns it off)")
+    b.add_argument("--verify-htp", action=argparse.BooleanOptionalAction, default=None,
+                   help="check the binaries in the HTP simulator; --no-verify-htp checks the deployed graph on the "
+                   "CPU instead (default: single graphs, and families of small models)")
     f = b.add_argument_group("family builds (--all-graphs / --all-stages)")
     f.add_argument("--partition-budget", help="fp32 weight bytes per partition (default 768M)")
     f.add_argument("--partition-activations",
@@ -476,8 +480,6 @@ def _add_build(command) -> None:
     f.add_argument("--gptq-target", choices=("quantized", "float"),
                    help="GPTQ aims at the float weights on the quantized chain's inputs (quantized, default) "
                    "or at the float chain's layer outputs (float)")
-    f.add_argument("--verify-htp", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the chained binaries in the HTP simulator (default: small models only)")
     f.add_argument("--layer-report", action=argparse.BooleanOptionalAction, default=None,
                    help="the per-layer SQNR report (default: small models only)")
     m = b.add_argument_group("model options")

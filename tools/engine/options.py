@@ -42,7 +42,6 @@ FAMILY_ONLY = {
     "partition_activations": "--partition-activations",
     "gptq_samples": "--gptq-samples",
     "gptq_target": "--gptq-target",
-    "verify_htp": "--verify-htp",
     "layer_report": "--layer-report",
 }
 W8A16_ONLY = {
@@ -83,7 +82,9 @@ class BuildOptions:
     partition_activations: int | None = None
     gptq_samples: int | None = None
     gptq_target: str | None = None
-    verify_htp: bool | None = None  # family: None runs the HTP simulator for small models only
+    # None: a single graph is checked in the HTP simulator, a family only when its weights are
+    # small; False checks the deployed graph on the CPU instead (onnxruntime)
+    verify_htp: bool | None = None
     layer_report: bool | None = None
     verify_each_pass: bool = False
     dump_dir: Path | None = None

@@ -81,7 +81,8 @@ def render_report(report: dict) -> str:
         lines.append(f"HTP context binary built in {report['compile_seconds']:.1f} s")
     if "htp_check" in report:
         lines.append("")
-        lines.append("HTP simulator vs fp32 PyTorch (check samples, not used for calibration):")
+        lines.append(f"{report.get('check_device', 'HTP simulator')} vs fp32 PyTorch (check samples, not used for "
+                     "calibration):")
         for label, cmp in report["htp_check"]:
             lines.append(f"  {label}: {cmp}")
         for name, db in report.get("htp_sqnr_per_output_db", {}).items():

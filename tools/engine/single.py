@@ -102,8 +102,10 @@ def build_single(plan: BuildPlan, out_dir: str | Path) -> BuildResult:
         logger.info(cache.finish())
     if plan.until == "verify" and not manifest["verification"]["passed"]:
         worst = min(per_target.items(), key=lambda kv: kv[1][1])
+        where = (f"the simulated {worst[0]} binary" if plan.options.verify_htp is not False
+                 else "the deployed graph on the CPU")
         raise BuildCheckError(
-            f"the simulated {worst[0]} binary reaches {worst[1][1]:.1f} dB SQNR against fp32, below the "
+            f"{where} reaches {worst[1][1]:.1f} dB SQNR against fp32, below the "
             f"{plan.min_sqnr_db:.0f} dB threshold (artefacts kept in {out_dir}, see report.txt)"
         )
     return BuildResult(Path(out_dir), manifest, report.get("htp_sqnr_db"), report)
@@ -258,26 +260,44 @@ class _Single:
 
         graph_entry = {"name": name, "float_model": float_path.name}
         per_target = {}
-        if until == "verify":
+        on_htp = opts.verify_htp is not False
+        if until == "verify" and on_htp:
             # 8. Load each binary back in the HTP simulator and compare with fp32 PyTorch.
             for target in plan.targets:
                 with steps.step(f"load the {target.name} binary in the HTP simulator and compare with fp32"):
                     signature, results, pooled, per_output = cache.run(
                         "htp-check", step_key("htp-check", compile=k_compiled[target.name], samples=self.k_samples),
-                        work, lambda: ([], self._simulate(binaries[target.name], target, check, refs, labels)),
+                        work, lambda: ([], self._check(qnn.htp_session(binaries[target.name].epcontext_model,
+                                                                       target), check, refs, labels)),
                         f"the {target.name} simulator check")
                     if target is first:
                         graph_entry.update(signature)
-                        if len(per_output) > 1:
-                            report["htp_sqnr_per_output_db"] = per_output
+                        first_per_output = per_output
                 per_target[target.name] = (results, pooled)
+        elif until == "verify":
+            # 8. The deployed graph on the CPU (--no-verify-htp): the x86 simulator runs a
+            #    large convolution graph for tens of minutes per call (docs/causal-vae.md).
+            with steps.step("run the deployed graph on the CPU (onnxruntime) and compare with fp32"):
+                signature, results, pooled, per_output = cache.run(
+                    "cpu-check", step_key("cpu-check", precision=k_precise, samples=self.k_samples), work,
+                    lambda: ([], self._check(qnn.cpu_session(deployed_path), check, refs, labels)),
+                    "the CPU check")
+                graph_entry.update(signature)
+                first_per_output = per_output
+            per_target = {t.name: (results, pooled) for t in plan.targets}
+        if until == "verify":
             results, pooled = per_target[first.name]
+            if len(first_per_output) > 1:
+                report["htp_sqnr_per_output_db"] = first_per_output
             sqnrs = [c.sqnr_db for _, c in results]
             report["htp_check"] = results
             report["htp_sqnr_db"] = pooled
+            if not on_htp:
+                report["check_device"] = "the deployed graph on the CPU"
             manifest["verification"] = {
                 "reference": spec.reference_note or "fp32 PyTorch module",
-                "device": "x86 HTP simulator (onnxruntime-qnn)",
+                "device": "x86 HTP simulator (onnxruntime-qnn)" if on_htp else
+                          f"CPU (onnxruntime), the deployed {'QDQ' if precision.name == 'w8a16' else 'FP16'} graph",
                 "samples": len(results),
                 "sqnr_db": round(pooled, 2),
                 "min_sample_sqnr_db": round(min(sqnrs), 2),
@@ -287,7 +307,7 @@ class _Single:
             if "htp_sqnr_per_output_db" in report:
                 manifest["verification"]["per_output_sqnr_db"] = {
                     k: round(v, 2) for k, v in report["htp_sqnr_per_output_db"].items()}
-            if len(plan.targets) > 1:
+            if len(plan.targets) > 1 and on_htp:
                 manifest["verification"]["per_target_sqnr_db"] = {t: round(p, 2) for t, (_, p) in per_target.items()}
         if binaries:
             ctx = binaries[first.name]
@@ -398,8 +418,7 @@ class _Single:
         files = [built.epcontext_model, built.binary]
         return files, (built.epcontext_model.name, built.binary.name, ops)
 
-    def _simulate(self, binary, target, check, refs, labels):
-        session = qnn.htp_session(binary.epcontext_model, target)
+    def _check(self, session, check, refs, labels):
         signature = qnn.io_signature(session)
         outputs = self.graph.output_names
         results, pairs = [], {name: [] for name in outputs}

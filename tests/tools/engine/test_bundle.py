@@ -13,6 +13,9 @@ import jsonschema
 import pytest
 
 from neodragon_npu.neodragon_models.host.loop import GRAPH_IDS
+from neodragon_npu.neodragon_models.system import SYSTEMS
+from neodragon_npu.tools.engine.build import plan_build
+from neodragon_npu.tools.engine.bundle import _unit_options, units
 from neodragon_npu.tools.runtime.bundle import BundleError, open_bundle
 from neodragon_npu.tools.runtime.schema import MANIFEST_SCHEMA
 
@@ -120,3 +123,14 @@ def test_the_cpu_runtime_runs_the_deployed_graphs(tiny_bundle, tmp_path):
     result = generate("a fox", out, tmp_path / "cpu.mp4", runtime="cpu-qdq", seed=7, compare_float=True)
     assert result.warnings == []
     assert len(result.frame_psnr_db) == 25 and min(result.frame_psnr_db) >= 30.0, result.frame_psnr_db
+
+
+@pytest.mark.parametrize("system", sorted(SYSTEMS))
+def test_every_build_of_each_system_is_planned_before_any_work(system, tmp_path):
+    # a system's per-model options go through the same checks as the CLI's flags
+    sys_ = SYSTEMS[system]
+    plans = {u.name: plan_build(_unit_options(u, sys_, ("sm8750",), 0, tmp_path, True)) for u in units(sys_)}
+    for unit in units(sys_):
+        assert plans[unit.name].options.config == sys_.config(unit.model)
+        for option, value in sys_.build_options.get(unit.model, {}).items():
+            assert getattr(plans[unit.name].options, option) == value

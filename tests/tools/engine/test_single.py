@@ -71,6 +71,27 @@ def test_the_written_binary_reproduces_the_recorded_check(build):
     assert sqnr_db(ref, qnn.run(session, sample)[0]) >= MIN_SQNR_DB
 
 
+def test_no_verify_htp_checks_the_deployed_graph_on_the_cpu(build, tmp_path):
+    out, result = build
+    cpu_out = tmp_path / "stage2"
+    # the same cache: every step up to the check is reused, and only the CPU check runs
+    cpu = build_denoiser_stage(DenoiserBuildOptions(config="tiny", stage=2, verify_htp=False,
+                                                    cache_dir=out.parent / "stage2.cache"), cpu_out)
+    manifest = json.loads((cpu_out / MANIFEST).read_text())
+    steps = [s["step"] for s in manifest["steps"]]
+    assert not any("HTP simulator" in s for s in steps) and any("on the CPU" in s for s in steps)
+    assert manifest["verification"]["device"].startswith("CPU (onnxruntime)")
+    # recomputed here from the deployed QDQ graph on the CPU, sample by sample
+    session = qnn.cpu_session(cpu_out / "denoiser_stage2_w8a16.onnx")
+    samples = load_samples(cpu_out / "check_samples.npz")
+    refs = [s.pop("noise_pred_fp32") for s in samples]
+    worst = min(sqnr_db(r, qnn.run(session, s)[0]) for r, s in zip(refs, samples))
+    assert manifest["verification"]["min_sample_sqnr_db"] == pytest.approx(worst, abs=0.01)
+    # the CPU runs the same W8A16 graph the simulator ran: they agree within a few dB
+    assert abs(cpu.sqnr_db - result.sqnr_db) < 3.0 and cpu.sqnr_db >= MIN_SQNR_DB
+    assert "the deployed graph on the CPU vs fp32" in (cpu_out / "report.txt").read_text()
+
+
 def test_failed_build_leaves_nothing_behind(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError):
