@@ -59,14 +59,17 @@ def _cli(*args: str, kill_at: str | None = None, log: Path) -> subprocess.Comple
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
     """The tiny system's bundle (``build neodragon --config tiny``), built by a run killed
-    (SIGKILL) once clip-l was built, then run again to the end: (bundle, killed log,
-    resumed log). Tests of single models may read its builds (``graphs/<model>``)."""
+    (SIGKILL) inside the float pipeline once its denoise phase was stored, a second run
+    killed once clip-l was built, then a third run to the end: (bundle, first log, second
+    log, third log). Tests of single models may read its builds (``graphs/<model>``)."""
     root = tmp_path_factory.mktemp("bundle")
     out = root / "tiny"
     args = ("build", "neodragon", "--config", "tiny", "-o", str(out))
+    in_pipeline = _cli(*args, kill_at="bundle:phase:denoise", log=root / "killed-in-pipeline.log")
+    assert in_pipeline.returncode == -9, in_pipeline.stdout[-3000:]
     killed = _cli(*args, kill_at="bundle:built:clip-l", log=root / "killed.log")
     assert killed.returncode == -9, killed.stdout[-3000:]
     assert not out.exists()
     resumed = _cli(*args, log=root / "resumed.log")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    return out, killed.stdout, resumed.stdout
+    return out, in_pipeline.stdout, killed.stdout, resumed.stdout

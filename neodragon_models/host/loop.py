@@ -148,9 +148,11 @@ class Loop:
         self.host, self.tables, self.graphs = host, tables, graphs
         self.progress = progress or (lambda what, i, n: None)
 
-    def run(self, prompts: list[tuple[str, int]], phases: tuple[str, ...] = PHASES) -> list[PromptRun]:
-        """Each (prompt, seed) through ``phases`` (a prefix of :data:`PHASES`)."""
-        runs = [PromptRun(p, s) for p, s in prompts]
+    def run(self, prompts: list[tuple[str, int]], phases: tuple[str, ...] = PHASES,
+            runs: list[PromptRun] | None = None) -> list[PromptRun]:
+        """Each (prompt, seed) through ``phases``, in the order of :data:`PHASES`: from the
+        start, or on from ``runs``, the prompts as the phases before left them."""
+        runs = runs if runs is not None else [PromptRun(p, s) for p, s in prompts]
         for phase in phases:
             self.graphs.enter(phase)
             try:

@@ -270,31 +270,41 @@ def _unit_options(unit: Unit, system: System, targets, seed: int, root, cache: b
 
 
 def _record(system: System, seed: int, n_calib: int, work: Path, step_cache: StepCache):
-    """The float pipeline on the calibration and the check prompts (a cache step)."""
+    """The float pipeline on the calibration and the check prompts, one cache step per phase:
+    a build killed inside it resumes at the phase it was in (at full size the whole pipeline
+    takes over half an hour). Each phase's entry holds its graphs' recorded calls, and the
+    prompts as the phase left them, which the next phase goes on from."""
     host, tables = host_section(system, pos_table(system))
-    calib = _prompts(PROMPTS, n_calib, CALIBRATION_SEED)
-    check = _prompts(CHECK_PROMPTS, system.check_prompts, CHECK_SEED)
-    key = step_key("bundle-samples", system=dataclasses.asdict(system), seed=seed, calibration=calib, check=check)
+    prompts = {"calibration": _prompts(PROMPTS, n_calib, CALIBRATION_SEED),
+               "check": _prompts(CHECK_PROMPTS, system.check_prompts, CHECK_SEED)}
+    key = step_key("bundle-samples", system=dataclasses.asdict(system), seed=seed, prompts=prompts)
     samples_dir = work / "samples"
+    runs: dict[str, list | None] = {label: None for label in prompts}
+    for phase in PHASES:
+        key = step_key("bundle-phase", before=key, phase=phase)
 
-    def run():
-        files = []
-        for label, prompts, refs in (("calibration", calib, False), ("check", check, True)):
-            recorder = Recorder(FloatGraphs(system, seed), samples_dir / label, refs)
-            (samples_dir / label).mkdir(parents=True, exist_ok=True)
+        def run_phase(phase=phase):
+            files, after = [], {}
+            for label, label_prompts in prompts.items():
+                (samples_dir / label).mkdir(parents=True, exist_ok=True)
+                recorder = Recorder(FloatGraphs(system, seed), samples_dir / label, references=label == "check")
 
-            def progress(what, i, n, label=label, recorder=recorder):
-                if what in PHASES:
-                    recorder.flush()
-                    logger.info("      %s prompts, %s: %d/%d", label, what, i, n)
-                elif i == n or i % max(1, n // 4) == 0:  # inside a prompt: a full-size call takes a while
-                    logger.info("        %s %d/%d", what, i, n)
+                def progress(what, i, n, label=label, recorder=recorder):
+                    if what in PHASES:
+                        recorder.flush()
+                        logger.info("      %s prompts, %s: %d/%d", label, what, i, n)
+                    elif i == n or i % max(1, n // 4) == 0:  # inside a prompt: a full-size call takes a while
+                        logger.info("        %s %d/%d", what, i, n)
 
-            Loop(host, tables, recorder, progress).run(prompts)
-            files += recorder.files
-        return files, None
+                after[label] = Loop(host, tables, recorder, progress).run(label_prompts, (phase,), runs[label])
+                files += recorder.files
+            # nothing goes on from the last phase: its frames need not be kept
+            return files, None if phase == PHASES[-1] else after
 
-    step_cache.run("bundle-samples", key, work, run, "the float pipeline's samples")
+        after = step_cache.run("bundle-phase", key, work, run_phase, f"the float pipeline's {phase} phase")
+        kill_point(f"bundle:phase:{phase}")
+        if after is not None:
+            runs = after
     return samples_dir, key, host, tables
 
 

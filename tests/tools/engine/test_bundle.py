@@ -1,6 +1,6 @@
 """``build neodragon`` and ``generate`` on the tiny system, end to end in the HTP simulator:
-a build killed after its first graph resumes from the cache (the ``tiny_bundle`` fixture,
-tests/conftest.py), the bundle validates against its schema, the generated video follows
+a build killed inside the float pipeline resumes at its phase, and one killed after its
+first graph resumes from the cache (the ``tiny_bundle`` fixture, tests/conftest.py), the bundle validates against its schema, the generated video follows
 the float pipeline frame by frame, and bad bundles are refused with one line before any
 work."""
 
@@ -10,22 +10,48 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 
-from neodragon_npu.neodragon_models.host.loop import GRAPH_IDS
-from neodragon_npu.neodragon_models.system import SYSTEMS
+from neodragon_npu.neodragon_models.host.loop import GRAPH_IDS, PHASES, Loop
+from neodragon_npu.neodragon_models.system import SYSTEMS, get_system, host_section, pos_table
 from neodragon_npu.tools.engine.build import plan_build
-from neodragon_npu.tools.engine.bundle import _unit_options, units
+from neodragon_npu.tools.engine.bundle import (CHECK_PROMPTS, CHECK_SEED, FloatGraphs, Recorder, _prompts,
+                                               _unit_options, recorded, units)
 from neodragon_npu.tools.runtime.bundle import BundleError, open_bundle
 from neodragon_npu.tools.runtime.schema import MANIFEST_SCHEMA
 
 LONG_PROMPT = "a red fox trotting through fresh snow at dawn while the wind lifts powder off the ridge"
 
 
+def test_a_kill_inside_the_float_pipeline_resumes_at_its_phase(tiny_bundle, tmp_path):
+    out, in_pipeline, killed, _ = tiny_bundle
+    assert "calibration prompts, denoise: 4/4" in in_pipeline and "prompts, decode" not in in_pipeline
+    for phase in ("text", "first_frame", "encode", "denoise"):
+        assert f"the float pipeline's {phase} phase: reused" in killed
+    assert "prompts, text" not in killed and "calibration prompts, decode: 1/4" in killed
+    # the phases after the kill went on from the prompts as stored: the check prompt's
+    # recorded decoder calls are what one uninterrupted float loop makes
+    system = get_system("tiny")
+    host, tables = host_section(system, pos_table(system))
+    fresh = Recorder(FloatGraphs(system, 0), tmp_path, references=True)
+    Loop(host, tables, fresh).run(_prompts(CHECK_PROMPTS, system.check_prompts, CHECK_SEED), PHASES[:-1])
+    stored = {p.parent.parent for p in (out.parent / "tiny.cache").rglob("check/decoder_next-*.npz")}
+    assert len(stored) == 1
+    for gid in ("decoder_first", "decoder_next"):
+        want, got = recorded(tmp_path, gid), recorded(next(iter(stored)) / "check", gid)
+        assert len(want) == len(got) > 0
+        for w, g in zip(want, got):
+            assert w.keys() == g.keys()
+            for k in w:
+                np.testing.assert_allclose(g[k], w[k], rtol=1e-5, atol=1e-5, err_msg=f"{gid} {k}")
+
+
 def test_a_killed_bundle_build_resumes_from_its_cache(tiny_bundle):
-    out, killed, resumed = tiny_bundle
+    out, _, killed, resumed = tiny_bundle
     assert "[bundle 2/10] clip-g" not in killed
-    assert "the float pipeline's samples: reused" in resumed
+    for phase in PHASES:
+        assert f"the float pipeline's {phase} phase: reused" in resumed
     assert "which a killed command left" in resumed  # its staging directory removed
     reused = {u: json.loads((out / "graphs" / u / "manifest.json").read_text())["cache"]["reused"]
               for u in ("clip-l", "clip-g", "quicksrnet")}
@@ -35,7 +61,7 @@ def test_a_killed_bundle_build_resumes_from_its_cache(tiny_bundle):
 
 
 def test_the_bundle_manifest_follows_its_schema_and_names_every_graph(tiny_bundle):
-    out, _, _ = tiny_bundle
+    out = tiny_bundle[0]
     manifest = json.loads((out / "manifest.json").read_text())
     jsonschema.validate(manifest, MANIFEST_SCHEMA)
     assert set(manifest["graphs"]) == set(GRAPH_IDS)
@@ -60,7 +86,7 @@ def test_the_bundle_manifest_follows_its_schema_and_names_every_graph(tiny_bundl
 def test_generate_in_the_htp_simulator_follows_the_float_pipeline(tiny_bundle, tmp_path):
     from neodragon_npu.tools.engine.generate import generate
 
-    out, _, _ = tiny_bundle
+    out = tiny_bundle[0]
     result = generate(LONG_PROMPT, out, tmp_path / "fox.mp4", runtime="htp", compare_float=True)
     assert result.frames == 25 == len(result.frame_psnr_db)
     assert min(result.frame_psnr_db) >= 30.0, result.frame_psnr_db
@@ -93,7 +119,7 @@ def _copy(bundle_dir: Path, dst: Path, edit=None) -> Path:
     (lambda m: m.update(output="build"), "holds a build output of neodragon-npu, not a bundle"),
 ])
 def test_a_bad_bundle_is_refused_in_one_line_before_any_work(tiny_bundle, tmp_path, edit, message):
-    out, _, _ = tiny_bundle
+    out = tiny_bundle[0]
     bad = _copy(out, tmp_path / "bad", edit)
     with pytest.raises(BundleError, match=message.replace("(", r"\(").replace(")", r"\)")):
         open_bundle(bad)
@@ -106,7 +132,7 @@ def test_a_bad_bundle_is_refused_in_one_line_before_any_work(tiny_bundle, tmp_pa
 
 
 def test_a_bundle_for_another_target_or_arch_is_refused(tiny_bundle):
-    out, _, _ = tiny_bundle
+    out = tiny_bundle[0]
     with pytest.raises(BundleError, match="built for sm8750, not x-elite: build it with --target x-elite"):
         open_bundle(out, target="x-elite")
     with pytest.raises(BundleError, match="for HTP v79, and this device's HTP is v73"):
@@ -119,7 +145,7 @@ def test_the_cpu_runtime_runs_the_deployed_graphs(tiny_bundle, tmp_path):
     """--runtime cpu-qdq: the QDQ and FP16 graphs on the CPU follow the float pipeline too."""
     from neodragon_npu.tools.engine.generate import generate
 
-    out, _, _ = tiny_bundle
+    out = tiny_bundle[0]
     result = generate("a fox", out, tmp_path / "cpu.mp4", runtime="cpu-qdq", seed=7, compare_float=True)
     assert result.warnings == []
     assert len(result.frame_psnr_db) == 25 and min(result.frame_psnr_db) >= 30.0, result.frame_psnr_db
