@@ -466,6 +466,7 @@ def format_bundle(manifest: dict) -> str:
     total = b["total_seconds"] or 1.0
     for k, v in b["seconds"].items():
         lines.append(f"  {k:<28} {v:8.1f}  {100 * v / total:5.1f} %")
-    lines.append(f"  {'total':<28} {b['total_seconds']:8.1f}; peak RSS {format_bytes(b['peak_rss_bytes'])} "
+    # GB of 10^9 bytes, as every step's line and the CLI's closing line give it
+    lines.append(f"  {'total':<28} {b['total_seconds']:8.1f}; peak RSS {b['peak_rss_bytes'] / 1e9:.2f} GB "
                  "(this process and its workers)")
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from neodragon_npu.neodragon_models.host.loop import GRAPH_IDS, PHASES, Loop
 from neodragon_npu.neodragon_models.system import SYSTEMS, get_system, host_section, pos_table
 from neodragon_npu.tools.engine.build import plan_build
 from neodragon_npu.tools.engine.bundle import (CHECK_PROMPTS, CHECK_SEED, FloatGraphs, Recorder, _prompts,
-                                               _unit_options, recorded, units)
+                                               _unit_options, format_bundle, recorded, units)
 from neodragon_npu.tools.runtime.bundle import BundleError, open_bundle
 from neodragon_npu.tools.runtime.schema import MANIFEST_SCHEMA
 
@@ -160,3 +160,9 @@ def test_every_build_of_each_system_is_planned_before_any_work(system, tmp_path)
         assert plans[unit.name].options.config == sys_.config(unit.model)
         for option, value in sys_.build_options.get(unit.model, {}).items():
             assert getattr(plans[unit.name].options, option) == value
+
+
+def test_the_bundle_report_gives_memory_in_the_units_of_the_step_lines(tiny_bundle):
+    manifest = json.loads((tiny_bundle[0] / "manifest.json").read_text())
+    manifest["build"]["peak_rss_bytes"] = 20_390_000_000  # GB of 10^9 bytes, as each step's line says
+    assert "peak RSS 20.39 GB" in format_bundle(manifest)
