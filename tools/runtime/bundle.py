@@ -160,14 +160,24 @@ class BundleGraphs(Graphs):
         self.sessions: dict[str, list] = {}
 
     def enter(self, phase: str) -> None:
+        for gid in PHASE_GRAPHS[phase]:
+            if not self._one_at_a_time(gid):
+                self._open(gid)
+
+    def _one_at_a_time(self, graph_id: str) -> bool:
+        # On the CPU a QDQ graph's int8 weights unpack to fp32 when its session opens: at full
+        # size the three denoiser stage graphs together outgrow a 24 GB machine, so one
+        # family graph is open at a time, reopened when the loop turns to it.
+        return self.runtime == "cpu-qdq" and self.bundle.manifest["graphs"][graph_id]["kind"] == "family"
+
+    def _open(self, graph_id: str) -> None:
         from neodragon_npu.graphs import qnn
 
-        for gid in PHASE_GRAPHS[phase]:
-            files = _files(self.bundle.manifest["graphs"][gid], self.runtime, self.target.name)
-            if self.runtime == "cpu-qdq":
-                self.sessions[gid] = [qnn.cpu_session(self.bundle.path(f)) for f in files]
-            else:
-                self.sessions[gid] = [qnn.htp_session(self.bundle.path(f), self.target) for f in files]
+        files = _files(self.bundle.manifest["graphs"][graph_id], self.runtime, self.target.name)
+        if self.runtime == "cpu-qdq":
+            self.sessions[graph_id] = [qnn.cpu_session(self.bundle.path(f)) for f in files]
+        else:
+            self.sessions[graph_id] = [qnn.htp_session(self.bundle.path(f), self.target) for f in files]
 
     def leave(self, phase: str) -> None:
         for gid in PHASE_GRAPHS[phase]:
@@ -176,6 +186,10 @@ class BundleGraphs(Graphs):
     def __getitem__(self, graph_id: str):
         from neodragon_npu.graphs import qnn
 
+        if graph_id not in self.sessions:
+            for other in [g for g in self.sessions if self._one_at_a_time(g)]:
+                del self.sessions[other]
+            self._open(graph_id)
         parts = self.sessions[graph_id]
 
         def call(feed):

@@ -166,3 +166,16 @@ def test_the_bundle_report_gives_memory_in_the_units_of_the_step_lines(tiny_bund
     manifest = json.loads((tiny_bundle[0] / "manifest.json").read_text())
     manifest["build"]["peak_rss_bytes"] = 20_390_000_000  # GB of 10^9 bytes, as each step's line says
     assert "peak RSS 20.39 GB" in format_bundle(manifest)
+
+
+def test_on_the_cpu_one_family_graph_is_open_at_a_time(tiny_bundle):
+    from neodragon_npu.tools.runtime.bundle import BundleGraphs
+
+    graphs = BundleGraphs(open_bundle(tiny_bundle[0], runtime="cpu-qdq"), "cpu-qdq")
+    graphs.enter("denoise")
+    assert not graphs.sessions  # opened when the loop first calls them
+    graphs["denoiser_stage0"], graphs["denoiser_stage1"]
+    assert list(graphs.sessions) == ["denoiser_stage1"]
+    graphs.leave("denoise")
+    graphs.enter("text")  # single graphs open with their phase, as on the HTP
+    assert set(graphs.sessions) == {"clip_l", "clip_g", "dt5"}
