@@ -181,8 +181,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"build written to {args.out}")
     sqnr = getattr(result, "sqnr_db", None)
     if isinstance(sqnr, float):
-        device = "HTP simulator" if opts.verify_htp is not False else "the deployed graph on the CPU"
-        print(f"{device} vs fp32: {sqnr:.2f} dB SQNR")
+        print(f"{result.manifest['verification']['device']} vs fp32: {sqnr:.2f} dB SQNR")
     return 0
 
 
