@@ -5,9 +5,12 @@
    phase at a time with only that phase's models loaded. Every graph call is recorded: a
    graph is calibrated on what the float graph before it really produced, and checked
    against the float outputs on prompts it was not calibrated on.
-2. Each model is built by the ordinary build engine, one after another (memory is one
-   build's), with those recorded samples in place of the spec's own; every step goes
-   through the bundle's step cache, so a killed build resumes at its last finished step.
+2. Each model is built by the ordinary build engine, one after another, with those
+   recorded samples in place of the spec's own; every step goes through the bundle's step
+   cache, so a killed build resumes at its last finished step.
+
+Each phase and each build runs in a fresh process (:mod:`.fresh`): the peak is one
+build's, not one build's plus what the ones before it left in the heap.
 3. The manifest (``manifest.json``, schema in docs/bundle.md) lists every graph with its
    files, inputs, outputs, precision and measured fidelity, and the host loop's constants;
    ``tables.npz`` holds the loop's per-call arrays.
@@ -41,6 +44,7 @@ from neodragon_npu.tools.engine.cache import StepCache, cache_root, kill_point, 
 from neodragon_npu.tools.engine.host import describe_host, host_line
 from neodragon_npu.tools.engine.options import BuildOptions, plan_build
 from neodragon_npu.tools.engine.preflight import check_free_space, estimate_bytes, plan_weight_bytes
+from neodragon_npu.tools.engine.fresh import run_fresh
 from neodragon_npu.tools.engine.progress import TreePeak, labelled, release_memory
 from neodragon_npu.tools.runtime.bundle import FORMAT, TABLES, graph_place
 
@@ -244,8 +248,8 @@ def build_bundle(config: str, targets: tuple[str, ...], out_dir: str | Path, *, 
             logger.info("[bundle %d/%d] %s%s", i + 1, len(plan_units), unit.name,
                         f" (about {eta / 60:.0f} min left, from the last build of this system)" if eta else "")
             t0 = time.perf_counter()
-            with labelled(unit.name):
-                _build_unit(unit, system, targets, seed, root, cache, samples_dir, samples_key, work)
+            used |= run_fresh(f"the {unit.name} build", _build_unit, unit, system, targets, seed, root, cache,
+                              samples_dir, samples_key, work)
             kill_point(f"bundle:built:{unit.name}")
             times[unit.name] = time.perf_counter() - t0
             # kept as each model finishes: a rerun after a kill estimates from them too
@@ -284,28 +288,36 @@ def _record(system: System, seed: int, n_calib: int, work: Path, step_cache: Ste
         key = step_key("bundle-phase", before=key, phase=phase)
 
         def run_phase(phase=phase):
-            files, after = [], {}
-            for label, label_prompts in prompts.items():
-                (samples_dir / label).mkdir(parents=True, exist_ok=True)
-                recorder = Recorder(FloatGraphs(system, seed), samples_dir / label, references=label == "check")
-
-                def progress(what, i, n, label=label, recorder=recorder):
-                    if what in PHASES:
-                        recorder.flush()
-                        logger.info("      %s prompts, %s: %d/%d", label, what, i, n)
-                    elif i == n or i % max(1, n // 4) == 0:  # inside a prompt: a full-size call takes a while
-                        logger.info("        %s %d/%d", what, i, n)
-
-                after[label] = Loop(host, tables, recorder, progress).run(label_prompts, (phase,), runs[label])
-                files += recorder.files
-            # nothing goes on from the last phase: its frames need not be kept
-            return files, None if phase == PHASES[-1] else after
+            return run_fresh(f"the float pipeline's {phase} phase", _run_phase, system, seed, phase, prompts, runs,
+                             host, tables, samples_dir)
 
         after = step_cache.run("bundle-phase", key, work, run_phase, f"the float pipeline's {phase} phase")
         kill_point(f"bundle:phase:{phase}")
         if after is not None:
             runs = after
     return samples_dir, key, host, tables
+
+
+def _run_phase(system: System, seed: int, phase: str, prompts: dict, runs: dict, host: dict, tables: dict,
+               samples_dir: Path):
+    """One phase of the float pipeline on every prompt set (in a process of its own):
+    the files it recorded and the prompts as it left them."""
+    files, after = [], {}
+    for label, label_prompts in prompts.items():
+        (samples_dir / label).mkdir(parents=True, exist_ok=True)
+        recorder = Recorder(FloatGraphs(system, seed), samples_dir / label, references=label == "check")
+
+        def progress(what, i, n, label=label, recorder=recorder):
+            if what in PHASES:
+                recorder.flush()
+                logger.info("      %s prompts, %s: %d/%d", label, what, i, n)
+            elif i == n or i % max(1, n // 4) == 0:  # inside a prompt: a full-size call takes a while
+                logger.info("        %s %d/%d", what, i, n)
+
+        after[label] = Loop(host, tables, recorder, progress).run(label_prompts, (phase,), runs[label])
+        files += recorder.files
+    # nothing goes on from the last phase: its frames need not be kept
+    return files, None if phase == PHASES[-1] else after
 
 
 def _recorded_samples(unit: Unit, samples_dir: Path):
@@ -330,12 +342,14 @@ def _spaced(feeds: list, limit: int | None) -> list:
 
 
 def _build_unit(unit: Unit, system: System, targets, seed: int, root, cache: bool, samples_dir: Path,
-                samples_key: str, work: Path) -> None:
+                samples_key: str, work: Path) -> set:
+    """One model's build (in a process of its own): the cache entries it used."""
     plan = plan_build(_unit_options(unit, system, targets, seed, root, cache))
     spec = dataclasses.replace(plan.spec, samples=_recorded_samples(unit, samples_dir),
                                samples_key=f"{samples_key}:{unit.name}")
-    build_plan(dataclasses.replace(plan, spec=spec), work / "graphs" / unit.name)
-    release_memory()
+    with labelled(unit.name), shared_run() as used:
+        build_plan(dataclasses.replace(plan, spec=spec), work / "graphs" / unit.name)
+    return used
 
 
 def _eta(remaining: list[Unit], estimates: dict[str, float]) -> float | None:

@@ -267,6 +267,7 @@ class _Family:
                 files.append(save_samples(work / f"{g.name}_check_samples.npz", samples.check[g.name]))
             self.calls_per_group = samples.calls_per_group
             del samples
+            release_memory()  # before the exports fork: freed heap they would otherwise inherit
             self.weight_bytes = self.spec.weight_bytes(model)
             self.cache.put("samples", self.k_samples, work, files,
                            (self.manifest["model"], self.calls_per_group, self.weight_bytes))

@@ -57,6 +57,20 @@ _shared_pids: set[int] = set()
 _pss_cache: dict[int, tuple[float, int]] = {}
 
 
+_shared_trees: set[int] = set()
+
+
+def share_memory_tree(root: int, shared: bool = True) -> None:
+    """Measure ``root`` and every process under it by PSS (or no longer): for a process
+    this one started that may fork children of its own (:mod:`.fresh`), whose sharing this
+    process does not see."""
+    if shared:
+        _shared_trees.add(root)
+    else:
+        _shared_trees.discard(root)
+        _pss_cache.clear()  # its processes are gone; a pid used again must not read their PSS
+
+
 def share_memory(pids: set[int] | list[int], shared: bool = True) -> None:
     """Mark processes as sharing memory copy-on-write (or no longer, with ``shared=False``)."""
     for pid in pids:
@@ -77,10 +91,11 @@ def _status_field(pid: int, path: str, key: str) -> int:
     return 0
 
 
-def _rss_of(pid: int) -> int:
+def _rss_of(pid: int, in_shared_tree: bool = False) -> int:
     """Resident bytes of one process: VmRSS, or its PSS if it shares memory copy-on-write
-    (:func:`share_memory`; refreshed every :data:`PSS_INTERVAL` seconds)."""
-    if pid not in _shared_pids:
+    (:func:`share_memory`, :func:`share_memory_tree`; refreshed every :data:`PSS_INTERVAL`
+    seconds)."""
+    if pid not in _shared_pids and not in_shared_tree:
         return _status_field(pid, "status", "VmRSS:")
     now = time.monotonic()
     cached = _pss_cache.get(pid)
@@ -90,10 +105,11 @@ def _rss_of(pid: int) -> int:
     return cached[1]
 
 
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
+def _tree(pid: int) -> list[tuple[int, bool]]:
+    """The descendants of ``pid``, each with whether it is in a tree measured by PSS."""
+    found, todo = [], [(pid, pid in _shared_trees)]
     while todo:
-        parent = todo.pop()
+        parent, shared = todo.pop()
         try:
             tasks = os.listdir(f"/proc/{parent}/task")
         except OSError:
@@ -103,9 +119,14 @@ def _descendants(pid: int) -> list[int]:
                 children = [int(c) for c in Path(f"/proc/{parent}/task/{tid}/children").read_text().split()]
             except OSError:
                 continue
-            found += children
-            todo += children
+            below = [(c, shared or c in _shared_trees) for c in children]
+            found += below
+            todo += below
     return found
+
+
+def _descendants(pid: int) -> list[int]:
+    return [p for p, _ in _tree(pid)]
 
 
 def tree_rss_bytes() -> int:
@@ -127,7 +148,7 @@ def _sample() -> tuple[int, int]:
     """(this process and its descendants, this process alone): resident bytes right now."""
     me = os.getpid()
     mine = _rss_of(me)
-    return mine + sum(_rss_of(pid) for pid in _descendants(me)), mine
+    return mine + sum(_rss_of(pid, shared) for pid, shared in _tree(me)), mine
 
 
 @dataclass(eq=False)  # windows are told apart by identity (list.remove)
