@@ -21,6 +21,7 @@ import threading
 import traceback
 from typing import Any, Callable, Iterator
 
+from neodragon_npu.tools.engine.fresh import died
 from neodragon_npu.tools.engine.progress import share_memory
 
 logger = logging.getLogger("neodragon_npu")
@@ -141,11 +142,7 @@ class Forked:
             kind, payload, lines = self._conn.recv()
         except EOFError:
             self._ended()
-            code = self.process.exitcode
-            how = (f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
-                   else f"exited with code {code}")
-            raise ForkedError(f"{self.name}: the process {how} before it finished (a kill is usually the kernel's, "
-                              "for memory: see dmesg)") from None
+            raise ForkedError(died(self.name, self.process.exitcode)) from None
         finally:
             self._conn.close()
         self._ended()

@@ -103,3 +103,37 @@ def test_a_fresh_process_and_its_forked_children_count_their_shared_pages_once()
     assert vm_rss > 2 * (300 << 20)  # both processes map the 300 MB ...
     assert with_fork - before < vm_rss - (250 << 20)  # ... which the tree counts once
     assert not progress._shared_trees  # ended: measured by VmRSS again
+
+
+class _Interrupted(BaseException):
+    pass
+
+
+def _wait_then_clean_up(ready, marker):
+    try:
+        ready.set()
+        threading.Event().wait()  # until stopped
+    finally:
+        marker.write_text("unwound")  # what a build's staging cleanup would do
+
+
+def test_an_interrupt_here_stops_the_fresh_process_which_unwinds(tmp_path):
+    spawn = multiprocessing.get_context("spawn")
+    ready, marker = spawn.Event(), tmp_path / "cleaned"
+
+    def interrupt():
+        assert ready.wait(120)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def raise_interrupted(signum, frame):
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        threading.Thread(target=interrupt, daemon=True).start()
+        with pytest.raises(_Interrupted):
+            run_fresh("the waiting build", _wait_then_clean_up, ready, marker)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert marker.read_text() == "unwound"  # it ran its cleanup before run_fresh returned
+    assert not progress._shared_trees
