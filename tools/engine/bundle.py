@@ -8,12 +8,12 @@
 2. Each model is built by the ordinary build engine, one after another, with those
    recorded samples in place of the spec's own; every step goes through the bundle's step
    cache, so a killed build resumes at its last finished step.
-
-Each phase and each build runs in a fresh process (:mod:`.fresh`): the peak is one
-build's, not one build's plus what the ones before it left in the heap.
 3. The manifest (``manifest.json``, schema in docs/bundle.md) lists every graph with its
    files, inputs, outputs, precision and measured fidelity, and the host loop's constants;
    ``tables.npz`` holds the loop's per-call arrays.
+
+Each phase and each build runs in a fresh process (:mod:`.fresh`): the peak is one
+build's, not one build's plus what the ones before it left in the heap.
 
 The bundle appears at ``-o`` only when every graph is built and checked.
 """
@@ -41,10 +41,10 @@ from neodragon_npu.neodragon_models.system import System, check_system, get_syst
 from neodragon_npu.tools.engine import artifacts
 from neodragon_npu.tools.engine.build import build_plan
 from neodragon_npu.tools.engine.cache import StepCache, cache_root, kill_point, shared_run, step_key
+from neodragon_npu.tools.engine.fresh import run_fresh
 from neodragon_npu.tools.engine.host import describe_host, host_line
 from neodragon_npu.tools.engine.options import BuildOptions, plan_build
 from neodragon_npu.tools.engine.preflight import check_free_space, estimate_bytes, plan_weight_bytes
-from neodragon_npu.tools.engine.fresh import run_fresh
 from neodragon_npu.tools.engine.progress import TreePeak, labelled, release_memory
 from neodragon_npu.tools.runtime.bundle import FORMAT, TABLES, graph_place
 

@@ -3,8 +3,7 @@
 A command that builds many models one after another (a bundle) runs each of them in a
 process of its own: what one build leaves in the heap (glibc keeps freed pages that
 malloc_trim cannot return, and the allocators of torch and onnxruntime keep their own)
-would otherwise stay under the next build's peak. At full size the bundle's process held
-4.7 GB more than the denoiser's own build when the denoiser started (docs/bundle.md).
+would otherwise stay under the next build's peak (measured in docs/bundle.md).
 
 The process is spawned, not forked: it starts from a clean heap and may use every thread
 (:mod:`.forked` children must run on one, OpenMP is not fork-safe), at the cost of
